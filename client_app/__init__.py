@@ -1,0 +1,1 @@
+"""The Plateau ClientApp: local training rules and the client side of the DP mechanism."""

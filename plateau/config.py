@@ -1,0 +1,219 @@
+"""The run configuration: one schema, validated once, before anything trains.
+
+Every knob of a run is a key of ``[tool.flwr.app.config]`` in ``pyproject.toml`` and can be
+overridden with ``flwr run . --run-config "k=v ..."``. This module declares each key once (type,
+default, allowed values, meaning); ``tests/test_config.py`` checks that ``pyproject.toml`` and the
+README table agree with it. ``RunConfig.from_mapping`` turns a raw mapping into a typed, frozen
+object or raises ``ConfigError`` with one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ConfigValue = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A run-config value that is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """What a key accepts: a closed set of choices, or a numeric range."""
+
+    choices: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    max_exclusive: bool = False
+    pattern: str | None = None
+
+    def describe(self) -> str:
+        """Say in words what is allowed, for the error line."""
+        if self.choices:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.pattern is not None:
+            return f"a string matching {self.pattern}"
+        parts = []
+        if self.min is not None:
+            parts.append(f"{'>' if self.min_exclusive else '>='} {self.min:g}")
+        if self.max is not None:
+            parts.append(f"{'<' if self.max_exclusive else '<='} {self.max:g}")
+        return " and ".join(parts) if parts else "any value"
+
+    def accepts(self, value: ConfigValue) -> bool:
+        """Whether a value of the right type is allowed."""
+        if self.choices:
+            return value in self.choices
+        if self.pattern is not None:
+            return re.fullmatch(self.pattern, str(value)) is not None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return True
+        if not math.isfinite(value):
+            return False
+        below = self.min is not None and (
+            value < self.min or (self.min_exclusive and value == self.min))
+        above = self.max is not None and (
+            value > self.max or (self.max_exclusive and value == self.max))
+        return not (below or above)
+
+
+def key(default: ConfigValue, doc: str, **check: Any) -> Any:
+    """Declare one run-config key: its default, its meaning and what it accepts."""
+    return field(default=default, metadata={"doc": doc, "check": Check(**check)})
+
+
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+MODELS = ("cnn", "resnet10", "resnet18")
+DP_MODES = ("off", "central", "distributed", "local")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Typed view of ``[tool.flwr.app.config]``: attribute ``local_steps`` is ``local-steps``."""
+
+    algorithm: str = key("fedavg", "Federated algorithm (see the algorithms table).",
+                         pattern=r"[a-z0-9-]+")
+    num_server_rounds: int = key(20, "Communication rounds T.", min=1)
+    sample_rate: float = key(
+        0.5, "Fraction q of the clients sampled each round.", min=0, max=1, min_exclusive=True
+    )
+    min_available_clients: int = key(
+        2, "Clients that must be connected before the first round is sampled.", min=1
+    )
+    local_steps: int = key(
+        20, "Local SGD steps K per round, the same for every client and algorithm.", min=1
+    )
+    batch_size: int = key(32, "Mini-batch size B of a local step.", min=1)
+    lr: float = key(0.1, "Local learning rate of round 1.", min=0, min_exclusive=True)
+    lr_decay: float = key(
+        1.0, "Per-round decay d of the local learning rate: lr_t = lr * d^(t-1).", min=0, max=1,
+        min_exclusive=True,
+    )
+    weight_decay: float = key(1e-3, "L2 weight decay added to every local gradient.", min=0)
+    grad_clip: float = key(
+        10.0, "Per-step gradient-norm clip for training stability (not DP); 0 = off.", min=0
+    )
+    dataset: str = key("digits", "Dataset.", choices=DATASETS)
+    partitioner: str = key("dirichlet", "How the training split is divided among clients.",
+                           choices=PARTITIONERS)
+    dirichlet_alpha: float = key(
+        0.5, "Concentration of the Dirichlet label split (smaller = more skewed).", min=0,
+        min_exclusive=True,
+    )
+    classes_per_client: int = key(2, "Classes per client for the pathological split.", min=1)
+    test_fraction: float = key(
+        0.2, "Held-out test fraction for datasets without an official test split (digits).",
+        min=0, max=1, min_exclusive=True, max_exclusive=True,
+    )
+    model: str = key("cnn", "Model architecture.", choices=MODELS)
+    norm: str = key("group", "Normalisation layers of the ResNets.", choices=("group", "batch"))
+    model_width: int = key(0, "Base channel width; 0 = the model's default (cnn 32, resnet 64).",
+                           min=0)
+    seed: int = key(0, "Seed of the data split, model init, client sampling and batches "
+                    "(never of DP noise).", min=0)
+    weighting: str = key(
+        "equal", "Weights of the client average; 'num-examples' is refused with DP.",
+        choices=("equal", "num-examples"),
+    )
+    dp: str = key("off", "Client-level DP: where the Gaussian noise is added.", choices=DP_MODES)
+    clip_norm: float = key(1.0, "C: flat L2 bound on each client's released update.", min=0,
+                           min_exclusive=True)
+    noise_multiplier: float = key(1.0, "sigma: noise std on the sum is sigma * C.", min=0)
+    target_delta: float = key(1e-5, "delta of the (epsilon, delta) guarantee.", min=0, max=1,
+                              min_exclusive=True, max_exclusive=True)
+    dp_allow_batchnorm: bool = key(
+        False, "Allow norm='batch' with DP: BatchNorm statistics are then released without "
+        "protection and no guarantee covers them.",
+    )
+    device: str = key("auto", "Where tensors live: 'auto' picks CUDA when available.",
+                      choices=("auto", "cpu", "cuda"))
+    round_timeout: float = key(600.0, "Seconds the server waits for a round's replies.", min=0,
+                               min_exclusive=True)
+    results_dir: str = key("results", "Folder for rounds.jsonl and summary.json (relative to "
+                           "the working directory of the SuperLink).", pattern=r".+")
+    run_name: str = key("", "Sub-folder of results-dir; '' = <algorithm>-<dataset>-<time>.",
+                        pattern=r"[A-Za-z0-9._-]*")
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, ConfigValue]) -> RunConfig:
+        """Validate a flat key -> value mapping (missing keys take their defaults)."""
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key {unknown[0]!r}; known keys: {', '.join(sorted(fields))}"
+            )
+        values: dict[str, Any] = {}
+        for name, f in fields.items():
+            value = raw.get(name, f.default)
+            values[f.name] = _coerce(name, value, type(f.default), f.metadata["check"])
+        config = cls(**values)
+        config._check_combinations()
+        return config
+
+    def _check_combinations(self) -> None:
+        if self.dp != "off" and self.weighting != "equal":
+            raise ConfigError(
+                f"weighting={self.weighting!r} with dp={self.dp!r}: client-level DP needs equal "
+                "weights (sample-count weights break the sensitivity bound); allowed: 'equal'"
+            )
+        if (self.dp != "off" and self.model != "cnn" and self.norm == "batch"
+                and not self.dp_allow_batchnorm):
+            raise ConfigError(
+                f"norm='batch' with dp={self.dp!r}: BatchNorm running statistics cannot be "
+                "clipped or noised; allowed: norm='group', or set dp-allow-batchnorm=true to "
+                "release them unprotected"
+            )
+
+    @classmethod
+    def keys(cls) -> frozenset[str]:
+        """Every run-config key."""
+        return frozenset(f.name.replace("_", "-") for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> RunConfig:
+        """Validate the run-config keys of a message's config record, ignoring round scalars."""
+        names = cls.keys()
+        return cls.from_mapping({k: v for k, v in record.items() if k in names})
+
+    def to_dict(self) -> dict[str, ConfigValue]:
+        """The resolved config with its run-config keys, as written to summary.json."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def dp_enabled(self) -> bool:
+        """Whether client updates are clipped and noised."""
+        return self.dp != "off"
+
+
+def _coerce(name: str, value: Any, kind: type, check: Check) -> ConfigValue:
+    """Check one value's type and range; ints are accepted where floats are expected."""
+    ok_type = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok_type = float(value), True
+    if not ok_type:
+        raise ConfigError(
+            f"{name}={value!r} has type {type(value).__name__}; expected {kind.__name__} "
+            f"({check.describe()})"
+        )
+    if not check.accepts(value):
+        raise ConfigError(f"{name}={value!r} is not allowed; expected {check.describe()}")
+    return value
+
+
+def describe_keys() -> list[tuple[str, ConfigValue, str, str]]:
+    """(key, default, allowed, meaning) for every key, in declaration order: the README table."""
+    rows = []
+    for f in dataclasses.fields(RunConfig):
+        check: Check = f.metadata["check"]
+        allowed = "true / false" if isinstance(f.default, bool) else check.describe()
+        rows.append((f.name.replace("_", "-"), f.default, allowed, f.metadata["doc"]))
+    return rows

@@ -1,0 +1,99 @@
+"""Models in plain torch (torchvision does not import with the CPU torch used here).
+
+Input channels, image size and class count come from the dataset. GroupNorm models have no
+buffers, which client-level DP needs: every released tensor is then a clipped, noised parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DatasetInfo
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """GroupNorm(2, C) as in the DP-FedPGN/FedNSAM GN-ResNets, or BatchNorm."""
+    return nn.GroupNorm(2, channels) if kind == "group" else nn.BatchNorm2d(channels)
+
+
+class SmallCNN(nn.Module):
+    """Three 3x3 conv layers and a two-layer head; no normalisation layers, so no buffers."""
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
+        self.fc1 = nn.Linear(2 * width * 4, 128)
+        self.fc2 = nn.Linear(128, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.adaptive_avg_pool2d(F.relu(self.conv3(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with a projection shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.n1 = norm_layer(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.n2 = norm_layer(norm, cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), norm_layer(norm, cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.n1(self.conv1(x)))
+        out = self.n2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet: 3x3 stem, stride 1, no max-pool, adaptive average pool."""
+
+    def __init__(
+        self, blocks: tuple[int, ...], in_channels: int, num_classes: int, norm: str, width: int
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.n1 = norm_layer(norm, width)
+        layers: list[nn.Module] = []
+        cin = width
+        for stage, count in enumerate(blocks):
+            cout = width * 2**stage
+            for j in range(count):
+                layers.append(BasicBlock(cin, cout, 2 if stage > 0 and j == 0 else 1, norm))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(F.relu(self.n1(self.conv1(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def build_model(name: str, info: DatasetInfo, *, norm: str = "group", width: int = 0,
+                seed: int = 0) -> nn.Module:
+    """Build a model for a dataset; the same seed gives the same initial weights everywhere."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if name == "cnn":
+            return SmallCNN(info.in_channels, info.num_classes, width or 32)
+        blocks = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2)}
+        if name not in blocks:
+            raise ValueError(f"unknown model {name!r}; expected cnn, resnet10, resnet18")
+        return ResNet(blocks[name], info.in_channels, info.num_classes, norm, width or 64)
+
+
+def float_buffer_names(model: nn.Module) -> list[str]:
+    """Names of floating-point buffers (BatchNorm running statistics) that would be released."""
+    return [name for name, buf in model.named_buffers() if buf.is_floating_point()]

@@ -1,0 +1,156 @@
+"""The client-level DP mechanism: flat clipping and Gaussian noise, in one of three placements.
+
+Client-level DP protects a whole client's data: each client releases one vector v_i (its model
+update, or whatever its algorithm says is private), flat-clipped to L2 norm <= C over all released
+tensors together. The noisy sum ``sum_i v_i + N(0, (sigma*C)^2 I)`` then has sensitivity C and
+noise multiplier sigma, whichever party adds the noise:
+
+* ``central``: the server adds N(0, (sigma*C)^2) to the sum (it sees clipped individual updates);
+* ``distributed``: each of the m sampled clients adds N(0, (sigma*C)^2 / m); the sum is the same;
+* ``local``: each client adds the full N(0, (sigma*C)^2), so every upload is private on its own.
+
+The mean divides by the number of clients *sampled* (a public number), never by the number that
+replied, so a missing client cannot change the scale of the noise relative to the sensitivity.
+
+Noise is drawn with torch on the tensors' device from a generator seeded by the operating system,
+never from the run's public ``seed`` (a known seed would let anyone subtract the noise).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+PLACEMENTS = ("central", "distributed", "local")
+
+
+def flat_norm(tensors: Mapping[str, torch.Tensor]) -> float:
+    """One L2 norm over all tensors together (not per tensor)."""
+    if not tensors:
+        return 0.0
+    return float(torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors.values()])
+    ))
+
+
+def clip_flat(tensors: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[Tensors, float]:
+    """Scale all tensors by min(1, C/||v||) with one norm over all of them; return the norm too."""
+    norm = flat_norm(tensors)
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {k: t * scale if scale < 1.0 else t.clone() for k, t in tensors.items()}, norm
+
+
+def noise_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` seeded from the OS entropy pool."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(63))
+    return generator
+
+
+def add_gaussian(
+    tensors: Mapping[str, torch.Tensor], std: float, generator: torch.Generator
+) -> Tensors:
+    """Add i.i.d. N(0, std^2) to every coordinate, drawn on each tensor's own device."""
+    if std == 0:
+        return dict(tensors)
+    return {
+        k: t + torch.normal(0.0, std, t.shape, generator=generator, device=t.device, dtype=t.dtype)
+        for k, t in tensors.items()
+    }
+
+
+@dataclass(frozen=True)
+class ClipReport:
+    """What clipping did to one client's update (diagnostics, not part of the release)."""
+
+    norm: float
+    clipped: bool
+
+
+@dataclass(frozen=True)
+class GaussianClientDP:
+    """Flat clipping to ``clip_norm`` and Gaussian noise with multiplier ``noise_multiplier``."""
+
+    clip_norm: float
+    noise_multiplier: float
+    placement: str = "central"
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement={self.placement!r}; expected one of {PLACEMENTS}")
+        if not self.clip_norm > 0 or self.noise_multiplier < 0:
+            raise ValueError("clip_norm must be > 0 and noise_multiplier >= 0")
+
+    def client_noise_std(self, cohort_size: int) -> float:
+        """Per-coordinate std each client adds before upload (0 in central placement)."""
+        if self.placement == "central":
+            return 0.0
+        if self.placement == "distributed":
+            return self.noise_multiplier * self.clip_norm / math.sqrt(max(cohort_size, 1))
+        return self.noise_multiplier * self.clip_norm
+
+    @property
+    def server_noise_std(self) -> float:
+        """Per-coordinate std the server adds to the sum (only in central placement)."""
+        return self.noise_multiplier * self.clip_norm if self.placement == "central" else 0.0
+
+    def release(
+        self, update: Mapping[str, torch.Tensor], cohort_size: int, generator: torch.Generator
+    ) -> tuple[Tensors, ClipReport]:
+        """Client side: clip the update flat to C, then add this client's share of the noise."""
+        clipped, norm = clip_flat(update, self.clip_norm)
+        noised = add_gaussian(clipped, self.client_noise_std(cohort_size), generator)
+        return noised, ClipReport(norm=norm, clipped=norm > self.clip_norm)
+
+    def accepts_norm(self, norm: float) -> bool:
+        """Server side: whether an upload can be a clipped update (only checkable un-noised)."""
+        return self.placement != "central" or norm <= self.clip_norm * (1 + 1e-5) + 1e-9
+
+    def aggregate(
+        self, updates: Sequence[Mapping[str, torch.Tensor]], num_sampled: int,
+        template: Mapping[str, torch.Tensor], generator: torch.Generator,
+    ) -> Tensors:
+        """Server side: (sum of uploads + central noise) / number sampled."""
+        total = sum_updates(updates, template)
+        noised = add_gaussian(total, self.server_noise_std, generator)
+        return {k: t / max(num_sampled, 1) for k, t in noised.items()}
+
+    def effective_noise_multiplier(self, num_sampled: int, num_aggregated: int) -> float:
+        """Noise multiplier of this round's sum with respect to one client's contribution.
+
+        Central: sigma. Distributed: only the clients that replied added their share, so the sum
+        carries sigma*sqrt(r/m). Local: every upload carries sigma*C on its own; sigma is the
+        conservative figure for the sum.
+        """
+        if self.placement == "distributed":
+            return self.noise_multiplier * math.sqrt(num_aggregated / max(num_sampled, 1))
+        return self.noise_multiplier
+
+
+def sum_updates(
+    updates: Sequence[Mapping[str, torch.Tensor]], template: Mapping[str, torch.Tensor]
+) -> Tensors:
+    """Element-wise sum of client updates; zeros shaped like ``template`` when there are none."""
+    total = {k: torch.zeros_like(t) for k, t in template.items()}
+    for update in updates:
+        for k in total:
+            total[k] += update[k]
+    return total
+
+
+def weighted_mean(
+    updates: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+    template: Mapping[str, torch.Tensor],
+) -> Tensors:
+    """Weighted mean of client updates (used without DP)."""
+    total_weight = float(sum(weights))
+    mean = {k: torch.zeros_like(t) for k, t in template.items()}
+    for update, weight in zip(updates, weights, strict=True):
+        for k in mean:
+            mean[k] += update[k] * (weight / total_weight)
+    return mean

@@ -1,0 +1,1 @@
+"""The Plateau ServerApp: config, round loop, central evaluation and run outputs."""

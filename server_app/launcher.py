@@ -1,0 +1,214 @@
+"""``make run``: validate the config, ``flwr run`` a local Ray simulation, check how it ended.
+
+It handles the traps of ``flwr run`` on a fresh machine: state in a project-local ``FLWR_HOME``,
+no runtime dependency installation (it would download a CUDA torch), a SuperLink on a free port
+that is stopped by PID afterwards (``flwr run`` leaves it running detached), and an exit status
+taken from ``flwr ls`` (``flwr run --stream`` exits 0 even when the run failed).
+
+Usage: ``python -m server_app.launcher [--clients N] [--config "k=v ..."] [--app DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+from plateau.config import ConfigError, ConfigValue
+
+RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+def flwr_cli() -> str:
+    """The ``flwr`` next to this interpreter (the project's venv), else the one on PATH."""
+    sibling = Path(sys.executable).parent / "flwr"
+    return str(sibling) if sibling.exists() else "flwr"
+
+
+def app_defaults(app_dir: Path) -> dict[str, ConfigValue]:
+    """``[tool.flwr.app.config]`` of the app's pyproject.toml."""
+    with (app_dir / "pyproject.toml").open("rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
+def parse_overrides(text: str) -> dict[str, ConfigValue]:
+    """Parse ``k=v ...`` exactly as ``flwr run --run-config`` does (values are TOML)."""
+    if not text.strip():
+        return {}
+    pairs = re.findall(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)", text)
+    if not pairs:
+        raise ConfigError(f"cannot read run config {text!r}; expected k=v pairs separated by "
+                          "spaces, strings quoted: dp='central'")
+    overrides: dict[str, ConfigValue] = {}
+    for name, value in pairs:
+        try:
+            overrides[name] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(
+                f"{name}={value} is not a TOML value; quote strings, e.g. {name}='{value}'"
+            ) from None
+    return overrides
+
+
+def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue]) -> None:
+    """Validate defaults + overrides before anything starts (the ServerApp checks again)."""
+    from server_app.app import load_config
+
+    load_config({**app_defaults(app_dir), **overrides})
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def flwr_env(home: Path, port: int) -> dict[str, str]:
+    """Environment for the flwr CLI and the SuperLink it spawns."""
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_DEDUP_LOGS": "0",
+    }
+
+
+def _process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) for every process (Linux /proc)."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        table[int(entry.name)] = (parent, cmdline)
+    return table
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_superlink(port: int, grace_s: float = 10.0) -> list[int]:
+    """Stop the SuperLink listening on ``port`` and every process under it; return their PIDs."""
+    table = _process_table()
+    roots = [pid for pid, (_, cmd) in table.items()
+             if "flower-superlink" in cmd and f"--port {port}" in cmd]
+    victims = set(roots)
+    grew = True
+    while grew:
+        children = {pid for pid, (parent, _) in table.items() if parent in victims}
+        grew = not children <= victims
+        victims |= children
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(p) for p in victims):
+            time.sleep(0.2)
+        if not any(_alive(p) for p in victims):
+            break
+    return sorted(victims)
+
+
+def run_status(run_id: str, env: Mapping[str, str], cwd: Path) -> dict[str, str]:
+    """The run's entry in ``flwr ls --format json`` (status and status details)."""
+    out = subprocess.run(
+        [flwr_cli(), "ls", "--run-id", run_id, "--format", "json"], env=dict(env), cwd=cwd,
+        capture_output=True, text=True, timeout=60, check=False,
+    ).stdout
+    try:
+        runs = json.loads(out[out.index("{"):]).get("runs", [])
+    except ValueError:
+        return {"status": "unknown", "status-details": out.strip()[-300:]}
+    return runs[0] if runs else {"status": "unknown", "status-details": "run not listed"}
+
+
+def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
+           gpus_per_client: float = 0.0) -> int:
+    """Run the app once in a fresh local simulation; 0 only if it finished:completed."""
+    try:
+        check_config(app_dir, parse_overrides(config))
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    home = Path(os.environ.get("FLWR_HOME", app_dir / ".flwr-home")).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = flwr_env(home, port)
+    command = [
+        flwr_cli(), "run", str(app_dir), "--stream",
+        "--federation-config",
+        f"num-supernodes={clients} client-resources-num-cpus=1 "
+        f"client-resources-num-gpus={gpus_per_client}",
+    ]
+    if config.strip():
+        command += ["--run-config", config]
+    run_id = None
+    started = time.monotonic()
+    try:
+        with subprocess.Popen(command, env=env, cwd=app_dir, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                if run_id is None and (match := RUN_ID.search(line)):
+                    run_id = match.group(1)
+                if time.monotonic() - started > timeout_s:
+                    proc.kill()
+                    print(f"run exceeded {timeout_s:.0f} s; stopped", file=sys.stderr)
+                    return 1
+        if run_id is None:
+            print("flwr run did not start a run (see above)", file=sys.stderr)
+            return 1
+        status = run_status(run_id, env, app_dir)
+    finally:
+        stop_superlink(port)
+    elapsed = time.monotonic() - started
+    details = status.get("status-details", "")
+    details = "" if details in ("", "N/A") else f" ({details})"
+    print(f"run {run_id}: {status.get('status')} in {elapsed:.1f} s{details}")
+    return 0 if status.get("status") == "finished:completed" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=20, help="simulated SuperNodes")
+    parser.add_argument("--config", default="", help='run-config overrides, "k=v ..."')
+    parser.add_argument("--app", type=Path, default=Path.cwd(), help="app directory")
+    parser.add_argument("--gpus-per-client", type=float, default=0.0,
+                        help="GPU fraction per simulated client (Ray), e.g. 0.25")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
+    args = parser.parse_args(argv)
+    if args.clients < 1:
+        parser.error("--clients must be >= 1")
+    return launch(args.app.resolve(), args.clients, args.config, args.timeout,
+                  args.gpus_per_client)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

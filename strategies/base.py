@@ -1,0 +1,319 @@
+"""Mechanics every Plateau strategy shares: sampling, broadcast, reply screening, aggregation.
+
+An algorithm subclasses ``PlateauStrategy`` and says only what is specific to it: the local rule
+its clients run (``local_rule``), the extra arrays it broadcasts (``broadcast``), extra round
+scalars (``round_config``) and how the server turns the mean released vector into the next model
+(``apply_update``). Clipping and noise come from the privacy mechanism the strategy is built with,
+so every algorithm composes with every DP placement the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import abstractmethod
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import DEBUG, INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log
+
+from plateau.config import RunConfig
+from plateau.device import derive_seed
+from plateau.privacy import (
+    GaussianClientDP,
+    Tensors,
+    flat_norm,
+    noise_generator,
+    sum_updates,
+    weighted_mean,
+)
+
+UPDATE_KEY = "update"
+BUFFERS_KEY = "buffers"
+METRICS_KEY = "metrics"
+
+
+@dataclass(frozen=True)
+class ClientUpload:
+    """One accepted reply: the released vector, buffer deltas and diagnostics."""
+
+    node_id: int
+    update: Tensors
+    buffers: Tensors
+    num_examples: int
+    train_loss: float | None
+    update_norm: float | None
+    clipped: bool | None
+
+
+@dataclass
+class RoundStats:
+    """What happened to the replies of one round."""
+
+    sampled: int = 0
+    accepted: int = 0
+    failed: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+class PlateauStrategy(FedAvg):
+    """Base of every Plateau algorithm, built on Flower's message-based ``FedAvg``.
+
+    Parameters
+    ----------
+    config : RunConfig
+        The validated run config; the whole of it travels to clients in every message, so client
+        and server can never disagree on a hyper-parameter.
+    parameter_names : list[str]
+        Trainable tensors of the model: the released (clipped, noised) vector.
+    buffer_names : list[str]
+        Floating-point buffers (BatchNorm statistics), averaged in the clear; empty under DP
+        unless the user opted in with ``dp-allow-batchnorm``.
+    privacy : GaussianClientDP | None
+        The client-level DP mechanism, or None for non-private training.
+    device : torch.device
+        Where the server keeps the model and draws central noise.
+    """
+
+    local_rule: str = "sgd"
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        parameter_names: list[str],
+        buffer_names: list[str],
+        privacy: GaussianClientDP | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(
+            fraction_train=config.sample_rate,
+            min_train_nodes=1,
+            min_available_nodes=config.min_available_clients,
+        )
+        # Evaluation is central (server-side); no client is ever asked to evaluate.
+        self.fraction_evaluate, self.min_evaluate_nodes = 0.0, 0
+        self.config = config
+        self.parameter_names = list(parameter_names)
+        self.buffer_names = list(buffer_names)
+        self.privacy = privacy
+        self.device = torch.device(device)
+        self.current: Tensors = {}
+        self.cohort_size = 0
+        self.last_stats = RoundStats()
+        self._noise_generator = noise_generator(self.device) if privacy is not None else None
+
+    # ----- what an algorithm specialises ------------------------------------------------------
+
+    def learning_rate(self, server_round: int) -> float:
+        """Local learning rate of a round: lr * lr_decay^(round - 1)."""
+        return self.config.lr * self.config.lr_decay ** (server_round - 1)
+
+    def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
+        """Extra ArrayRecords sent next to the model (momentum, global direction, ...)."""
+        return {}
+
+    def round_config(self, server_round: int) -> dict[str, bool | int | float | str]:
+        """Extra scalars for this round's clients."""
+        return {}
+
+    @abstractmethod
+    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+        """Next global parameters from the current ones and the mean released vector."""
+
+    # ----- sampling and broadcast -------------------------------------------------------------
+
+    def sample_nodes(self, server_round: int, grid: Grid) -> tuple[list[int], int]:
+        """Uniform sample of round(q*N) connected nodes without replacement, seeded by round."""
+        deadline = time.monotonic() + self.config.round_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} of min-available-clients={self.min_available_nodes} "
+                    f"nodes connected within round-timeout={self.config.round_timeout:g} s"
+                )
+            log(INFO, "Waiting for nodes: %d of %d connected", len(nodes),
+                self.min_available_nodes)
+            time.sleep(1.0)
+        size = min(len(nodes), max(1, round(self.config.sample_rate * len(nodes))))
+        rng = np.random.default_rng(derive_seed(self.config.seed, server_round))
+        picks = rng.choice(len(nodes), size=size, replace=False)
+        return [nodes[int(i)] for i in picks], len(nodes)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample a cohort and send it the model, the algorithm's state and the round config."""
+        self.current = {
+            k: v.to(self.device) for k, v in arrays.to_torch_state_dict().items()
+        }
+        node_ids, population = self.sample_nodes(server_round, grid)
+        self.cohort_size = len(node_ids)
+        round_config = ConfigRecord({
+            **config,
+            **self.config.to_dict(),
+            **self.round_config(server_round),
+            "server-round": server_round,
+            "lr": self.learning_rate(server_round),
+            "cohort-size": self.cohort_size,
+            "local-rule": self.local_rule,
+        })
+        log(DEBUG, "configure_train: sampled %d of %d nodes", len(node_ids), population)
+        content = RecordDict({"arrays": arrays, **self.broadcast(server_round),
+                              "config": round_config})
+        return [
+            Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+            for node_id in node_ids
+        ]
+
+    # ----- replies ----------------------------------------------------------------------------
+
+    def _screen(self, msg: Message) -> ClientUpload | str:
+        """Accept a reply, or say why it is rejected; nothing here trusts the client."""
+        if msg.has_error():
+            return "client-error"
+        content = msg.content
+        if UPDATE_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
+            return "malformed"
+        try:
+            update = self._tensors(content.array_records[UPDATE_KEY], self.parameter_names)
+            buffers = (
+                self._tensors(content.array_records[BUFFERS_KEY], self.buffer_names)
+                if self.buffer_names else {}
+            )
+        except KeyError:
+            return "malformed"
+        except ValueError as err:
+            return str(err)
+        metrics = content.metric_records[METRICS_KEY]
+        num_examples = metrics.get("num-examples")
+        if not isinstance(num_examples, int) or num_examples <= 0:
+            return "bad-metrics"
+        norm = flat_norm(update)
+        if self.privacy is not None and not self.privacy.accepts_norm(norm):
+            return "norm-exceeds-clip"
+        loss, pre_clip, clipped = (metrics.get(k) for k in ("train-loss", "update-norm", "clipped"))
+        return ClientUpload(
+            node_id=msg.metadata.src_node_id,
+            update=update,
+            buffers=buffers,
+            num_examples=num_examples,
+            train_loss=float(loss) if isinstance(loss, int | float) and math.isfinite(loss)
+            else None,
+            update_norm=float(pre_clip) if isinstance(pre_clip, int | float)
+            else (norm if self.privacy is None else None),
+            clipped=bool(clipped) if isinstance(clipped, int | float) else None,
+        )
+
+    def _tensors(self, record: ArrayRecord, names: list[str]) -> Tensors:
+        """Tensors of a record with exactly the expected names, shapes and dtypes, all finite."""
+        if sorted(record.keys()) != sorted(names):
+            raise ValueError("wrong-keys")
+        tensors = {}
+        for name in names:
+            tensor = torch.from_numpy(np.array(record[name].numpy()))
+            expected = self.current[name]
+            if tuple(tensor.shape) != tuple(expected.shape):
+                raise ValueError("wrong-shape")
+            if tensor.dtype != expected.dtype:
+                raise ValueError("wrong-dtype")
+            if not torch.isfinite(tensor).all():
+                raise ValueError("non-finite")
+            tensors[name] = tensor.to(self.device)
+        return tensors
+
+    def accept_replies(self, replies: Iterable[Message]) -> list[ClientUpload]:
+        """Screen every reply; count and log the rejected ones (one upload per node at most)."""
+        stats = RoundStats(sampled=self.cohort_size)
+        uploads: list[ClientUpload] = []
+        seen: set[int] = set()
+        for msg in replies:
+            node_id = msg.metadata.src_node_id
+            verdict = "duplicate" if node_id in seen else self._screen(msg)
+            seen.add(node_id)
+            if isinstance(verdict, ClientUpload):
+                uploads.append(verdict)
+            elif verdict == "client-error":
+                stats.failed += 1
+                log(WARNING, "node %d failed: %s", node_id, msg.error.reason)
+            else:
+                stats.rejected[verdict] += 1
+                log(WARNING, "rejected the reply of node %d: %s", node_id, verdict)
+        stats.accepted = len(uploads)
+        self.last_stats = stats
+        return uploads
+
+    # ----- aggregation ------------------------------------------------------------------------
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Screen, privatise and average the released vectors, then apply the algorithm's rule."""
+        uploads = self.accept_replies(replies)
+        if not uploads and self.privacy is None:
+            log(WARNING, "round %d: no usable replies; the model is unchanged", server_round)
+            return None, None
+        params = {k: self.current[k] for k in self.parameter_names}
+        if self.privacy is not None:
+            mean_update = self.privacy.aggregate(
+                [u.update for u in uploads], self.cohort_size, params, self._noise_generator
+            )
+        else:
+            weights = [
+                float(u.num_examples) if self.config.weighting == "num-examples" else 1.0
+                for u in uploads
+            ]
+            mean_update = weighted_mean([u.update for u in uploads], weights, params)
+        new_params = self.apply_update(server_round, mean_update)
+        new_state = dict(self.current)
+        new_state.update(new_params)
+        if self.buffer_names and uploads:
+            buffer_sum = sum_updates([u.buffers for u in uploads],
+                                     {k: self.current[k] for k in self.buffer_names})
+            new_state.update({k: self.current[k] + v / len(uploads)
+                              for k, v in buffer_sum.items()})
+        global_update = {k: new_state[k] - self.current[k] for k in self.parameter_names}
+        self.current = new_state
+        return ArrayRecord({k: v.cpu() for k, v in new_state.items()}), self._metrics(
+            uploads, global_update
+        )
+
+    def _metrics(self, uploads: list[ClientUpload], global_update: Tensors) -> MetricRecord:
+        stats = self.last_stats
+        metrics: dict[str, int | float] = {
+            "num-sampled": stats.sampled,
+            "num-clients": stats.accepted,
+            "num-failed": stats.failed,
+            "num-rejected": sum(stats.rejected.values()),
+            "global-update-norm": flat_norm(global_update),
+        }
+        losses = [u.train_loss for u in uploads if u.train_loss is not None]
+        if losses:
+            metrics["train-loss"] = float(np.mean(losses))
+        if self.privacy is not None:
+            clipped = [u.clipped for u in uploads if u.clipped is not None]
+            norms = [u.update_norm for u in uploads if u.update_norm is not None]
+            if clipped:
+                metrics["clip-fraction"] = float(np.mean(clipped))
+            if norms:
+                metrics["mean-update-norm"] = float(np.mean(norms))
+            metrics["effective-noise-multiplier"] = self.privacy.effective_noise_multiplier(
+                stats.sampled, stats.accepted
+            )
+        elif uploads:
+            metrics["mean-update-norm"] = float(np.mean([flat_norm(u.update) for u in uploads]))
+        return MetricRecord(metrics)
+
+    def summary(self) -> None:
+        """Log the algorithm and its privacy mechanism."""
+        log(INFO, "%s: local rule %r, sample rate %.3f, K=%d, privacy %s",
+            type(self).__name__, self.local_rule, self.config.sample_rate,
+            self.config.local_steps, self.privacy or "off")
+
