@@ -10,6 +10,7 @@ object or raises ``ConfigError`` with one line naming the key, the value and wha
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -79,7 +80,7 @@ DP_MODES = ("off", "central", "distributed", "local")
 class RunConfig:
     """Typed view of ``[tool.flwr.app.config]``: attribute ``local_steps`` is ``local-steps``."""
 
-    algorithm: str = key("fedavg", "Federated algorithm (see the algorithms table).",
+    algorithm: str = key("fedavg", "Federated algorithm; see the README table 'Algorithms'.",
                          pattern=r"[a-z0-9-]+")
     num_server_rounds: int = key(20, "Communication rounds T.", min=1)
     sample_rate: float = key(
@@ -114,7 +115,8 @@ class RunConfig:
         min=0, max=1, min_exclusive=True, max_exclusive=True,
     )
     model: str = key("cnn", "Model architecture.", choices=MODELS)
-    norm: str = key("group", "Normalisation layers of the ResNets.", choices=("group", "batch"))
+    norm: str = key("group", "Normalisation layers: GroupNorm (no buffers) or BatchNorm.",
+                    choices=("group", "batch"))
     model_width: int = key(0, "Base channel width; 0 = the model's default (cnn 32, resnet 64).",
                            min=0)
     seed: int = key(0, "Seed of the data split, model init, client sampling and batches "
@@ -165,8 +167,7 @@ class RunConfig:
                 f"weighting={self.weighting!r} with dp={self.dp!r}: client-level DP needs equal "
                 "weights (sample-count weights break the sensitivity bound); allowed: 'equal'"
             )
-        if (self.dp != "off" and self.model != "cnn" and self.norm == "batch"
-                and not self.dp_allow_batchnorm):
+        if self.dp != "off" and self.norm == "batch" and not self.dp_allow_batchnorm:
             raise ConfigError(
                 f"norm='batch' with dp={self.dp!r}: BatchNorm running statistics cannot be "
                 "clipped or noised; allowed: norm='group', or set dp-allow-batchnorm=true to "
@@ -217,3 +218,25 @@ def describe_keys() -> list[tuple[str, ConfigValue, str, str]]:
         allowed = "true / false" if isinstance(f.default, bool) else check.describe()
         rows.append((f.name.replace("_", "-"), f.default, allowed, f.metadata["doc"]))
     return rows
+
+
+def toml_value(value: ConfigValue) -> str:
+    """A value as it is written in pyproject.toml and on the ``--run-config`` command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def readme_table() -> str:
+    """The README's run-config table, generated from the schema (``python -m plateau.config``)."""
+    lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for name, default, allowed, doc in describe_keys():
+        lines.append(f"| `{name}` | `{toml_value(default)}` | {allowed} | {doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(readme_table())
+

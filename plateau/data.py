@@ -91,7 +91,7 @@ def _read_idx(path: Path) -> np.ndarray:
         data = handle.read()
     ndim = data[3]
     shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def _load_digits(test_fraction: float, seed: int) -> tuple[Split, Split]:
@@ -248,7 +248,7 @@ def client_partition(
 
 
 @functools.lru_cache(maxsize=4)
-def test_tensors(name: str, *, test_fraction: float, seed: int) -> Tensors:
+def held_out_tensors(name: str, *, test_fraction: float, seed: int) -> Tensors:
     """The held-out test split used for central evaluation."""
     _, test = load_splits(name, test_fraction, seed)
     return to_tensors(test, DATASETS[name])

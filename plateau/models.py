@@ -19,20 +19,24 @@ def norm_layer(kind: str, channels: int) -> nn.Module:
 
 
 class SmallCNN(nn.Module):
-    """Three 3x3 conv layers and a two-layer head; no normalisation layers, so no buffers."""
+    """Three 3x3 conv layers with GroupNorm and a two-layer head (buffer-free, DP-ready)."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32,
+                 norm: str = "group") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.n1 = norm_layer(norm, width)
         self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.n2 = norm_layer(norm, 2 * width)
         self.conv3 = nn.Conv2d(2 * width, 2 * width, 3, padding=1)
+        self.n3 = norm_layer(norm, 2 * width)
         self.fc1 = nn.Linear(2 * width * 4, 128)
         self.fc2 = nn.Linear(128, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.adaptive_avg_pool2d(F.relu(self.conv3(x)), 2)
+        x = F.relu(self.n1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.n2(self.conv2(x))), 2)
+        x = F.adaptive_avg_pool2d(F.relu(self.n3(self.conv3(x))), 2)
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
@@ -87,7 +91,7 @@ def build_model(name: str, info: DatasetInfo, *, norm: str = "group", width: int
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "cnn":
-            return SmallCNN(info.in_channels, info.num_classes, width or 32)
+            return SmallCNN(info.in_channels, info.num_classes, width or 32, norm)
         blocks = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2)}
         if name not in blocks:
             raise ValueError(f"unknown model {name!r}; expected cnn, resnet10, resnet18")

@@ -12,7 +12,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from plateau.config import ConfigError, ConfigValue, RunConfig
-from plateau.data import DATASETS
+from plateau.data import DATASETS, DataError
 from plateau.device import resolve_device
 from plateau.models import build_model, float_buffer_names
 from plateau.privacy import GaussianClientDP
@@ -94,11 +94,11 @@ def run(grid: Grid, raw_config: Mapping[str, ConfigValue]) -> dict[str, Any]:
     """Train for ``num-server-rounds`` rounds; returns the summary written to summary.json."""
     try:
         config = load_config(raw_config)
-    except ConfigError as err:
-        log(ERROR, "invalid run config: %s", err)
+        strategy = build_strategy(config)
+        evaluator = CentralEvaluator(config, strategy.device)
+    except (ConfigError, DataError, RuntimeError) as err:
+        log(ERROR, "cannot start the run: %s", err)
         raise
-    strategy = build_strategy(config)
-    evaluator = CentralEvaluator(config, strategy.device)
     recorder = RunRecorder(config)
     strategy.summary()
     log(INFO, "results: %s", recorder.directory.resolve())

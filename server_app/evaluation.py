@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from plateau.config import RunConfig
-from plateau.data import DATASETS, test_tensors
+from plateau.data import DATASETS, held_out_tensors
 from plateau.models import build_model
 
 
@@ -27,7 +27,7 @@ class CentralEvaluator:
         self.model = build_model(
             config.model, DATASETS[config.dataset], norm=config.norm, width=config.model_width
         ).to(device)
-        self.data = test_tensors(
+        self.data = held_out_tensors(
             config.dataset, test_fraction=config.test_fraction, seed=config.seed
         ).to(device)
         self.batch_size = batch_size

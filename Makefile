@@ -1,0 +1,37 @@
+# Plateau: the two commands are `make run` and `make test` (README "Quick start").
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU torch by default (a local wheel here); GPU users: make install TORCH_INDEX=https://download.pytorch.org/whl/cu126
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?=
+CLIENTS ?= 20
+GPUS_PER_CLIENT ?= 0
+CONFIG ?=
+TIMEOUT ?= 3600
+
+.PHONY: install run test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, so nothing below can pull a multi-GB CUDA build as a dependency
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: install
+	$(BIN)/python -m server_app.launcher --clients $(CLIENTS) --gpus-per-client $(GPUS_PER_CLIENT) \
+		--timeout $(TIMEOUT) --config "$(CONFIG)"
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/overhead.py
+
+clean:
+	rm -rf .flwr-home .pytest_cache .ruff_cache

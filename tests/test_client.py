@@ -1,0 +1,86 @@
+"""The ClientApp called directly: what it releases under each privacy setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client_app.app import NodeConfigError
+from client_app.app import app as client_app
+from plateau.data import DATASETS
+from plateau.models import build_model
+from plateau.privacy import flat_norm
+from server_app.app import build_strategy
+from tests.helpers import FakeGrid, make_config
+
+
+def train_message(**config_kw: object) -> Message:
+    """A round-1 train message exactly as the server's strategy builds it."""
+    config = make_config(sample_rate=1.0, local_steps=3, min_available_clients=1, **config_kw)
+    strategy = build_strategy(config)
+    arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
+    return next(iter(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([7]))))
+
+
+def context(**node_config: int) -> Context:
+    return Context(run_id=1, node_id=7, node_config=node_config or
+                   {"partition-id": 0, "num-partitions": 4}, state=RecordDict(), run_config={})
+
+
+def released(reply: Message) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v.numpy()) for k, v in reply.content["update"].items()}
+
+
+def test_plain_fedavg_releases_the_raw_update_of_every_parameter() -> None:
+    message = train_message()
+    reply = client_app(message, context())
+    update = released(reply)
+    model = build_model("cnn", DATASETS["digits"])
+    assert sorted(update) == sorted(n for n, _ in model.named_parameters())
+    assert flat_norm(update) > 0
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 1 and metrics["train-loss"] > 0
+    assert "buffers" not in reply.content.array_records
+
+
+def test_training_is_reproducible_for_a_given_seed_round_and_partition() -> None:
+    message = train_message()
+    first = released(client_app(message, context()))
+    second = released(client_app(message, context()))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_central_dp_release_is_clipped_and_reports_diagnostics() -> None:
+    message = train_message(dp="central", clip_norm=0.05, noise_multiplier=1.0)
+    reply = client_app(message, context())
+    assert flat_norm(released(reply)) <= 0.05 * (1 + 1e-5)
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 1  # partition size is private: a constant under DP
+    assert metrics["clipped"] == 1 and metrics["update-norm"] > 0.05
+
+
+def test_local_dp_release_is_noised_and_carries_no_diagnostics() -> None:
+    message = train_message(dp="local", clip_norm=0.05, noise_multiplier=2.0)
+    reply = client_app(message, context())
+    update = released(reply)
+    numel = sum(t.numel() for t in update.values())
+    # the noise alone has norm ~ sigma*C*sqrt(d), far above C
+    assert flat_norm(update) == pytest.approx(2.0 * 0.05 * numel**0.5, rel=0.05)
+    assert dict(reply.content["metrics"]) == {"num-examples": 1}
+
+
+def test_batchnorm_buffers_travel_separately_and_in_the_clear() -> None:
+    message = train_message(model="resnet10", norm="batch", model_width=4)
+    reply = client_app(message, context())
+    assert "buffers" in reply.content.array_records
+    assert all("running" in k for k in reply.content["buffers"])
+    assert not any("running" in k for k in reply.content["update"])
+
+
+def test_supernode_without_partition_fails_with_a_clear_reason() -> None:
+    message = train_message()
+    bare = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(), run_config={})
+    # Flower turns this exception into an error reply carrying the message
+    with pytest.raises(NodeConfigError, match="--node-config 'partition-id=<i> num-partitions"):
+        client_app(message, bare)

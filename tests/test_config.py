@@ -1,0 +1,121 @@
+"""The run config: one schema, pyproject and README agree with it, bad values stop the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from plateau.config import ConfigError, RunConfig, describe_keys, readme_table
+from server_app.app import load_config, run
+from server_app.launcher import launch, parse_overrides
+from tests.helpers import FakeGrid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pyproject_config() -> dict:
+    with (ROOT / "pyproject.toml").open("rb") as handle:
+        return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
+
+
+def test_pyproject_defaults_are_the_schema_defaults() -> None:
+    table = pyproject_config()
+    defaults = RunConfig().to_dict()
+    assert table == defaults
+    assert {k: type(v) for k, v in table.items()} == {k: type(v) for k, v in defaults.items()}
+
+
+def test_readme_table_is_the_schema() -> None:
+    """README.md carries exactly the table `python -m plateau.config` generates."""
+    readme = (ROOT / "README.md").read_text()
+    assert readme_table() in readme
+    assert len(describe_keys()) == len(RunConfig.keys())
+
+
+def test_defaults_validate_and_round_trip() -> None:
+    config = RunConfig.from_mapping(pyproject_config())
+    assert config == RunConfig()
+    assert RunConfig.from_mapping(config.to_dict()) == config
+    assert load_config({}).algorithm == "fedavg"
+
+
+def test_ints_are_accepted_for_floats() -> None:
+    config = RunConfig.from_mapping({"lr": 1, "sample-rate": 1})
+    assert isinstance(config.lr, float) and config.lr == 1.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"no-such-key": 1}, "unknown run-config key 'no-such-key'"),
+        ({"num-server-rounds": "10"}, "num-server-rounds='10' has type str; expected int"),
+        ({"num-server-rounds": 2.5}, "num-server-rounds=2.5 has type float; expected int"),
+        ({"local-steps": True}, "local-steps=True has type bool; expected int"),
+        ({"dp-allow-batchnorm": 1}, "dp-allow-batchnorm=1 has type int; expected bool"),
+        ({"sample-rate": 0.0}, "sample-rate=0.0 is not allowed; expected > 0 and <= 1"),
+        ({"sample-rate": 1.5}, "sample-rate=1.5 is not allowed; expected > 0 and <= 1"),
+        ({"num-server-rounds": 0}, "num-server-rounds=0 is not allowed; expected >= 1"),
+        ({"noise-multiplier": -1.0}, "noise-multiplier=-1.0 is not allowed; expected >= 0"),
+        ({"lr": float("nan")}, "lr=nan is not allowed"),
+        ({"dp": "centrall"}, "dp='centrall' is not allowed; expected one of 'off', 'central'"),
+        ({"dataset": "mnist"}, "dataset='mnist' is not allowed; expected one of 'digits'"),
+        ({"partitioner": "Dirichlet"}, "partitioner='Dirichlet' is not allowed"),
+        ({"run-name": "../escape"}, "run-name='../escape' is not allowed"),
+        ({"dp": "central", "weighting": "num-examples"}, "weighting='num-examples' with dp"),
+        ({"dp": "local", "model": "resnet10", "norm": "batch"}, "norm='batch' with dp='local'"),
+    ],
+)
+def test_bad_values_give_one_line_naming_key_value_and_allowed(raw: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping(raw)
+    message = str(err.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_server_only_checks() -> None:
+    with pytest.raises(ConfigError, match="algorithm='fedsgd' is not allowed; expected one of"):
+        load_config({"algorithm": "fedsgd"})
+    with pytest.raises(ConfigError, match=r"classes-per-client=11 .* expected <= 10"):
+        load_config({"partitioner": "pathological", "classes-per-client": 11})
+
+
+def test_batchnorm_with_dp_only_when_opted_in() -> None:
+    config = RunConfig.from_mapping(
+        {"dp": "central", "model": "resnet10", "norm": "batch", "dp-allow-batchnorm": True})
+    assert config.norm == "batch"
+
+
+def test_bad_config_stops_the_server_before_any_message(tmp_path: Path) -> None:
+    grid = FakeGrid(range(1, 5))
+    with pytest.raises(ConfigError):
+        run(grid, {"lr": -0.1, "results-dir": str(tmp_path)})
+    assert grid.sent == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_launcher_rejects_bad_config_before_starting_flower(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    assert launch(ROOT, clients=2, config="dp='everywhere'", timeout_s=60) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error: dp='everywhere' is not allowed")
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "home").exists()
+
+
+def test_overrides_parse_like_flwr_run() -> None:
+    assert parse_overrides("dp='central' noise-multiplier=0.5 local-steps=3 run-name=\"x\"") == {
+        "dp": "central", "noise-multiplier": 0.5, "local-steps": 3, "run-name": "x"}
+    assert parse_overrides("  ") == {}
+    with pytest.raises(ConfigError, match="quote strings"):
+        parse_overrides("dp=central")
+
+
+def test_every_key_has_a_description() -> None:
+    for field in dataclasses.fields(RunConfig):
+        assert field.metadata["doc"].strip(), field.name

@@ -1,0 +1,102 @@
+"""Datasets, partitions and the per-process cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plateau.data import (
+    DATASETS,
+    client_partition,
+    fashion_mnist_dir,
+    held_out_tensors,
+    load_splits,
+    partition_indices,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_digits_split_is_stratified_and_disjoint() -> None:
+    train, test = load_splits("digits", 0.2, 0)
+    assert len(train.labels) + len(test.labels) == 1797
+    assert len(test.labels) == 360
+    assert set(np.unique(test.labels)) == set(range(10))
+    assert train.images.shape[1:] == (8, 8, 1) and train.images.max() <= 1.0
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "pathological"])
+def test_partitions_cover_the_training_split_exactly_once(partitioner: str) -> None:
+    labels = load_splits("digits", 0.2, 0)[0].labels
+    parts = partition_indices(labels, 20, partitioner, alpha=0.5, classes_per_client=2, seed=0)
+    assert len(parts) == 20 and all(len(p) > 0 for p in parts)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(np.unique(joined))
+    if partitioner != "pathological":
+        assert sorted(joined.tolist()) == list(range(len(labels)))
+    else:
+        assert all(len(np.unique(labels[p])) <= 2 for p in parts)
+
+
+def test_dirichlet_split_is_label_skewed_and_seeded() -> None:
+    labels = load_splits("digits", 0.2, 0)[0].labels
+    a = partition_indices(labels, 10, "dirichlet", alpha=0.1, classes_per_client=2, seed=3)
+    b = partition_indices(labels, 10, "dirichlet", alpha=0.1, classes_per_client=2, seed=3)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    dominant = [np.bincount(labels[p], minlength=10).max() / len(p) for p in a]
+    assert np.mean(dominant) > 0.4  # iid would give ~0.1 per class
+
+
+def test_client_partition_is_cached_per_process() -> None:
+    kwargs = {"test_fraction": 0.2, "seed": 0, "num_partitions": 5, "partition_id": 2,
+              "partitioner": "iid", "alpha": 0.5, "classes_per_client": 2}
+    first = client_partition("digits", **kwargs)
+    assert client_partition("digits", **kwargs) is first
+    assert first.x.shape[1:] == (1, 8, 8) and first.x.dtype.is_floating_point
+    assert abs(float(first.x.mean())) < 0.3  # normalised with the public constants
+
+
+def test_partition_id_out_of_range_is_a_clear_error() -> None:
+    with pytest.raises(Exception, match=r"partition-id=5 is outside 0\.\.4"):
+        client_partition("digits", test_fraction=0.2, seed=0, num_partitions=5, partition_id=5,
+                         partitioner="iid", alpha=0.5, classes_per_client=2)
+
+
+def test_impossible_split_is_a_clear_error() -> None:
+    labels = load_splits("digits", 0.2, 0)[0].labels
+    with pytest.raises(Exception, match=r"partitioner='pathological' cannot split"):
+        partition_indices(labels, 20, "pathological", alpha=0.5, classes_per_client=11, seed=0)
+
+
+@pytest.mark.skipif(fashion_mnist_dir() is None,
+                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
+def test_fashion_mnist_reads_the_debian_files() -> None:
+    train, test = load_splits("fashion-mnist", 0.2, 0)
+    assert train.images.shape == (60000, 28, 28, 1) and test.images.shape == (10000, 28, 28, 1)
+    assert np.bincount(train.labels).tolist() == [6000] * 10
+    tensors = held_out_tensors("fashion-mnist", test_fraction=0.2, seed=0)
+    assert tensors.x.shape == (10000, 1, 28, 28)
+    assert abs(float(tensors.x.mean())) < 0.05 and abs(float(tensors.x.std()) - 1) < 0.05
+
+
+def test_hub_dataset_offline_fails_with_one_clear_line(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path)}
+    code = "from plateau.data import load_splits; load_splits('cifar10', 0.2, 0)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("plateau.data.DataError: dataset 'cifar10' is fetched from the Hugging")
+    assert "work offline: 'digits'" in last and "'fashion-mnist'" in last
+
+
+def test_dataset_constants() -> None:
+    assert DATASETS["cifar100"].num_classes == 100
+    assert DATASETS["cifar100"].label_column == "fine_label"
+    assert DATASETS["cifar10"].image_column == "img"

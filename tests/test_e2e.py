@@ -1,0 +1,54 @@
+"""Real `flwr run`: a local SuperLink, Ray-simulated SuperNodes, the exit status from `flwr ls`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from server_app.launcher import _process_table, launch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def leftover_processes(home: Path) -> list[str]:
+    """Flower processes still running with state under ``home`` (their --database/--log-file)."""
+    return [cmd for _, cmd in _process_table().values() if str(home) in cmd]
+
+
+@pytest.mark.e2e
+def test_flwr_run_two_dp_rounds_completes_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "flwr-home"
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    config = (f"num-server-rounds=2 dp='central' noise-multiplier=0.5 clip-norm=1.0 "
+              f"results-dir='{tmp_path}' run-name='e2e'")
+    assert launch(ROOT, clients=4, config=config, timeout_s=300) == 0
+    out = capsys.readouterr().out
+    assert "finished:completed" in out and "[round 2/2]" in out
+    rounds = [json.loads(x) for x in (tmp_path / "e2e" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(0.0 <= r["clip_fraction"] <= 1.0 for r in rounds)
+    summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["config"]["dp"] == "central"
+    assert leftover_processes(home) == []
+
+
+@pytest.mark.e2e
+def test_a_failed_run_makes_the_launcher_fail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`flwr run --stream` exits 0 on failure; the launcher must read the status and exit 1."""
+    home = tmp_path / "flwr-home"
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    config = f"dataset='cifar10' num-server-rounds=1 results-dir='{tmp_path}' run-name='fail'"
+    assert launch(ROOT, clients=2, config=config, timeout_s=300) == 1
+    out = capsys.readouterr().out
+    assert "finished:failed" in out
+    assert "work offline: 'digits'" in out
+    assert leftover_processes(home) == []

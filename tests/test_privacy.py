@@ -1,0 +1,149 @@
+"""The DP mechanism: flat clipping, noise of the right size in each placement, equal weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from plateau.privacy import (
+    GaussianClientDP,
+    add_gaussian,
+    clip_flat,
+    flat_norm,
+    noise_generator,
+    weighted_mean,
+)
+
+
+def test_flat_norm_is_one_norm_over_all_tensors() -> None:
+    assert flat_norm({"a": torch.tensor([3.0]), "b": torch.tensor([[4.0, 0.0]])}) == 5.0
+
+
+def test_clip_scales_the_whole_update_to_c() -> None:
+    update = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}  # norm 5
+    clipped, norm = clip_flat(update, 1.0)
+    assert norm == 5.0
+    assert flat_norm(clipped) == pytest.approx(1.0, rel=1e-6)
+    # flat: one common factor C/||v|| = 0.2 (per-tensor clipping would give a = [1, 0], b = [1])
+    assert torch.allclose(clipped["a"], torch.tensor([0.6, 0.0]))
+    assert torch.allclose(clipped["b"], torch.tensor([0.8]))
+
+
+def test_updates_under_c_are_untouched() -> None:
+    update = {"a": torch.tensor([0.3, -0.4]), "b": torch.tensor([0.0])}
+    clipped, norm = clip_flat(update, 1.0)
+    assert norm == pytest.approx(0.5)
+    for k in update:
+        assert torch.equal(clipped[k], update[k])
+        assert clipped[k] is not update[k]
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.99, 1.0, 7.0, 1e6])
+def test_clipped_norm_never_exceeds_c(scale: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    update = {"w": torch.randn(50, 20, generator=gen) * scale, "b": torch.randn(20, generator=gen)}
+    clipped, _ = clip_flat(update, 0.7)
+    assert flat_norm(clipped) <= 0.7 * (1 + 1e-6)
+
+
+def aggregate_noise(placement: str, sigma: float, clip: float, cohort: int, dim: int
+                    ) -> torch.Tensor:
+    """Run `cohort` all-zero updates through the mechanism; what comes out is pure noise (on the
+    sum, i.e. multiplied back by the number sampled)."""
+    mechanism = GaussianClientDP(clip, sigma, placement=placement)
+    zeros = {"w": torch.zeros(dim)}
+    uploads = [mechanism.release(zeros, cohort, noise_generator())[0] for _ in range(cohort)]
+    mean = mechanism.aggregate(uploads, cohort, zeros, noise_generator())
+    return mean["w"] * cohort
+
+
+@pytest.mark.parametrize(
+    ("placement", "expected_std_on_sum"),
+    [("central", 0.5 * 2.0), ("distributed", 0.5 * 2.0), ("local", 0.5 * 2.0 * math.sqrt(8))],
+)
+def test_noise_std_matches_each_placement(placement: str, expected_std_on_sum: float) -> None:
+    noise = aggregate_noise(placement, sigma=0.5, clip=2.0, cohort=8, dim=200_000)
+    # sample std of 200k draws: relative standard error ~ 1/sqrt(2n) = 0.16%, so 2% is > 10 SE
+    assert noise.std().item() == pytest.approx(expected_std_on_sum, rel=0.02)
+    assert abs(noise.mean().item()) < 5 * expected_std_on_sum / math.sqrt(200_000)
+
+
+def test_noise_std_on_the_mean_is_sigma_c_over_m() -> None:
+    mechanism = GaussianClientDP(1.0, 0.8, placement="central")
+    zeros = {"w": torch.zeros(100_000)}
+    mean = mechanism.aggregate([zeros] * 10, 10, zeros, noise_generator())
+    assert mean["w"].std().item() == pytest.approx(0.8 * 1.0 / 10, rel=0.02)
+
+
+def test_client_noise_shares() -> None:
+    mechanism = GaussianClientDP(2.0, 0.5, placement="distributed")
+    assert mechanism.client_noise_std(4) == pytest.approx(0.5 * 2.0 / 2)
+    assert mechanism.server_noise_std == 0.0
+    central = GaussianClientDP(2.0, 0.5, placement="central")
+    assert central.client_noise_std(4) == 0.0
+    assert central.server_noise_std == pytest.approx(1.0)
+    assert GaussianClientDP(2.0, 0.5, placement="local").client_noise_std(4) == pytest.approx(1.0)
+
+
+def test_release_clips_before_noising_and_reports_the_pre_clip_norm() -> None:
+    mechanism = GaussianClientDP(1.0, 0.0, placement="local")
+    released, report = mechanism.release({"w": torch.tensor([6.0, 8.0])}, 5, noise_generator())
+    assert report.norm == pytest.approx(10.0) and report.clipped
+    assert torch.allclose(released["w"], torch.tensor([0.6, 0.8]))
+
+
+def test_dp_mean_divides_by_clients_sampled_not_replies() -> None:
+    mechanism = GaussianClientDP(10.0, 0.0, placement="central")
+    template = {"w": torch.zeros(2)}
+    uploads = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}]
+    mean = mechanism.aggregate(uploads, num_sampled=4, template=template,
+                               generator=noise_generator())
+    assert torch.allclose(mean["w"], torch.tensor([1.0, 1.5]))  # (1+3)/4, (2+4)/4
+
+
+def test_equal_and_weighted_means() -> None:
+    template = {"w": torch.zeros(1)}
+    updates = [{"w": torch.tensor([1.0])}, {"w": torch.tensor([4.0])}]
+    assert weighted_mean(updates, [1.0, 1.0], template)["w"].item() == pytest.approx(2.5)
+    assert weighted_mean(updates, [3.0, 1.0], template)["w"].item() == pytest.approx(1.75)
+
+
+def test_server_accepts_only_clipped_uploads_in_central_placement() -> None:
+    central = GaussianClientDP(1.0, 1.0, placement="central")
+    assert central.accepts_norm(1.0) and not central.accepts_norm(1.001)
+    assert GaussianClientDP(1.0, 1.0, placement="distributed").accepts_norm(50.0)
+
+
+def test_effective_noise_multiplier_falls_when_distributed_clients_drop() -> None:
+    mechanism = GaussianClientDP(1.0, 1.2, placement="distributed")
+    assert mechanism.effective_noise_multiplier(10, 10) == pytest.approx(1.2)
+    assert mechanism.effective_noise_multiplier(10, 5) == pytest.approx(1.2 * math.sqrt(0.5))
+    assert GaussianClientDP(1.0, 1.2).effective_noise_multiplier(10, 5) == pytest.approx(1.2)
+
+
+def test_noise_is_not_reproducible_from_any_public_seed() -> None:
+    torch.manual_seed(0)
+    first = add_gaussian({"w": torch.zeros(1000)}, 1.0, noise_generator())["w"]
+    torch.manual_seed(0)
+    second = add_gaussian({"w": torch.zeros(1000)}, 1.0, noise_generator())["w"]
+    assert not torch.equal(first, second)
+
+
+def test_noise_is_drawn_on_the_tensor_device_and_dtype() -> None:
+    out = add_gaussian({"w": torch.zeros(3, dtype=torch.float64)}, 1.0, noise_generator("cpu"))
+    assert out["w"].dtype == torch.float64 and out["w"].device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_noise_is_generated_on_cuda() -> None:
+    out = add_gaussian({"w": torch.zeros(3, device="cuda")}, 1.0, noise_generator("cuda"))
+    assert out["w"].device.type == "cuda"
+
+
+def test_invalid_mechanism_is_refused() -> None:
+    with pytest.raises(ValueError, match="placement"):
+        GaussianClientDP(1.0, 1.0, placement="server")
+    with pytest.raises(ValueError, match="clip_norm"):
+        GaussianClientDP(0.0, 1.0)
