@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Mapping
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -13,7 +15,7 @@ from plateau.config import RunConfig
 from plateau.data import DATASETS, Tensors, client_partition
 from plateau.device import resolve_device, seeded_generator
 from plateau.models import build_model, float_buffer_names
-from plateau.privacy import GaussianClientDP, noise_generator
+from plateau.privacy import flat_norm, mechanism_from_config, noise_generator
 
 from .training import LOCAL_RULES, LocalTask
 
@@ -53,53 +55,92 @@ def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> T
     ).to(device)
 
 
+def local_round(task: LocalTask, rule: str, cohort_size: int,
+                start_buffers: dict[str, torch.Tensor]) -> RecordDict:
+    """Run a local rule, privatise what it releases, and build the reply's records."""
+    config = task.config
+    released = LOCAL_RULES[rule].run(task)
+    state = task.model.state_dict()
+    buffers = {name: state[name] - start for name, start in start_buffers.items()}
+    metrics: dict[str, int | float] = {"num-examples": len(task.data)}
+    mechanism = mechanism_from_config(config)
+    if mechanism is None:
+        metrics |= {"train-loss": task.mean_loss(), "update-norm": flat_norm(released)}
+    else:
+        released, report = mechanism.release(released, cohort_size, noise_generator(
+            task.params[0].device))
+        # Under DP the data size is private (constant weight). Only in central placement, where
+        # the server is trusted with the clipped updates anyway, does it also get diagnostics.
+        metrics = {"num-examples": 1}
+        if config.dp == "central":
+            metrics |= {"train-loss": task.mean_loss(), "update-norm": report.norm,
+                        "clipped": int(report.clipped), "clip-error": report.error}
+    content = RecordDict({
+        "update": ArrayRecord({k: v.detach().cpu() for k, v in released.items()}),
+        "metrics": MetricRecord(metrics),
+    })
+    if buffers:
+        content["buffers"] = ArrayRecord({k: v.cpu() for k, v in buffers.items()})
+    return content
+
+
+PROTECTION = {"off": 0, "central": 1, "distributed": 2, "local": 3}
+
+
+def enforce_node_policy(config: RunConfig, node_config: Mapping[str, object]) -> None:
+    """Refuse a round whose privacy is weaker than this SuperNode's operator allows.
+
+    The run config (and so every round's message) comes from whoever submits the run. A node
+    that does not trust the server sets floors in its own node config, e.g.
+    ``--node-config "partition-id=0 num-partitions=10 require-dp='local' min-noise-multiplier=1.0
+    max-clip-norm=1.0"``.
+    """
+    required = str(node_config.get("require-dp", "off"))
+    if required not in PROTECTION:
+        raise NodeConfigError(f"require-dp={required!r}; expected one of {list(PROTECTION)}")
+    if PROTECTION[config.dp] < PROTECTION[required]:
+        raise NodeConfigError(f"this SuperNode requires dp={required!r} or stronger; the run "
+                              f"asks for dp={config.dp!r}")
+    floor = float(node_config.get("min-noise-multiplier", 0.0))
+    if config.dp_enabled and config.noise_multiplier < floor:
+        raise NodeConfigError(f"noise-multiplier={config.noise_multiplier} is below this "
+                              f"SuperNode's min-noise-multiplier={floor}")
+    ceiling = float(node_config.get("max-clip-norm", math.inf))
+    if config.dp_enabled and config.clip_norm > ceiling:
+        raise NodeConfigError(f"clip-norm={config.clip_norm} is above this SuperNode's "
+                              f"max-clip-norm={ceiling}")
+    if required != "off" and config.dp_clip_mode != "flat":
+        raise NodeConfigError("dp-clip-mode='code' is not differentially private; this "
+                              "SuperNode requires a formal guarantee")
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run the local rule the server asked for and reply with the released update."""
     round_config = msg.content["config"]
     cfg = RunConfig.from_record(round_config)
-    server_round, lr = int(round_config["server-round"]), float(round_config["lr"])
-    rule = LOCAL_RULES[str(round_config["local-rule"])]
+    server_round, lr = int(round_config["server-round"]), float(round_config["round-lr"])
+    rule = str(round_config["local-rule"])
+    if rule not in LOCAL_RULES:
+        raise ValueError(f"unknown local rule {rule!r}; this client knows {sorted(LOCAL_RULES)}")
     pid, num = partition_of(context)
+    enforce_node_policy(cfg, context.node_config)
     device = resolve_device(cfg.device)
 
     model = _model(cfg.model, cfg.dataset, cfg.norm, cfg.model_width, device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    start_buffers = {name: state[name].detach().clone() for name in float_buffer_names(model)}
     broadcast = {
         name: {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
         for name, record in msg.content.array_records.items() if name != "arrays"
     }
-    data = _partition_on(cfg, pid, num, device)
-    train_loss = rule(LocalTask(
-        model=model, data=data, config=cfg, lr=lr, broadcast=broadcast,
-        generator=seeded_generator(cfg.seed, server_round, pid),
-    ))
-
-    state = model.state_dict()
-    update = {
-        name: (p.detach() - start[name]) for name, p in model.named_parameters() if p.requires_grad
-    }
-    buffers = {name: state[name] - start[name] for name in float_buffer_names(model)}
-    metrics: dict[str, int | float] = {"num-examples": len(data)}
-    if cfg.dp_enabled:
-        mechanism = GaussianClientDP(cfg.clip_norm, cfg.noise_multiplier, placement=cfg.dp)
-        update, report = mechanism.release(
-            update, int(round_config["cohort-size"]), noise_generator(device)
-        )
-        # Under DP the server learns nothing per client beyond the release, except in central
-        # and distributed placement, where it is trusted with these diagnostics.
-        metrics = {"num-examples": 1}
-        if cfg.dp != "local":
-            metrics |= {"train-loss": train_loss, "update-norm": report.norm,
-                        "clipped": int(report.clipped)}
-    else:
-        metrics["train-loss"] = train_loss
-
-    content = RecordDict({
-        "update": ArrayRecord({k: v.cpu() for k, v in update.items()}),
-        "metrics": MetricRecord(metrics),
-    })
-    if buffers:
-        content["buffers"] = ArrayRecord({k: v.cpu() for k, v in buffers.items()})
+    task = LocalTask(
+        model=model, data=_partition_on(cfg, pid, num, device), config=cfg, lr=lr,
+        broadcast=broadcast, generator=seeded_generator(cfg.seed, server_round, pid),
+    )
+    # A server claiming a larger cohort would shrink each client's distributed noise share;
+    # the cohort can never exceed the population this node belongs to.
+    cohort = min(int(round_config["cohort-size"]), num)
+    content = local_round(task, rule, cohort, start_buffers)
     return Message(content=content, reply_to=msg)

@@ -112,15 +112,15 @@ class RunConfig:
     classes_per_client: int = key(2, "Classes per client for the pathological split.", min=1)
     test_fraction: float = key(
         0.2, "Held-out test fraction for datasets without an official test split (digits).",
-        min=0, max=1, min_exclusive=True, max_exclusive=True,
+        min=0.05, max=0.5,
     )
     model: str = key("cnn", "Model architecture.", choices=MODELS)
     norm: str = key("group", "Normalisation layers: GroupNorm (no buffers) or BatchNorm.",
                     choices=("group", "batch"))
-    model_width: int = key(0, "Base channel width; 0 = the model's default (cnn 32, resnet 64).",
-                           min=0)
+    model_width: int = key(0, "Base channel width, even (GroupNorm uses 2 groups); 0 = the "
+                           "model's default (cnn 32, resnet 64).", min=0, max=4096)
     seed: int = key(0, "Seed of the data split, model init, client sampling and batches "
-                    "(never of DP noise).", min=0)
+                    "(never of DP noise).", min=0, max=2**32 - 1)
     weighting: str = key(
         "equal", "Weights of the client average; 'num-examples' is refused with DP.",
         choices=("equal", "num-examples"),
@@ -131,10 +131,44 @@ class RunConfig:
     noise_multiplier: float = key(1.0, "sigma: noise std on the sum is sigma * C.", min=0)
     target_delta: float = key(1e-5, "delta of the (epsilon, delta) guarantee.", min=0, max=1,
                               min_exclusive=True, max_exclusive=True)
+    dp_clip_mode: str = key(
+        "flat", "'flat': one L2 clip to clip-norm (formally DP); 'code': the authors' per-tensor "
+        "clip at the client's median tensor norm (NOT DP, no epsilon; needs dp='distributed').",
+        choices=("flat", "code"),
+    )
     dp_allow_batchnorm: bool = key(
         False, "Allow norm='batch' with DP: BatchNorm statistics are then released without "
         "protection and no guarantee covers them.",
     )
+    pgn_gamma: float = key(
+        0.2, "DP-FedPGN: weight of the local gradient; 1 - pgn-gamma goes to the global "
+        "direction c_t (authors' run: 0.2).", min=0, max=1,
+    )
+    pgn_form: str = key(
+        "mix", "DP-FedPGN local direction: 'mix' = pgn-gamma*g + (1-pgn-gamma)*c_t (1 backprop); "
+        "'perturb' = (1-pgn-alpha)*g(y) + pgn-alpha*g(y + pgn-radius*c_t/|c_t|) (2 backprops).",
+        choices=("mix", "perturb"),
+    )
+    pgn_alpha: float = key(0.5, "DP-FedPGN 'perturb' form: weight of the gradient at the "
+                           "perturbed point (penalty lambda / radius).", min=0, max=1)
+    pgn_radius: float = key(0.05, "DP-FedPGN 'perturb' form: finite-difference radius r along "
+                            "the global direction.", min=0)
+    ls_sigma: float = key(1.0, "fedpgn-ls: Laplacian-smoothing strength lambda of "
+                          "(I - lambda*L)^-1; 0 = identity.", min=0)
+    nsam_gamma: float = key(0.85, "FedNSAM: server momentum / Nesterov extrapolation "
+                            "coefficient.", min=0, max=1, max_exclusive=True)
+    nsam_rho: float = key(0.05, "FedNSAM: SAM radius along the global momentum.", min=0)
+    nsam_form: str = key(
+        "paper", "FedNSAM client: 'paper' = gradient at y + gamma*m - rho*m/|m| (1 backprop); "
+        "'code' = local SAM from the look-ahead start x + gamma*m (2 backprops), as the authors' "
+        "code, with correct momentum.", choices=("paper", "code"),
+    )
+    sharpness_every: int = key(0, "Every this many rounds, measure the global model's SAM "
+                               "sharpness and top Hessian eigenvalue; 0 = off.", min=0)
+    sharpness_rho: float = key(0.05, "Radius of the SAM-sharpness probe.", min=0,
+                               min_exclusive=True)
+    sharpness_batch_size: int = key(256, "Held-out examples the flatness probes use.", min=1)
+    sharpness_iters: int = key(20, "Power iterations for the top Hessian eigenvalue.", min=1)
     device: str = key("auto", "Where tensors live: 'auto' picks CUDA when available.",
                       choices=("auto", "cpu", "cuda"))
     round_timeout: float = key(600.0, "Seconds the server waits for a round's replies.", min=0,
@@ -142,7 +176,7 @@ class RunConfig:
     results_dir: str = key("results", "Folder for rounds.jsonl and summary.json (relative to "
                            "the working directory of the SuperLink).", pattern=r".+")
     run_name: str = key("", "Sub-folder of results-dir; '' = <algorithm>-<dataset>-<time>.",
-                        pattern=r"[A-Za-z0-9._-]*")
+                        pattern=r"(?!\.+$)[A-Za-z0-9._-]*")
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, ConfigValue]) -> RunConfig:
@@ -166,6 +200,14 @@ class RunConfig:
             raise ConfigError(
                 f"weighting={self.weighting!r} with dp={self.dp!r}: client-level DP needs equal "
                 "weights (sample-count weights break the sensitivity bound); allowed: 'equal'"
+            )
+        if self.model_width % 2:
+            raise ConfigError(f"model-width={self.model_width} is not allowed; expected an even "
+                              "number (GroupNorm splits channels into 2 groups) or 0")
+        if self.dp_clip_mode == "code" and self.dp != "distributed":
+            raise ConfigError(
+                f"dp-clip-mode='code' with dp={self.dp!r}: the authors' per-tensor median clip "
+                "comes with per-client noise; allowed: dp='distributed'"
             )
         if self.dp != "off" and self.norm == "batch" and not self.dp_allow_batchnorm:
             raise ConfigError(
@@ -226,6 +268,8 @@ def toml_value(value: ConfigValue) -> str:
         return str(value).lower()
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:
+        return f"{value:g}".replace("e-0", "e-")
     return repr(value)
 
 
@@ -237,6 +281,13 @@ def readme_table() -> str:
     return "\n".join(lines)
 
 
+def toml_table() -> str:
+    """The ``[tool.flwr.app.config]`` body of pyproject.toml, generated from the schema."""
+    return "\n".join(f"{name} = {toml_value(default)}" for name, default, _, _ in describe_keys())
+
+
 if __name__ == "__main__":
-    print(readme_table())
+    import sys
+
+    print(toml_table() if sys.argv[1:] == ["--toml"] else readme_table())
 

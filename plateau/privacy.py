@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import math
 import secrets
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 Tensors = dict[str, torch.Tensor]
 PLACEMENTS = ("central", "distributed", "local")
@@ -70,6 +75,35 @@ class ClipReport:
 
     norm: float
     clipped: bool
+    error: float
+
+
+class PrivacyMechanism(Protocol):
+    """Client side: ``release``; server side: ``accepts_norm``, ``aggregate``."""
+
+    placement: str
+    formally_dp: bool
+
+    def release(
+        self, update: Mapping[str, torch.Tensor], cohort_size: int, generator: torch.Generator
+    ) -> tuple[Tensors, ClipReport]:
+        """Clip one client's released vector and add its share of the noise."""
+        ...
+
+    def accepts_norm(self, norm: float, dim: int, cohort_size: int) -> bool:
+        """Whether an upload of this norm (over ``dim`` coordinates) can be honest."""
+        ...
+
+    def aggregate(
+        self, updates: Sequence[Mapping[str, torch.Tensor]], num_sampled: int,
+        template: Mapping[str, torch.Tensor], generator: torch.Generator,
+    ) -> Tensors:
+        """Noisy mean of the uploads over the clients sampled."""
+        ...
+
+    def effective_noise_multiplier(self, num_sampled: int, num_aggregated: int) -> float | None:
+        """The round's noise multiplier for the accountant; None when there is no guarantee."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -79,6 +113,7 @@ class GaussianClientDP:
     clip_norm: float
     noise_multiplier: float
     placement: str = "central"
+    formally_dp: bool = True
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -105,11 +140,20 @@ class GaussianClientDP:
         """Client side: clip the update flat to C, then add this client's share of the noise."""
         clipped, norm = clip_flat(update, self.clip_norm)
         noised = add_gaussian(clipped, self.client_noise_std(cohort_size), generator)
-        return noised, ClipReport(norm=norm, clipped=norm > self.clip_norm)
+        report = ClipReport(norm=norm, clipped=norm > self.clip_norm,
+                            error=max(0.0, norm - self.clip_norm))
+        return noised, report
 
-    def accepts_norm(self, norm: float) -> bool:
-        """Server side: whether an upload can be a clipped update (only checkable un-noised)."""
-        return self.placement != "central" or norm <= self.clip_norm * (1 + 1e-5) + 1e-9
+    def accepts_norm(self, norm: float, dim: int, cohort_size: int) -> bool:
+        """Server side: whether an upload can be a clipped update plus this client's noise.
+
+        Un-noised (central) uploads must have norm <= C. A noised one is at most C plus the
+        norm of d-dimensional Gaussian noise, which concentrates at std*sqrt(d) with spread
+        std/sqrt(2): C + std*(sqrt(d) + 10) rejects an honest client with negligible probability
+        and still stops an oversized upload from moving the model.
+        """
+        bound = self.clip_norm + self.client_noise_std(cohort_size) * (math.sqrt(dim) + 10)
+        return norm <= bound * (1 + 1e-5) + 1e-9
 
     def aggregate(
         self, updates: Sequence[Mapping[str, torch.Tensor]], num_sampled: int,
@@ -130,6 +174,59 @@ class GaussianClientDP:
         if self.placement == "distributed":
             return self.noise_multiplier * math.sqrt(num_aggregated / max(num_sampled, 1))
         return self.noise_multiplier
+
+
+@dataclass(frozen=True)
+class PerTensorMedianClip:
+    """The authors' privatiser (DP-FedPGN ``DP_new.py``), offered to reproduce their numbers.
+
+    NOT formally DP: the threshold C_i is the median of the client's own per-tensor norms (it
+    depends on private data), each tensor is clipped separately (sensitivity C*sqrt(L), not C),
+    and each client adds N(0, (sigma*C_i)^2/m). No epsilon can be claimed for it.
+    """
+
+    noise_multiplier: float
+    placement: str = "distributed"
+    formally_dp: bool = False
+
+    def release(
+        self, update: Mapping[str, torch.Tensor], cohort_size: int, generator: torch.Generator
+    ) -> tuple[Tensors, ClipReport]:
+        """Per-tensor clip at the median tensor norm, then per-client noise sigma*C_i/sqrt(m)."""
+        norms = {k: float(torch.linalg.vector_norm(t.double())) for k, t in update.items()}
+        threshold = statistics.median(norms.values()) if norms else 0.0
+        clipped = {
+            k: t * min(1.0, threshold / norms[k]) if norms[k] > 0 else t.clone()
+            for k, t in update.items()
+        }
+        error = flat_norm({k: update[k] - clipped[k] for k in update})
+        std = self.noise_multiplier * threshold / math.sqrt(max(cohort_size, 1))
+        report = ClipReport(norm=flat_norm(update), clipped=error > 0, error=error)
+        return add_gaussian(clipped, std, generator), report
+
+    def accepts_norm(self, norm: float, dim: int, cohort_size: int) -> bool:
+        """The threshold is the client's own, so no bound can be checked."""
+        return True
+
+    def aggregate(
+        self, updates: Sequence[Mapping[str, torch.Tensor]], num_sampled: int,
+        template: Mapping[str, torch.Tensor], generator: torch.Generator,
+    ) -> Tensors:
+        """Sum of the noised uploads over the clients sampled."""
+        return {k: t / max(num_sampled, 1) for k, t in sum_updates(updates, template).items()}
+
+    def effective_noise_multiplier(self, num_sampled: int, num_aggregated: int) -> float | None:
+        """No guarantee, so no multiplier to account."""
+        return None
+
+
+def mechanism_from_config(config: RunConfig) -> PrivacyMechanism | None:
+    """The mechanism a run config asks for (None without DP); the same on server and clients."""
+    if not config.dp_enabled:
+        return None
+    if config.dp_clip_mode == "code":
+        return PerTensorMedianClip(config.noise_multiplier, placement=config.dp)
+    return GaussianClientDP(config.clip_norm, config.noise_multiplier, placement=config.dp)
 
 
 def sum_updates(

@@ -15,10 +15,11 @@ from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DATASETS, DataError
 from plateau.device import resolve_device
 from plateau.models import build_model, float_buffer_names
-from plateau.privacy import GaussianClientDP
+from plateau.privacy import mechanism_from_config
 from strategies import STRATEGIES, PlateauStrategy
 
 from .evaluation import CentralEvaluator
+from .flatness import Flatness, FlatnessProbe
 from .results import RunRecorder
 
 
@@ -52,10 +53,14 @@ def build_strategy(config: RunConfig) -> PlateauStrategy:
     if config.dp_enabled and buffers:
         log(WARNING, "dp-allow-batchnorm=true: %d BatchNorm buffers are averaged WITHOUT clipping "
             "or noise; no privacy guarantee covers them", len(buffers))
-    privacy = (
-        GaussianClientDP(config.clip_norm, config.noise_multiplier, placement=config.dp)
-        if config.dp_enabled else None
-    )
+    privacy = mechanism_from_config(config)
+    if privacy is not None and config.noise_multiplier == 0:
+        log(WARNING, "dp=%r with noise-multiplier=0: updates are clipped but not noised, so "
+            "there is no privacy guarantee (epsilon is infinite)", config.dp)
+    if privacy is not None and not privacy.formally_dp:
+        log(WARNING, "dp-clip-mode=%r is the authors' privatiser (per-tensor clip at each "
+            "client's median norm): it is NOT differentially private and no epsilon is "
+            "reported", config.dp_clip_mode)
     strategy = STRATEGIES[config.algorithm](
         config,
         parameter_names=[n for n, p in model.named_parameters() if p.requires_grad],
@@ -68,7 +73,8 @@ def build_strategy(config: RunConfig) -> PlateauStrategy:
 
 
 def _round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float, loss: float,
-                  lr: float, wall_s: float, dp: bool) -> dict[str, Any]:
+                  lr: float, wall_s: float, dp: bool, flatness: Flatness | None
+                  ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "round": server_round,
         "test_accuracy": accuracy,
@@ -80,11 +86,14 @@ def _round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float
         "num_rejected": metrics.get("num-rejected"),
         "lr": lr,
         "global_update_norm": metrics.get("global-update-norm"),
+        "mean_update_norm": metrics.get("mean-update-norm"),
     }
     if dp:
         record["clip_fraction"] = metrics.get("clip-fraction")
-        record["mean_update_norm"] = metrics.get("mean-update-norm")
+        record["mean_clip_error"] = metrics.get("mean-clip-error")
         record["effective_noise_multiplier"] = metrics.get("effective-noise-multiplier")
+    record["sharpness"] = flatness.sharpness if flatness else None
+    record["hessian_top_eigenvalue"] = flatness.hessian_top_eigenvalue if flatness else None
     record["epsilon"] = None
     record["wall_s"] = round(wall_s, 4)
     return record
@@ -96,6 +105,7 @@ def run(grid: Grid, raw_config: Mapping[str, ConfigValue]) -> dict[str, Any]:
         config = load_config(raw_config)
         strategy = build_strategy(config)
         evaluator = CentralEvaluator(config, strategy.device)
+        probe = FlatnessProbe(config, strategy.device) if config.sharpness_every else None
     except (ConfigError, DataError, RuntimeError) as err:
         log(ERROR, "cannot start the run: %s", err)
         raise
@@ -122,10 +132,12 @@ def run(grid: Grid, raw_config: Mapping[str, ConfigValue]) -> dict[str, Any]:
             if new_arrays is not None:
                 arrays = new_arrays
             result = evaluator(strategy.current)
+            wall_s = time.monotonic() - started
+            flatness = (probe(strategy.current, server_round)
+                        if probe is not None and probe.due(server_round) else None)
             record = _round_record(
                 server_round, metrics or {}, result.accuracy, result.loss,
-                strategy.learning_rate(server_round), time.monotonic() - started,
-                config.dp_enabled,
+                strategy.learning_rate(server_round), wall_s, config.dp_enabled, flatness,
             )
             recorder.record_round(record)
             log(INFO, "[round %d/%d] test accuracy %.4f, loss %.4f | train loss %s | clients "
@@ -133,16 +145,40 @@ def run(grid: Grid, raw_config: Mapping[str, ConfigValue]) -> dict[str, Any]:
                 result.loss, _fmt(record["train_loss"]), record["num_clients"], stats.sampled,
                 f" | clipped {_fmt(record['clip_fraction'])}" if config.dp_enabled else "",
                 record["wall_s"])
+            if flatness is not None:
+                log(INFO, "[round %d] sharpness %.5f, top Hessian eigenvalue %.4f", server_round,
+                    flatness.sharpness, flatness.hessian_top_eigenvalue)
         status = "completed"
     except Exception as err:
         failure = f"{type(err).__name__}: {err}"
         raise
     finally:
-        summary = recorder.write_summary(status, **({"error": failure} if failure else {}))
+        summary = recorder.write_summary(
+            status, privacy=privacy_statement(config), **({"error": failure} if failure else {}))
     log(INFO, "finished: final accuracy %.4f, best %.4f (round %s), %.1f s",
         summary["final_accuracy"], summary["best_accuracy"], summary["best_round"],
         summary["total_time_s"])
     return summary
+
+
+def privacy_statement(config: RunConfig) -> dict[str, Any]:
+    """What the run's privacy claim is, in summary.json."""
+    mechanism = mechanism_from_config(config)
+    if mechanism is None:
+        return {"dp": "off", "formally_dp": False}
+    return {
+        "dp": config.dp,
+        "clip_mode": config.dp_clip_mode,
+        "formally_dp": mechanism.formally_dp and config.norm != "batch",
+        "clip_norm": config.clip_norm,
+        "noise_multiplier": config.noise_multiplier,
+        "target_delta": config.target_delta,
+        "epsilon": None,
+        "note": ("the authors' per-tensor median clip is not differentially private"
+                 if not mechanism.formally_dp
+                 else "BatchNorm statistics were released without protection"
+                 if config.norm == "batch" else "epsilon accounting is not implemented yet"),
+    }
 
 
 def _fmt(value: float | None) -> str:

@@ -60,11 +60,14 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
     return overrides
 
 
-def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue]) -> None:
+def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue], clients: int) -> None:
     """Validate defaults + overrides before anything starts (the ServerApp checks again)."""
     from server_app.app import load_config
 
-    load_config({**app_defaults(app_dir), **overrides})
+    config = load_config({**app_defaults(app_dir), **overrides})
+    if clients < config.min_available_clients:
+        raise ConfigError(f"CLIENTS={clients} is below min-available-clients="
+                          f"{config.min_available_clients}: the first round would never start")
 
 
 def free_port() -> int:
@@ -152,7 +155,7 @@ def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
            gpus_per_client: float = 0.0) -> int:
     """Run the app once in a fresh local simulation; 0 only if it finished:completed."""
     try:
-        check_config(app_dir, parse_overrides(config))
+        check_config(app_dir, parse_overrides(config), clients)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

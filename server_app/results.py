@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,10 @@ from plateau.config import RunConfig
 
 
 def default_run_name(config: RunConfig) -> str:
-    """<algorithm>-<dataset>-<UTC time>, unique enough for runs started by hand."""
-    return f"{config.algorithm}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    """<algorithm>-<dataset>-<UTC time to the millisecond>-<pid>: two runs never share it."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + f"{now % 1:.3f}"[1:]
+    return f"{config.algorithm}-{config.dataset}-{stamp}-{os.getpid()}"
 
 
 def _clean(value: Any) -> Any:

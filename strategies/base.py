@@ -27,7 +27,7 @@ from flwr.supercore import log
 from plateau.config import RunConfig
 from plateau.device import derive_seed
 from plateau.privacy import (
-    GaussianClientDP,
+    PrivacyMechanism,
     Tensors,
     flat_norm,
     noise_generator,
@@ -38,6 +38,19 @@ from plateau.privacy import (
 UPDATE_KEY = "update"
 BUFFERS_KEY = "buffers"
 METRICS_KEY = "metrics"
+
+
+class RejectedReply(ValueError):
+    """Why a reply is dropped: a short fixed reason, counted per round."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _numpy_dtype(tensor: torch.Tensor) -> str:
+    """The numpy dtype name a tensor of this dtype travels as (e.g. 'float32')."""
+    return str(torch.empty(0, dtype=tensor.dtype).numpy().dtype)
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,7 @@ class ClientUpload:
     train_loss: float | None
     update_norm: float | None
     clipped: bool | None
+    clip_error: float | None
 
 
 @dataclass
@@ -76,7 +90,7 @@ class PlateauStrategy(FedAvg):
     buffer_names : list[str]
         Floating-point buffers (BatchNorm statistics), averaged in the clear; empty under DP
         unless the user opted in with ``dp-allow-batchnorm``.
-    privacy : GaussianClientDP | None
+    privacy : PrivacyMechanism | None
         The client-level DP mechanism, or None for non-private training.
     device : torch.device
         Where the server keeps the model and draws central noise.
@@ -90,7 +104,7 @@ class PlateauStrategy(FedAvg):
         *,
         parameter_names: list[str],
         buffer_names: list[str],
-        privacy: GaussianClientDP | None = None,
+        privacy: PrivacyMechanism | None = None,
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__(
@@ -131,7 +145,7 @@ class PlateauStrategy(FedAvg):
     # ----- sampling and broadcast -------------------------------------------------------------
 
     def sample_nodes(self, server_round: int, grid: Grid) -> tuple[list[int], int]:
-        """Uniform sample of round(q*N) connected nodes without replacement, seeded by round."""
+        """Uniform sample of max(1, floor(q*N)) connected nodes without replacement."""
         deadline = time.monotonic() + self.config.round_timeout
         while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
             if time.monotonic() > deadline:
@@ -142,7 +156,7 @@ class PlateauStrategy(FedAvg):
             log(INFO, "Waiting for nodes: %d of %d connected", len(nodes),
                 self.min_available_nodes)
             time.sleep(1.0)
-        size = min(len(nodes), max(1, round(self.config.sample_rate * len(nodes))))
+        size = min(len(nodes), max(1, math.floor(self.config.sample_rate * len(nodes))))
         rng = np.random.default_rng(derive_seed(self.config.seed, server_round))
         picks = rng.choice(len(nodes), size=size, replace=False)
         return [nodes[int(i)] for i in picks], len(nodes)
@@ -161,7 +175,7 @@ class PlateauStrategy(FedAvg):
             **self.config.to_dict(),
             **self.round_config(server_round),
             "server-round": server_round,
-            "lr": self.learning_rate(server_round),
+            "round-lr": self.learning_rate(server_round),
             "cohort-size": self.cohort_size,
             "local-rule": self.local_rule,
         })
@@ -182,24 +196,26 @@ class PlateauStrategy(FedAvg):
         content = msg.content
         if UPDATE_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
             return "malformed"
+        if self.buffer_names and BUFFERS_KEY not in content.array_records:
+            return "malformed"
         try:
             update = self._tensors(content.array_records[UPDATE_KEY], self.parameter_names)
             buffers = (
                 self._tensors(content.array_records[BUFFERS_KEY], self.buffer_names)
                 if self.buffer_names else {}
             )
-        except KeyError:
-            return "malformed"
-        except ValueError as err:
-            return str(err)
+        except RejectedReply as err:
+            return err.reason
         metrics = content.metric_records[METRICS_KEY]
         num_examples = metrics.get("num-examples")
         if not isinstance(num_examples, int) or num_examples <= 0:
             return "bad-metrics"
         norm = flat_norm(update)
-        if self.privacy is not None and not self.privacy.accepts_norm(norm):
-            return "norm-exceeds-clip"
-        loss, pre_clip, clipped = (metrics.get(k) for k in ("train-loss", "update-norm", "clipped"))
+        if self.privacy is not None and not self.privacy.accepts_norm(
+                norm, sum(t.numel() for t in update.values()), self.cohort_size):
+            return "norm-exceeds-bound"
+        loss, pre_clip, clipped, error = (
+            metrics.get(k) for k in ("train-loss", "update-norm", "clipped", "clip-error"))
         return ClientUpload(
             node_id=msg.metadata.src_node_id,
             update=update,
@@ -210,22 +226,34 @@ class PlateauStrategy(FedAvg):
             update_norm=float(pre_clip) if isinstance(pre_clip, int | float)
             else (norm if self.privacy is None else None),
             clipped=bool(clipped) if isinstance(clipped, int | float) else None,
+            clip_error=float(error) if isinstance(error, int | float) else None,
         )
 
     def _tensors(self, record: ArrayRecord, names: list[str]) -> Tensors:
-        """Tensors of a record with exactly the expected names, shapes and dtypes, all finite."""
+        """Tensors of a record with exactly the expected names, shapes and dtypes, all finite.
+
+        Array metadata is checked before any bytes are decoded; whatever else goes wrong while
+        decoding a client's bytes is a malformed reply, never an exception that stops the run.
+        """
         if sorted(record.keys()) != sorted(names):
-            raise ValueError("wrong-keys")
+            raise RejectedReply("wrong-keys")
         tensors = {}
         for name in names:
-            tensor = torch.from_numpy(np.array(record[name].numpy()))
-            expected = self.current[name]
-            if tuple(tensor.shape) != tuple(expected.shape):
-                raise ValueError("wrong-shape")
-            if tensor.dtype != expected.dtype:
-                raise ValueError("wrong-dtype")
+            array, expected = record[name], self.current[name]
+            if getattr(array, "stype", None) != "numpy.ndarray":
+                raise RejectedReply("malformed")
+            if tuple(array.shape) != tuple(expected.shape):
+                raise RejectedReply("wrong-shape")
+            if array.dtype != _numpy_dtype(expected):
+                raise RejectedReply("wrong-dtype")
+            try:
+                tensor = torch.from_numpy(np.array(array.numpy()))
+            except Exception:  # noqa: BLE001 - undecodable bytes from a client
+                raise RejectedReply("malformed") from None
+            if tuple(tensor.shape) != tuple(expected.shape) or tensor.dtype != expected.dtype:
+                raise RejectedReply("malformed")
             if not torch.isfinite(tensor).all():
-                raise ValueError("non-finite")
+                raise RejectedReply("non-finite")
             tensors[name] = tensor.to(self.device)
         return tensors
 
@@ -297,18 +325,18 @@ class PlateauStrategy(FedAvg):
         losses = [u.train_loss for u in uploads if u.train_loss is not None]
         if losses:
             metrics["train-loss"] = float(np.mean(losses))
+        for name, values in (
+            ("mean-update-norm", [u.update_norm for u in uploads]),
+            ("clip-fraction", [u.clipped for u in uploads]),
+            ("mean-clip-error", [u.clip_error for u in uploads]),
+        ):
+            known = [float(v) for v in values if v is not None]
+            if known:
+                metrics[name] = float(np.mean(known))
         if self.privacy is not None:
-            clipped = [u.clipped for u in uploads if u.clipped is not None]
-            norms = [u.update_norm for u in uploads if u.update_norm is not None]
-            if clipped:
-                metrics["clip-fraction"] = float(np.mean(clipped))
-            if norms:
-                metrics["mean-update-norm"] = float(np.mean(norms))
-            metrics["effective-noise-multiplier"] = self.privacy.effective_noise_multiplier(
-                stats.sampled, stats.accepted
-            )
-        elif uploads:
-            metrics["mean-update-norm"] = float(np.mean([flat_norm(u.update) for u in uploads]))
+            multiplier = self.privacy.effective_noise_multiplier(stats.sampled, stats.accepted)
+            if multiplier is not None:
+                metrics["effective-noise-multiplier"] = multiplier
         return MetricRecord(metrics)
 
     def summary(self) -> None:

@@ -84,3 +84,40 @@ def test_supernode_without_partition_fails_with_a_clear_reason() -> None:
     # Flower turns this exception into an error reply carrying the message
     with pytest.raises(NodeConfigError, match="--node-config 'partition-id=<i> num-partitions"):
         client_app(message, bare)
+
+
+def test_distributed_noise_share_uses_the_cohort_capped_by_the_population() -> None:
+    """A server claiming a huge cohort cannot shrink the noise share below sigma*C/sqrt(N)."""
+    message = train_message(dp="distributed", clip_norm=0.05, noise_multiplier=2.0)
+    message.content["config"]["cohort-size"] = 10_000
+    reply = client_app(message, context(**{"partition-id": 0, "num-partitions": 4}))
+    update = released(reply)
+    numel = sum(t.numel() for t in update.values())
+    assert flat_norm(update) == pytest.approx(2.0 * 0.05 / 2 * numel**0.5, rel=0.05)
+    assert dict(reply.content["metrics"]) == {"num-examples": 1}
+
+
+@pytest.mark.parametrize(
+    ("run", "node", "fragment"),
+    [
+        ({"dp": "central"}, {"require-dp": "local"}, "requires dp='local' or stronger"),
+        ({}, {"require-dp": "central"}, "requires dp='central' or stronger"),
+        ({"dp": "local", "noise_multiplier": 0.5}, {"min-noise-multiplier": 1.0},
+         "below this SuperNode's min-noise-multiplier=1.0"),
+        ({"dp": "local", "clip_norm": 5.0}, {"max-clip-norm": 1.0}, "above this SuperNode's"),
+        ({"dp": "distributed", "dp_clip_mode": "code"}, {"require-dp": "distributed"},
+         "not differentially private"),
+    ],
+)
+def test_a_supernode_refuses_weaker_privacy_than_its_operator_set(run: dict, node: dict,
+                                                                   fragment: str) -> None:
+    message = train_message(**run)
+    with pytest.raises(NodeConfigError, match=fragment):
+        client_app(message, context(**{"partition-id": 0, "num-partitions": 4, **node}))
+
+
+def test_a_supernode_floor_that_is_met_trains_normally() -> None:
+    message = train_message(dp="local", noise_multiplier=1.0, clip_norm=0.5)
+    node = {"partition-id": 0, "num-partitions": 4, "require-dp": "distributed",
+            "min-noise-multiplier": 1.0, "max-clip-norm": 1.0}
+    assert "update" in client_app(message, context(**node)).content.array_records

@@ -31,8 +31,9 @@ def test_pyproject_defaults_are_the_schema_defaults() -> None:
 def test_readme_table_is_the_schema() -> None:
     """README.md carries exactly the table `python -m plateau.config` generates."""
     readme = (ROOT / "README.md").read_text()
-    assert readme_table() in readme
-    assert len(describe_keys()) == len(RunConfig.keys())
+    start = readme.index("| key | default | allowed | meaning |")
+    assert readme[start:].split("\n\n", 1)[0] == readme_table()
+    assert [row[0] for row in describe_keys()] == list(pyproject_config())
 
 
 def test_defaults_validate_and_round_trip() -> None:
@@ -64,6 +65,11 @@ def test_ints_are_accepted_for_floats() -> None:
         ({"dataset": "mnist"}, "dataset='mnist' is not allowed; expected one of 'digits'"),
         ({"partitioner": "Dirichlet"}, "partitioner='Dirichlet' is not allowed"),
         ({"run-name": "../escape"}, "run-name='../escape' is not allowed"),
+        ({"run-name": ".."}, "run-name='..' is not allowed"),
+        ({"seed": 2**32}, "seed=4294967296 is not allowed; expected >= 0 and <= 4.29497e+09"),
+        ({"model-width": 7}, "model-width=7 is not allowed; expected an even number"),
+        ({"test-fraction": 0.001}, "test-fraction=0.001 is not allowed; expected >= 0.05"),
+        ({"dp-clip-mode": "code", "dp": "central"}, "dp-clip-mode='code' with dp='central'"),
         ({"dp": "central", "weighting": "num-examples"}, "weighting='num-examples' with dp"),
         ({"dp": "local", "model": "resnet10", "norm": "batch"}, "norm='batch' with dp='local'"),
     ],
@@ -106,6 +112,13 @@ def test_launcher_rejects_bad_config_before_starting_flower(
     assert err.startswith("config error: dp='everywhere' is not allowed")
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "home").exists()
+
+
+def test_launcher_rejects_fewer_clients_than_the_first_round_needs(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert launch(ROOT, clients=1, config="", timeout_s=60) == 2
+    assert "CLIENTS=1 is below min-available-clients=2" in capsys.readouterr().err
 
 
 def test_overrides_parse_like_flwr_run() -> None:

@@ -7,14 +7,23 @@ from pathlib import Path
 
 import pytest
 
-from server_app.launcher import _process_table, launch
+from server_app.launcher import _alive, launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def leftover_processes(home: Path) -> list[str]:
-    """Flower processes still running with state under ``home`` (their --database/--log-file)."""
-    return [cmd for _, cmd in _process_table().values() if str(home) in cmd]
+def leftover_processes(home: Path) -> list[int]:
+    """Live processes started for this FLWR_HOME: the SuperLink, its SuperExec and the
+    simulation all inherit the environment variable, so /proc/<pid>/environ names them."""
+    marker = f"FLWR_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return [pid for pid in found if _alive(pid)]
 
 
 @pytest.mark.e2e

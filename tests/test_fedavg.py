@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from torch import nn
 
 from client_app.training import LocalTask, sgd
@@ -71,7 +80,8 @@ def test_one_fedavg_round_by_hand() -> None:
     strategy, messages = fedavg_strategy(**kw)
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]
     config = messages[0].content["config"]
-    assert config["lr"] == 0.1 and config["local-steps"] == 1 and config["cohort-size"] == 2
+    assert config["round-lr"] == 0.1 and config["local-steps"] == 1
+    assert config["cohort-size"] == 2 and config["lr"] == 0.1
     # client A: x = (1, 2), y = 0 -> W = [[.05, .1], [-.05, -.1]]
     # client B: x = (2, 0), y = 1 -> grad = [[1, 0], [-1, 0]] -> W = [[-.1, 0], [.1, 0]]
     updates = [local_update([1.0, 2.0], 0, kw), local_update([2.0, 0.0], 1, kw)]
@@ -118,7 +128,12 @@ def test_sampling_is_seeded_uniform_and_of_size_q_n() -> None:
         (lambda m: reply(m, {"weight": torch.zeros(2, 2)}, num_examples=0), "bad-metrics"),
         (lambda m: Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}),
                            reply_to=m), "malformed"),
-        (lambda m: reply(m, {"weight": torch.full((2, 2), 100.0)}), "norm-exceeds-clip"),
+        (lambda m: reply(m, {"weight": torch.full((2, 2), 100.0)}), "norm-exceeds-bound"),
+        (lambda m: raw_reply(m, Array(dtype="float32", shape=(2, 2), stype="torch.Tensor",
+                                      data=b"\0" * 16)), "malformed"),
+        (lambda m: raw_reply(m, Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray",
+                                      data=b"")), "malformed"),
+        (lambda m: raw_reply(m, Array(np.array([["a", "b"], ["c", "d"]]))), "wrong-dtype"),
     ],
 )
 def test_a_bad_reply_is_rejected_and_cannot_move_the_model(bad, reason: str) -> None:
@@ -130,6 +145,20 @@ def test_a_bad_reply_is_rejected_and_cannot_move_the_model(bad, reason: str) -> 
     assert metrics["num-rejected"] == 1 and metrics["num-clients"] == 1
     # fixed denominator: the one good update divided by the 2 clients sampled
     assert arrays["weight"].numpy() == pytest.approx(0.125)
+
+
+def raw_reply(to: Message, array: Array) -> Message:
+    """A reply whose array was built by hand (possibly undecodable)."""
+    return Message(RecordDict({"update": ArrayRecord({"weight": array}),
+                               "metrics": MetricRecord({"num-examples": 1})}), reply_to=to)
+
+
+def test_dp_average_ignores_reported_example_counts() -> None:
+    strategy, messages = fedavg_strategy(dp="central", noise_multiplier=0.0, clip_norm=10.0)
+    replies = [reply(messages[0], {"weight": torch.ones(2, 2)}, num_examples=1000),
+               reply(messages[1], {"weight": torch.zeros(2, 2)}, num_examples=1)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays["weight"].numpy() == pytest.approx(0.5)
 
 
 def test_duplicate_and_error_replies_are_counted() -> None:

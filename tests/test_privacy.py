@@ -112,8 +112,20 @@ def test_equal_and_weighted_means() -> None:
 
 def test_server_accepts_only_clipped_uploads_in_central_placement() -> None:
     central = GaussianClientDP(1.0, 1.0, placement="central")
-    assert central.accepts_norm(1.0) and not central.accepts_norm(1.001)
-    assert GaussianClientDP(1.0, 1.0, placement="distributed").accepts_norm(50.0)
+    assert central.accepts_norm(1.0, 100, 4) and not central.accepts_norm(1.001, 100, 4)
+
+
+@pytest.mark.parametrize("placement", ["distributed", "local"])
+def test_noised_uploads_are_bounded_by_c_plus_their_noise(placement: str) -> None:
+    mechanism = GaussianClientDP(1.0, 2.0, placement=placement)
+    dim, cohort = 10_000, 4
+    for _ in range(20):  # honest uploads: clipped update plus the client's noise
+        update = {"w": torch.randn(dim) * 5}
+        released, _ = mechanism.release(update, cohort, noise_generator())
+        assert mechanism.accepts_norm(flat_norm(released), dim, cohort)
+    noise_norm = mechanism.client_noise_std(cohort) * math.sqrt(dim)
+    assert not mechanism.accepts_norm(1.0 + noise_norm * 1.5, dim, cohort)
+    assert not mechanism.accepts_norm(1e30, dim, cohort)
 
 
 def test_effective_noise_multiplier_falls_when_distributed_clients_drop() -> None:

@@ -1,0 +1,24 @@
+"""DP-FedPGN-LS: DP-FedPGN with Laplacian smoothing of the noisy aggregate."""
+
+from __future__ import annotations
+
+from plateau.privacy import Tensors
+
+from .fedpgn import FedPGN
+from .smoothing import laplacian_smooth
+
+
+class FedPGNLS(FedPGN):
+    """DP-FedPGN-LS.
+
+    Liu, Tian, Shang et al., arXiv:2510.27504 (2025), with the implicit smoother of Liang et al.,
+    "Exploring Private Federated Learning with Laplacian Smoothing" (arXiv:2005.00218).
+
+    Identical clients; the server moves to x_{t+1} = x_t - (I - lambda*L)^-1 D, per parameter
+    tensor on the flattened aggregate (lambda = ls-sigma; 0 is DP-FedPGN), while the global
+    direction c_{t+1} = D / (K*lr_t) keeps the unsmoothed aggregate.
+    """
+
+    def smooth(self, update: Tensors) -> Tensors:
+        """Per-tensor implicit Laplacian smoothing."""
+        return {k: laplacian_smooth(v, self.config.ls_sigma) for k, v in update.items()}
