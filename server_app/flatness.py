@@ -46,7 +46,7 @@ def sam_sharpness(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rho: float
         perturbed = float(loss_fn(model(x), y))
         for p, s in zip(params, saved, strict=True):
             p.copy_(s)
-    return perturbed - float(loss)
+    return perturbed - float(loss.detach())
 
 
 def top_hessian_eigenvalue(model: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int,

@@ -1,0 +1,284 @@
+"""DP-FedPGN, DP-FedPGN-LS and FedNSAM: one round against an independent numpy computation.
+
+The model is softmax regression without bias (its cross-entropy gradient is (P - Y)^T X / n), in
+float64 with full-batch steps, so every number below is computed by the reference functions in
+this file, not by the code under test, and compared to 1e-6.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from torch import nn
+
+from client_app.app import local_round
+from client_app.training import LOCAL_RULES, LocalTask
+from plateau.data import Tensors
+from plateau.privacy import flat_norm, mechanism_from_config
+from strategies import STRATEGIES, PlateauStrategy
+from strategies.smoothing import laplacian_smooth
+from tests.helpers import FakeGrid, make_config
+
+RNG = np.random.default_rng(2024)
+W0 = RNG.normal(size=(3, 4)) * 0.3
+CLIENTS = [(RNG.normal(size=(5, 4)), RNG.integers(0, 3, size=5)) for _ in range(2)]
+BASE = {"local_steps": 3, "batch_size": 64, "lr": 0.2, "weight_decay": 0.01, "grad_clip": 0.8,
+        "sample_rate": 1.0}
+
+
+# ----- the independent reference ---------------------------------------------------------------
+
+def ce_grad(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    logits = x @ w.T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return (p - np.eye(w.shape[0])[y]).T @ x / len(y)
+
+
+def clip(v: np.ndarray, bound: float) -> np.ndarray:
+    norm = np.linalg.norm(v)
+    return v if bound <= 0 or norm <= bound else v * bound / norm
+
+
+def sgd_steps(w: np.ndarray, x: np.ndarray, y: np.ndarray, direction) -> np.ndarray:
+    """K steps of w <- w - lr * (direction(w) + wd * w)."""
+    for _ in range(BASE["local_steps"]):
+        w = w - BASE["lr"] * (direction(w) + BASE["weight_decay"] * w)
+    return w
+
+
+def smooth_reference(v: np.ndarray, lam: float) -> np.ndarray:
+    """(I - lam*L)^-1 v with L the periodic 1-D Laplacian, by a dense linear solve."""
+    d = v.size
+    lap = -2 * np.eye(d) + np.roll(np.eye(d), 1, axis=1) + np.roll(np.eye(d), -1, axis=1)
+    return np.linalg.solve(np.eye(d) - lam * lap, v.reshape(-1)).reshape(v.shape)
+
+
+# ----- one real round: the strategy, the clients' local rules and the privacy layer -----------
+
+def one_round(algorithm: str, state: np.ndarray | None = None, **overrides: object
+              ) -> tuple[PlateauStrategy, list[Message], list[dict[str, torch.Tensor]]]:
+    config = make_config(algorithm=algorithm, **{**BASE, **overrides})
+    strategy = STRATEGIES[algorithm](config, parameter_names=["weight"], buffer_names=[],
+                                     privacy=mechanism_from_config(config))
+    if state is not None:
+        attribute = "direction" if algorithm.startswith("fedpgn") else "momentum"
+        setattr(strategy, attribute, {"weight": torch.tensor(state)})
+    arrays = ArrayRecord({"weight": torch.tensor(W0)})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
+    replies, uploads = [], []
+    for message, (x, y) in zip(sorted(messages, key=lambda m: m.metadata.dst_node_id), CLIENTS,
+                               strict=True):
+        model = nn.Linear(4, 3, bias=False, dtype=torch.float64)
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        round_config = message.content["config"]
+        broadcast = {name: record.to_torch_state_dict()
+                     for name, record in message.content.array_records.items()
+                     if name != "arrays"}
+        task = LocalTask(model=model, data=Tensors(torch.tensor(x), torch.tensor(y)),
+                         config=config, lr=float(round_config["round-lr"]),
+                         generator=torch.Generator().manual_seed(0), broadcast=broadcast)
+        content = local_round(task, str(round_config["local-rule"]), 2, {})
+        uploads.append({k: torch.from_numpy(v.numpy()) for k, v in content["update"].items()})
+        replies.append(Message(content=content, reply_to=message))
+    new_arrays, _ = strategy.aggregate_train(1, replies)
+    strategy.new_weight = new_arrays["weight"].numpy()
+    return strategy, messages, uploads
+
+
+def close(actual, expected: np.ndarray) -> None:
+    actual = actual.numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
+
+
+# ----- DP-FedPGN -------------------------------------------------------------------------------
+
+C_T = RNG.normal(size=(3, 4)) * 0.5
+
+
+def pgn_mix_reference(gamma: float, clip_norm: float | None, c: np.ndarray):
+    lr, k = BASE["lr"], BASE["local_steps"]
+    private = []
+    for x, y in CLIENTS:
+        w = sgd_steps(W0, x, y, lambda w, x=x, y=y: gamma * clip(ce_grad(w, x, y),
+                                                                 BASE["grad_clip"])
+                      + (1 - gamma) * c)
+        r = (W0 - w) - (1 - gamma) * k * lr * c
+        private.append(clip(r, clip_norm) if clip_norm else r)
+    full = np.mean(private, axis=0) + (1 - gamma) * k * lr * c
+    return private, full, W0 - full, full / (k * lr)
+
+
+def test_fedpgn_mix_round_with_flat_clipping_matches_the_reference() -> None:
+    strategy, messages, uploads = one_round("fedpgn", C_T, pgn_gamma=0.3, dp="central",
+                                            noise_multiplier=0.0, clip_norm=0.15)
+    private, _, new_w, new_c = pgn_mix_reference(0.3, 0.15, C_T)
+    assert all(m.content["config"]["local-rule"] == "pgn-mix" for m in messages)
+    close(messages[0].content["direction"]["weight"].numpy(), C_T)  # c_t is broadcast
+    for upload, expected in zip(uploads, private, strict=True):
+        close(upload["weight"], expected)
+        assert flat_norm(upload) <= 0.15 * (1 + 1e-9)  # the private part is clipped to C
+    close(strategy.new_weight, new_w)
+    close(strategy.direction["weight"], new_c)  # c_{t+1} computed on the server
+
+
+def test_fedpgn_round_without_dp_matches_the_reference() -> None:
+    strategy, _, uploads = one_round("fedpgn", C_T, pgn_gamma=0.2)
+    private, _, new_w, new_c = pgn_mix_reference(0.2, None, C_T)
+    for upload, expected in zip(uploads, private, strict=True):
+        close(upload["weight"], expected)
+    close(strategy.new_weight, new_w)
+    close(strategy.direction["weight"], new_c)
+
+
+def test_fedpgn_perturb_form_matches_the_reference() -> None:
+    alpha, radius = 0.4, 0.3
+    strategy, messages, uploads = one_round("fedpgn", C_T, pgn_form="perturb", pgn_alpha=alpha,
+                                            pgn_radius=radius)
+    assert messages[0].content["config"]["local-rule"] == "pgn-perturb"
+    shift = radius * C_T / np.linalg.norm(C_T)
+    private = []
+    for x, y in CLIENTS:
+        w = sgd_steps(W0, x, y, lambda w, x=x, y=y: clip(
+            (1 - alpha) * ce_grad(w, x, y) + alpha * ce_grad(w + shift, x, y),
+            BASE["grad_clip"]))
+        private.append(W0 - w)
+    for upload, expected in zip(uploads, private, strict=True):
+        close(upload["weight"], expected)
+    full = np.mean(private, axis=0)
+    close(strategy.new_weight, W0 - full)
+    close(strategy.direction["weight"], full / (BASE["local_steps"] * BASE["lr"]))
+
+
+def test_fedpgn_server_adds_back_exactly_the_public_part() -> None:
+    config = make_config(algorithm="fedpgn", pgn_gamma=0.25, **BASE)
+    strategy = STRATEGIES["fedpgn"](config, parameter_names=["weight"], buffer_names=[])
+    strategy.current = {"weight": torch.tensor(W0)}
+    strategy.direction = {"weight": torch.tensor(C_T)}
+    new = strategy.apply_update(1, {"weight": torch.zeros(3, 4, dtype=torch.float64)})
+    public = (1 - 0.25) * BASE["local_steps"] * BASE["lr"] * C_T
+    close(new["weight"], W0 - public)
+
+
+def test_fedpgn_with_gamma_one_is_fedavg() -> None:
+    pgn, _, _ = one_round("fedpgn", C_T, pgn_gamma=1.0)
+    avg, _, _ = one_round("fedavg")
+    close(pgn.new_weight, avg.new_weight)
+
+
+def test_fedpgn_first_round_uses_a_zero_direction() -> None:
+    strategy, messages, _ = one_round("fedpgn", None, pgn_gamma=0.2)
+    assert not messages[0].content["direction"]["weight"].numpy().any()
+    _, _, new_w, _ = pgn_mix_reference(0.2, None, np.zeros_like(W0))
+    close(strategy.new_weight, new_w)
+
+
+# ----- DP-FedPGN-LS ----------------------------------------------------------------------------
+
+def test_fedpgn_ls_smooths_the_step_but_not_the_direction() -> None:
+    strategy, _, _ = one_round("fedpgn-ls", C_T, pgn_gamma=0.3, ls_sigma=0.7)
+    _, full, _, new_c = pgn_mix_reference(0.3, None, C_T)
+    close(strategy.new_weight, W0 - smooth_reference(full, 0.7))
+    close(strategy.direction["weight"], new_c)
+
+
+def test_fedpgn_ls_with_sigma_zero_is_fedpgn() -> None:
+    ls, _, _ = one_round("fedpgn-ls", C_T, ls_sigma=0.0)
+    pgn, _, _ = one_round("fedpgn", C_T)
+    close(ls.new_weight, pgn.new_weight)
+
+
+def test_smoother_matches_the_dense_inverse_and_keeps_constants() -> None:
+    v = RNG.normal(size=(7, 5))
+    close(laplacian_smooth(torch.tensor(v), 1.3), smooth_reference(v, 1.3))
+    constant = torch.full((4, 6), 2.5, dtype=torch.float64)
+    close(laplacian_smooth(constant, 3.0), constant.numpy())
+
+
+def test_smoother_never_amplifies_and_damps_the_laplacian_energy_of_noise() -> None:
+    noise = torch.randn(10_000, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    smoothed = laplacian_smooth(noise, 1.0)
+
+    def energy(v: torch.Tensor) -> float:  # sum of squared neighbour differences (periodic)
+        return float(((v - torch.roll(v, 1)) ** 2).sum())
+
+    assert energy(smoothed) < 0.2 * energy(noise)
+    assert float(smoothed.norm()) <= float(noise.norm())
+    assert smoothed.dtype == noise.dtype and smoothed.shape == noise.shape
+
+
+# ----- FedNSAM ---------------------------------------------------------------------------------
+
+M_T = RNG.normal(size=(3, 4)) * 0.2
+
+
+def test_fednsam_round_matches_the_reference() -> None:
+    gamma, rho = 0.6, 0.1
+    strategy, messages, uploads = one_round("fednsam", M_T, nsam_gamma=gamma, nsam_rho=rho)
+    assert messages[0].content["config"]["local-rule"] == "nsam"
+    close(messages[0].content["momentum"]["weight"].numpy(), M_T)
+    shift = gamma * M_T - rho * M_T / np.linalg.norm(M_T)
+    deltas = []
+    for x, y in CLIENTS:
+        w = sgd_steps(W0, x, y, lambda w, x=x, y=y: clip(ce_grad(w + shift, x, y),
+                                                         BASE["grad_clip"]))
+        deltas.append(w - W0)
+    for upload, expected in zip(uploads, deltas, strict=True):
+        close(upload["weight"], expected)
+    momentum = gamma * M_T + np.mean(deltas, axis=0)
+    close(strategy.momentum["weight"], momentum)  # m_{t+1} = gamma m_t + mean(Delta)
+    close(strategy.new_weight, W0 + momentum)
+
+
+def test_fednsam_code_form_matches_the_reference() -> None:
+    gamma, rho = 0.5, 0.2
+    strategy, messages, uploads = one_round("fednsam", M_T, nsam_gamma=gamma, nsam_rho=rho,
+                                            nsam_form="code")
+    assert messages[0].content["config"]["local-rule"] == "nsam-code"
+    start = W0 + gamma * M_T
+    deltas = []
+    for x, y in CLIENTS:
+        def sam_direction(w: np.ndarray, x: np.ndarray = x, y: np.ndarray = y) -> np.ndarray:
+            g = ce_grad(w, x, y)
+            return clip(ce_grad(w + rho * g / np.linalg.norm(g), x, y), BASE["grad_clip"])
+
+        deltas.append(sgd_steps(start, x, y, sam_direction) - start)
+    for upload, expected in zip(uploads, deltas, strict=True):
+        close(upload["weight"], expected)
+    momentum = gamma * M_T + np.mean(deltas, axis=0)
+    close(strategy.new_weight, W0 + momentum)
+
+
+def test_fednsam_first_round_is_a_fedavg_round() -> None:
+    nsam, _, _ = one_round("fednsam")
+    avg, _, _ = one_round("fedavg")
+    close(nsam.new_weight, avg.new_weight)
+
+
+def test_fednsam_without_momentum_or_radius_is_fedavg_in_every_round() -> None:
+    nsam, _, _ = one_round("fednsam", M_T, nsam_gamma=0.0, nsam_rho=0.0)
+    avg, _, _ = one_round("fedavg")
+    close(nsam.new_weight, avg.new_weight)
+
+
+def test_local_rules_declare_their_cost() -> None:
+    assert {name: rule.backprops_per_step for name, rule in LOCAL_RULES.items()} == {
+        "sgd": 1, "pgn-mix": 1, "pgn-perturb": 2, "nsam": 1, "nsam-code": 2}
+
+
+# ----- the authors' privatiser (code mode) -----------------------------------------------------
+
+def test_code_clip_mode_clips_each_tensor_at_the_median_norm() -> None:
+    mechanism = mechanism_from_config(make_config(dp="distributed", dp_clip_mode="code",
+                                                  noise_multiplier=0.0))
+    assert mechanism is not None and not mechanism.formally_dp
+    update = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 2.0]),
+              "c": torch.tensor([4.0, 0.0])}
+    released, report = mechanism.release(update, 4, torch.Generator())
+    close(released["a"], np.array([1.0, 0.0]))
+    close(released["b"], np.array([0.0, 2.0]))
+    close(released["c"], np.array([2.0, 0.0]))  # median of (1, 2, 4) is 2
+    assert report.clipped and report.error == pytest.approx(2.0)
+    assert mechanism.effective_noise_multiplier(4, 4) is None
