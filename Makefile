@@ -12,14 +12,18 @@ TIMEOUT ?= 3600
 
 .PHONY: install run test lint bench clean
 
-install: $(VENV)/.installed
+# the stamp names the torch build, so asking for another one reinstalls torch
+STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
 
-$(VENV)/.installed: pyproject.toml
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, so nothing below can pull a multi-GB CUDA build as a dependency
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	rm -f $(VENV)/.installed-torch-*
 	touch $@
 
 run: install
@@ -31,6 +35,7 @@ test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
+	$(BIN)/python benchmarks/algorithms.py
 	$(BIN)/python benchmarks/overhead.py
 
 clean:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import gzip
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,10 +196,12 @@ def partition_indices(
                         "pathological")
     part.dataset = table
     try:
-        return [
-            np.asarray(part.load_partition(i)["index"], dtype=np.int64)
-            for i in range(num_partitions)
-        ]
+        with warnings.catch_warnings():  # flwr-datasets warns on every Dirichlet resampling
+            warnings.simplefilter("ignore", UserWarning)
+            return [
+                np.asarray(part.load_partition(i)["index"], dtype=np.int64)
+                for i in range(num_partitions)
+            ]
     except ValueError as err:
         raise DataError(
             f"partitioner={partitioner!r} cannot split {len(labels)} samples into "

@@ -1,0 +1,108 @@
+"""Per-round cost of each algorithm relative to FedAvg, on the same partitions, in one process.
+
+One round = the server's configure_train, every sampled client's local rule and release (the
+ClientApp's code path, run in turn), and the server's aggregate_train. Rounds of the algorithms
+are interleaved so that machine noise hits them alike; the medians are compared.
+
+Usage: python benchmarks/algorithms.py [--rounds 12] [--clients 20] [--config "k=v ..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.supercore.task_identity import TaskIdentity
+
+from client_app.app import local_round
+from client_app.training import LocalTask
+from plateau.config import RunConfig
+from plateau.data import DATASETS, client_partition
+from plateau.device import seeded_generator
+from plateau.models import build_model
+from server_app.app import build_strategy, load_config
+from server_app.launcher import app_defaults, parse_overrides
+from strategies import PlateauStrategy
+
+ROOT = Path(__file__).resolve().parent.parent
+ALGORITHMS = [("fedavg", {}), ("fedpgn", {}), ("fednsam", {}),
+              ("fedpgn", {"pgn-form": "perturb"}), ("fednsam", {"nsam-form": "code"})]
+
+
+class Nodes:
+    """A Grid stand-in: N connected nodes, node i holds partition i."""
+
+    def __init__(self, count: int) -> None:
+        self.ids = list(range(1, count + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+def one_round(strategy: PlateauStrategy, config: RunConfig, server_round: int,
+              arrays: ArrayRecord, nodes: Nodes, model: torch.nn.Module) -> ArrayRecord:
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), nodes))
+    replies = []
+    for message in messages:
+        pid = message.metadata.dst_node_id - 1
+        round_config = message.content["config"]
+        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
+        broadcast = {n: r.to_torch_state_dict() for n, r in message.content.array_records.items()
+                     if n != "arrays"}
+        data = client_partition(config.dataset, test_fraction=config.test_fraction,
+                                seed=config.seed, num_partitions=len(nodes.ids), partition_id=pid,
+                                partitioner=config.partitioner, alpha=config.dirichlet_alpha,
+                                classes_per_client=config.classes_per_client)
+        task = LocalTask(model=model, data=data, config=config,
+                         lr=float(round_config["round-lr"]), broadcast=broadcast,
+                         generator=seeded_generator(config.seed, server_round, pid))
+        content = local_round(task, str(round_config["local-rule"]),
+                              int(round_config["cohort-size"]), {})
+        replies.append(Message(content=content, reply_to=message))
+    new_arrays, _ = strategy.aggregate_train(server_round, replies)
+    return new_arrays if new_arrays is not None else arrays
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--config", default="")
+    args = parser.parse_args()
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    base = {**app_defaults(ROOT), **parse_overrides(args.config)}
+    nodes = Nodes(args.clients)
+    runs = []
+    for algorithm, extra in ALGORITHMS:
+        config = load_config({**base, "algorithm": algorithm, **extra})
+        strategy = build_strategy(config)
+        model = build_model(config.model, DATASETS[config.dataset], norm=config.norm,
+                            width=config.model_width)
+        arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
+        label = algorithm + "".join(f" {k}={v}" for k, v in extra.items())
+        runs.append({"label": label, "config": config, "strategy": strategy, "model": model,
+                     "arrays": arrays, "times": []})
+    one_round(runs[0]["strategy"], runs[0]["config"], 1, runs[0]["arrays"], nodes,
+              runs[0]["model"])  # warm-up: data split and caches
+    for server_round in range(1, args.rounds + 1):
+        for run in runs:
+            started = time.perf_counter()
+            run["arrays"] = one_round(run["strategy"], run["config"], server_round, run["arrays"],
+                                      nodes, run["model"])
+            run["times"].append(time.perf_counter() - started)
+    reference = statistics.median(runs[0]["times"])
+    print(f"{args.rounds} rounds each, {args.clients} clients, sample-rate "
+          f"{runs[0]['config'].sample_rate}, K={runs[0]['config'].local_steps}, "
+          f"torch threads {torch.get_num_threads()}")
+    for run in runs:
+        median = statistics.median(run["times"])
+        print(f"{run['label']:<28} median round {median * 1000:8.1f} ms   "
+              f"ratio to fedavg {median / reference:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
