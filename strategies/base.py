@@ -126,6 +126,15 @@ class PlateauStrategy(FedAvg):
 
     # ----- what an algorithm specialises ------------------------------------------------------
 
+    def zeros(self) -> Tensors:
+        """A zero vector over the trainable parameters: the initial value of server state."""
+        return {k: torch.zeros_like(self.current[k]) for k in self.parameter_names}
+
+    @staticmethod
+    def as_record(tensors: Tensors) -> ArrayRecord:
+        """Server state as an ArrayRecord to broadcast (on the CPU, where messages live)."""
+        return ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
+
     def learning_rate(self, server_round: int) -> float:
         """Local learning rate of a round: lr * lr_decay^(round - 1)."""
         return self.config.lr * self.config.lr_decay ** (server_round - 1)
@@ -309,7 +318,7 @@ class PlateauStrategy(FedAvg):
                               for k, v in buffer_sum.items()})
         global_update = {k: new_state[k] - self.current[k] for k in self.parameter_names}
         self.current = new_state
-        return ArrayRecord({k: v.cpu() for k, v in new_state.items()}), self._metrics(
+        return self.as_record(new_state), self._metrics(
             uploads, global_update
         )
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord
 
 from plateau.config import RunConfig
@@ -41,12 +40,12 @@ class FedNSAM(PlateauStrategy):
     def global_momentum(self) -> Tensors:
         """m_t (zeros before the first update)."""
         if not self.momentum:
-            self.momentum = {k: torch.zeros_like(self.current[k]) for k in self.parameter_names}
+            self.momentum = self.zeros()
         return self.momentum
 
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """m_t as the second ArrayRecord, ``momentum``."""
-        return {"momentum": ArrayRecord({k: v.cpu() for k, v in self.global_momentum().items()})}
+        return {"momentum": self.as_record(self.global_momentum())}
 
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
         """m_{t+1} = gamma*m_t + mean(Delta); x_{t+1} = x_t + m_{t+1}."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord
 
 from plateau.config import RunConfig
@@ -49,13 +48,12 @@ class FedPGN(PlateauStrategy):
     def global_direction(self) -> Tensors:
         """c_t (zeros before the first update)."""
         if not self.direction:
-            self.direction = {k: torch.zeros_like(self.current[k]) for k in self.parameter_names}
+            self.direction = self.zeros()
         return self.direction
 
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """c_t as the second ArrayRecord, ``direction``."""
-        return {"direction": ArrayRecord(
-            {k: v.cpu() for k, v in self.global_direction().items()})}
+        return {"direction": self.as_record(self.global_direction())}
 
     def smooth(self, update: Tensors) -> Tensors:
         """Post-processing applied to D before the model update (identity here)."""
