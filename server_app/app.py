@@ -140,10 +140,13 @@ def run(grid: Grid, raw_config: Mapping[str, ConfigValue]) -> dict[str, Any]:
                 strategy.learning_rate(server_round), wall_s, config.dp_enabled, flatness,
             )
             recorder.record_round(record)
+            clipping = (f" | clipped {_fmt(record['clip_fraction'])}, clip error "
+                        f"{_fmt(record['mean_clip_error'])}" if config.dp_enabled else "")
             log(INFO, "[round %d/%d] test accuracy %.4f, loss %.4f | train loss %s | clients "
-                "%d/%d%s | %.2f s", server_round, config.num_server_rounds, result.accuracy,
-                result.loss, _fmt(record["train_loss"]), record["num_clients"], stats.sampled,
-                f" | clipped {_fmt(record['clip_fraction'])}" if config.dp_enabled else "",
+                "%d/%d | update norm %s, global %s%s | %.2f s", server_round,
+                config.num_server_rounds, result.accuracy, result.loss,
+                _fmt(record["train_loss"]), record["num_clients"], stats.sampled,
+                _fmt(record["mean_update_norm"]), _fmt(record["global_update_norm"]), clipping,
                 record["wall_s"])
             if flatness is not None:
                 log(INFO, "[round %d] sharpness %.5f, top Hessian eigenvalue %.4f", server_round,
