@@ -55,7 +55,7 @@ def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> T
     ).to(device)
 
 
-def local_round(task: LocalTask, rule: str, cohort_size: int,
+def local_round(task: LocalTask, rule: str, cohort: float,
                 start_buffers: dict[str, torch.Tensor]) -> RecordDict:
     """Run a local rule, privatise what it releases, and build the reply's records."""
     config = task.config
@@ -67,7 +67,7 @@ def local_round(task: LocalTask, rule: str, cohort_size: int,
     if mechanism is None:
         metrics |= {"train-loss": task.mean_loss(), "update-norm": flat_norm(released)}
     else:
-        released, report = mechanism.release(released, cohort_size, noise_generator(
+        released, report = mechanism.release(released, cohort, noise_generator(
             task.params[0].device))
         # Under DP the data size is private (constant weight). Only in central placement, where
         # the server is trusted with the clipped updates anyway, does it also get diagnostics.
@@ -141,6 +141,6 @@ def train(msg: Message, context: Context) -> Message:
     )
     # A server claiming a larger cohort would shrink each client's distributed noise share;
     # the cohort can never exceed the population this node belongs to.
-    cohort = min(int(round_config["cohort-size"]), num)
+    cohort = min(float(round_config["expected-cohort"]), float(num))
     content = local_round(task, rule, cohort, start_buffers)
     return Message(content=content, reply_to=msg)

@@ -129,8 +129,27 @@ class RunConfig:
     clip_norm: float = key(1.0, "C: flat L2 bound on each client's released update.", min=0,
                            min_exclusive=True)
     noise_multiplier: float = key(1.0, "sigma: noise std on the sum is sigma * C.", min=0)
-    target_delta: float = key(1e-5, "delta of the (epsilon, delta) guarantee.", min=0, max=1,
-                              min_exclusive=True, max_exclusive=True)
+    target_delta: float = key(0.0, "delta of the (epsilon, delta) guarantee; 0 = min(1e-5, 1/N).",
+                              min=0, max=1, max_exclusive=True)
+    sampling: str = key(
+        "auto", "Client sampling: 'poisson' (each client joins with probability sample-rate; "
+        "the accountant's assumption), 'fixed' (floor(q*N) without replacement, replace-one "
+        "accounting), 'auto' = poisson with DP, fixed without.",
+        choices=("auto", "poisson", "fixed"),
+    )
+    population_size: int = key(
+        0, "N, the clients registered for the federation (deployment); 0 = the nodes connected "
+        "when the first round starts (simulation: the number of SuperNodes).", min=0,
+    )
+    accountant: str = key("rdp", "Privacy accountant: 'rdp' (Renyi DP) or 'pld' (privacy loss "
+                          "distributions, tightest; Poisson sampling only).",
+                          choices=("rdp", "pld"))
+    target_epsilon: float = key(
+        0.0, "If > 0, calibrate noise-multiplier to the smallest value keeping epsilon <= this "
+        "after num-server-rounds rounds (replaces noise-multiplier).", min=0,
+    )
+    max_epsilon: float = key(0.0, "If > 0, stop the run before a round that would take epsilon "
+                             "above this budget.", min=0)
     dp_clip_mode: str = key(
         "flat", "'flat': one L2 clip to clip-norm (formally DP); 'code': the authors' per-tensor "
         "clip at the client's median tensor norm (NOT DP, no epsilon; needs dp='distributed').",
@@ -201,6 +220,18 @@ class RunConfig:
                 f"weighting={self.weighting!r} with dp={self.dp!r}: client-level DP needs equal "
                 "weights (sample-count weights break the sensitivity bound); allowed: 'equal'"
             )
+        if self.accountant == "pld" and self.sampling == "fixed":
+            raise ConfigError("accountant='pld' with sampling='fixed': PLD accounting covers "
+                              "Poisson sampling only; allowed: accountant='rdp' or "
+                              "sampling='poisson'")
+        for name, value in (("target-epsilon", self.target_epsilon),
+                            ("max-epsilon", self.max_epsilon)):
+            if value > 0 and (self.dp == "off" or self.dp_clip_mode != "flat"):
+                raise ConfigError(f"{name}={value:g} needs a formally DP run; allowed with dp in "
+                                  "'central', 'distributed', 'local' and dp-clip-mode='flat'")
+        if 0 < self.max_epsilon < self.target_epsilon:
+            raise ConfigError(f"max-epsilon={self.max_epsilon:g} is below target-epsilon="
+                              f"{self.target_epsilon:g}: the run would stop before its last round")
         if self.model_width % 2:
             raise ConfigError(f"model-width={self.model_width} is not allowed; expected an even "
                               "number (GroupNorm splits channels into 2 groups) or 0")
@@ -230,6 +261,13 @@ class RunConfig:
     def to_dict(self) -> dict[str, ConfigValue]:
         """The resolved config with its run-config keys, as written to summary.json."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @property
+    def sampling_method(self) -> str:
+        """'poisson' or 'fixed', with 'auto' resolved (Poisson exactly when DP is on)."""
+        if self.sampling == "auto":
+            return "poisson" if self.dp_enabled else "fixed"
+        return self.sampling
 
     @property
     def dp_enabled(self) -> bool:

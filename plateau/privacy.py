@@ -6,11 +6,13 @@ tensors together. The noisy sum ``sum_i v_i + N(0, (sigma*C)^2 I)`` then has sen
 noise multiplier sigma, whichever party adds the noise:
 
 * ``central``: the server adds N(0, (sigma*C)^2) to the sum (it sees clipped individual updates);
-* ``distributed``: each of the m sampled clients adds N(0, (sigma*C)^2 / m); the sum is the same;
+* ``distributed``: each client adds N(0, (sigma*C)^2 / m), m the expected cohort; the server tops
+  up whatever variance missing clients did not add, so the sum always carries (sigma*C)^2;
 * ``local``: each client adds the full N(0, (sigma*C)^2), so every upload is private on its own.
 
-The mean divides by the number of clients *sampled* (a public number), never by the number that
-replied, so a missing client cannot change the scale of the noise relative to the sensitivity.
+The mean divides by the *expected* cohort (q*N with Poisson sampling, m with fixed-size sampling:
+public numbers), never by the number that replied, so a missing or rejected client cannot change
+the scale of the noise relative to the sensitivity.
 
 Noise is drawn with torch on the tensors' device from a generator seeded by the operating system,
 never from the run's public ``seed`` (a known seed would let anyone subtract the noise).
@@ -85,24 +87,24 @@ class PrivacyMechanism(Protocol):
     formally_dp: bool
 
     def release(
-        self, update: Mapping[str, torch.Tensor], cohort_size: int, generator: torch.Generator
+        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator
     ) -> tuple[Tensors, ClipReport]:
         """Clip one client's released vector and add its share of the noise."""
         ...
 
-    def accepts_norm(self, norm: float, dim: int, cohort_size: int) -> bool:
+    def accepts_norm(self, norm: float, dim: int, cohort: float) -> bool:
         """Whether an upload of this norm (over ``dim`` coordinates) can be honest."""
         ...
 
     def aggregate(
-        self, updates: Sequence[Mapping[str, torch.Tensor]], num_sampled: int,
+        self, updates: Sequence[Mapping[str, torch.Tensor]], cohort: float,
         template: Mapping[str, torch.Tensor], generator: torch.Generator,
     ) -> Tensors:
-        """Noisy mean of the uploads over the clients sampled."""
+        """Noisy sum of the uploads divided by the expected cohort."""
         ...
 
-    def effective_noise_multiplier(self, num_sampled: int, num_aggregated: int) -> float | None:
-        """The round's noise multiplier for the accountant; None when there is no guarantee."""
+    def effective_noise_multiplier(self, cohort: float, num_aggregated: int) -> float | None:
+        """Noise std on the round's sum over C; None when there is no guarantee."""
         ...
 
 
@@ -121,30 +123,37 @@ class GaussianClientDP:
         if not self.clip_norm > 0 or self.noise_multiplier < 0:
             raise ValueError("clip_norm must be > 0 and noise_multiplier >= 0")
 
-    def client_noise_std(self, cohort_size: int) -> float:
+    def client_noise_std(self, cohort: float) -> float:
         """Per-coordinate std each client adds before upload (0 in central placement)."""
         if self.placement == "central":
             return 0.0
         if self.placement == "distributed":
-            return self.noise_multiplier * self.clip_norm / math.sqrt(max(cohort_size, 1))
+            return self.noise_multiplier * self.clip_norm / math.sqrt(max(cohort, 1.0))
         return self.noise_multiplier * self.clip_norm
 
-    @property
-    def server_noise_std(self) -> float:
-        """Per-coordinate std the server adds to the sum (only in central placement)."""
-        return self.noise_multiplier * self.clip_norm if self.placement == "central" else 0.0
+    def server_noise_std(self, cohort: float, num_aggregated: int) -> float:
+        """What the server adds so the sum carries sigma*C however many clients replied.
+
+        Central: all of it. Distributed: the variance of the shares that missing clients did not
+        add (none when the expected cohort replied). Local: nothing (each upload is noised).
+        """
+        if self.placement == "local":
+            return 0.0
+        target = (self.noise_multiplier * self.clip_norm) ** 2
+        added = num_aggregated * self.client_noise_std(cohort) ** 2
+        return math.sqrt(max(0.0, target - added))
 
     def release(
-        self, update: Mapping[str, torch.Tensor], cohort_size: int, generator: torch.Generator
+        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator
     ) -> tuple[Tensors, ClipReport]:
         """Client side: clip the update flat to C, then add this client's share of the noise."""
         clipped, norm = clip_flat(update, self.clip_norm)
-        noised = add_gaussian(clipped, self.client_noise_std(cohort_size), generator)
+        noised = add_gaussian(clipped, self.client_noise_std(cohort), generator)
         report = ClipReport(norm=norm, clipped=norm > self.clip_norm,
                             error=max(0.0, norm - self.clip_norm))
         return noised, report
 
-    def accepts_norm(self, norm: float, dim: int, cohort_size: int) -> bool:
+    def accepts_norm(self, norm: float, dim: int, cohort: float) -> bool:
         """Server side: whether an upload can be a clipped update plus this client's noise.
 
         Un-noised (central) uploads must have norm <= C. A noised one is at most C plus the
@@ -152,28 +161,25 @@ class GaussianClientDP:
         std/sqrt(2): C + std*(sqrt(d) + 10) rejects an honest client with negligible probability
         and still stops an oversized upload from moving the model.
         """
-        bound = self.clip_norm + self.client_noise_std(cohort_size) * (math.sqrt(dim) + 10)
+        bound = self.clip_norm + self.client_noise_std(cohort) * (math.sqrt(dim) + 10)
         return norm <= bound * (1 + 1e-5) + 1e-9
 
     def aggregate(
-        self, updates: Sequence[Mapping[str, torch.Tensor]], num_sampled: int,
+        self, updates: Sequence[Mapping[str, torch.Tensor]], cohort: float,
         template: Mapping[str, torch.Tensor], generator: torch.Generator,
     ) -> Tensors:
-        """Server side: (sum of uploads + central noise) / number sampled."""
+        """Server side: (sum of uploads + the server's share of the noise) / expected cohort."""
         total = sum_updates(updates, template)
-        noised = add_gaussian(total, self.server_noise_std, generator)
-        return {k: t / max(num_sampled, 1) for k, t in noised.items()}
+        noised = add_gaussian(total, self.server_noise_std(cohort, len(updates)), generator)
+        return {k: t / cohort for k, t in noised.items()}
 
-    def effective_noise_multiplier(self, num_sampled: int, num_aggregated: int) -> float:
-        """Noise multiplier of this round's sum with respect to one client's contribution.
-
-        Central: sigma. Distributed: only the clients that replied added their share, so the sum
-        carries sigma*sqrt(r/m). Local: every upload carries sigma*C on its own; sigma is the
-        conservative figure for the sum.
-        """
-        if self.placement == "distributed":
-            return self.noise_multiplier * math.sqrt(num_aggregated / max(num_sampled, 1))
-        return self.noise_multiplier
+    def effective_noise_multiplier(self, cohort: float, num_aggregated: int) -> float:
+        """Noise std on the round's sum over C: never below sigma (central noise, or client
+        shares topped up by the server); above it when more clients than expected added shares
+        or, in local placement, when several clients each added sigma*C."""
+        shares = num_aggregated * self.client_noise_std(cohort) ** 2
+        total = self.server_noise_std(cohort, num_aggregated) ** 2 + shares
+        return math.sqrt(total) / self.clip_norm
 
 
 @dataclass(frozen=True)
@@ -190,7 +196,7 @@ class PerTensorMedianClip:
     formally_dp: bool = False
 
     def release(
-        self, update: Mapping[str, torch.Tensor], cohort_size: int, generator: torch.Generator
+        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator
     ) -> tuple[Tensors, ClipReport]:
         """Per-tensor clip at the median tensor norm, then per-client noise sigma*C_i/sqrt(m)."""
         norms = {k: float(torch.linalg.vector_norm(t.double())) for k, t in update.items()}
@@ -200,22 +206,22 @@ class PerTensorMedianClip:
             for k, t in update.items()
         }
         error = flat_norm({k: update[k] - clipped[k] for k in update})
-        std = self.noise_multiplier * threshold / math.sqrt(max(cohort_size, 1))
+        std = self.noise_multiplier * threshold / math.sqrt(max(cohort, 1.0))
         report = ClipReport(norm=flat_norm(update), clipped=error > 0, error=error)
         return add_gaussian(clipped, std, generator), report
 
-    def accepts_norm(self, norm: float, dim: int, cohort_size: int) -> bool:
+    def accepts_norm(self, norm: float, dim: int, cohort: float) -> bool:
         """The threshold is the client's own, so no bound can be checked."""
         return True
 
     def aggregate(
-        self, updates: Sequence[Mapping[str, torch.Tensor]], num_sampled: int,
+        self, updates: Sequence[Mapping[str, torch.Tensor]], cohort: float,
         template: Mapping[str, torch.Tensor], generator: torch.Generator,
     ) -> Tensors:
-        """Sum of the noised uploads over the clients sampled."""
-        return {k: t / max(num_sampled, 1) for k, t in sum_updates(updates, template).items()}
+        """Sum of the noised uploads over the expected cohort."""
+        return {k: t / cohort for k, t in sum_updates(updates, template).items()}
 
-    def effective_noise_multiplier(self, num_sampled: int, num_aggregated: int) -> float | None:
+    def effective_noise_multiplier(self, cohort: float, num_aggregated: int) -> float | None:
         """No guarantee, so no multiplier to account."""
         return None
 

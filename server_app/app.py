@@ -20,6 +20,7 @@ from strategies import STRATEGIES, PlateauStrategy
 
 from .evaluation import CentralEvaluator
 from .flatness import Flatness, FlatnessProbe
+from .privacy_plan import PrivacyLedger, plan_privacy
 from .results import RunRecorder
 
 
@@ -94,7 +95,8 @@ def _round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float
         record["effective_noise_multiplier"] = metrics.get("effective-noise-multiplier")
     record["sharpness"] = flatness.sharpness if flatness else None
     record["hessian_top_eigenvalue"] = flatness.hessian_top_eigenvalue if flatness else None
-    record["epsilon"] = None
+    record["population"] = metrics.get("population")
+    record["expected_cohort"] = metrics.get("expected-cohort")
     record["wall_s"] = round(wall_s, 4)
     return record
 
@@ -109,6 +111,9 @@ def run(grid: Grid, raw_config: Mapping[str, ConfigValue]) -> dict[str, Any]:
     except (ConfigError, DataError, RuntimeError) as err:
         log(ERROR, "cannot start the run: %s", err)
         raise
+    population = strategy.determine_population(grid)
+    config, ledger = plan_privacy(config, population)
+    strategy.config, strategy.privacy = config, mechanism_from_config(config)
     recorder = RunRecorder(config)
     strategy.summary()
     log(INFO, "results: %s", recorder.directory.resolve())
@@ -117,15 +122,25 @@ def run(grid: Grid, raw_config: Mapping[str, ConfigValue]) -> dict[str, Any]:
         initial.accuracy, initial.loss)
 
     arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
-    status, failure = "failed", None
+    status, outcome = "failed", {}
     try:
         for server_round in range(1, config.num_server_rounds + 1):
+            if ledger is not None:
+                fits, after = ledger.next_round_fits()
+                if not fits:
+                    status = "stopped"
+                    outcome["stop_reason"] = (
+                        f"privacy budget: round {server_round} would take epsilon from "
+                        f"{ledger.epsilon:.4f} to {after:.4f} > max-epsilon={config.max_epsilon:g}")
+                    log(WARNING, "stopping: %s", outcome["stop_reason"])
+                    break
             started = time.monotonic()
             messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
             replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
             new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+            epsilon = ledger.commit_round() if ledger is not None else None
             stats = strategy.last_stats
-            if stats.accepted == 0 and stats.failed == stats.sampled:
+            if stats.sampled and stats.accepted == 0 and stats.failed == stats.sampled:
                 reasons = {r.error.reason for r in replies if r.has_error()}
                 raise RunFailed(f"round {server_round}: every sampled client failed: "
                                 + "; ".join(sorted(reasons))[:500])
@@ -139,48 +154,69 @@ def run(grid: Grid, raw_config: Mapping[str, ConfigValue]) -> dict[str, Any]:
                 server_round, metrics or {}, result.accuracy, result.loss,
                 strategy.learning_rate(server_round), wall_s, config.dp_enabled, flatness,
             )
+            record["epsilon"] = epsilon
             recorder.record_round(record)
-            clipping = (f" | clipped {_fmt(record['clip_fraction'])}, clip error "
-                        f"{_fmt(record['mean_clip_error'])}" if config.dp_enabled else "")
-            log(INFO, "[round %d/%d] test accuracy %.4f, loss %.4f | train loss %s | clients "
-                "%d/%d | update norm %s, global %s%s | %.2f s", server_round,
-                config.num_server_rounds, result.accuracy, result.loss,
-                _fmt(record["train_loss"]), record["num_clients"], stats.sampled,
-                _fmt(record["mean_update_norm"]), _fmt(record["global_update_norm"]), clipping,
-                record["wall_s"])
-            if flatness is not None:
-                log(INFO, "[round %d] sharpness %.5f, top Hessian eigenvalue %.4f", server_round,
-                    flatness.sharpness, flatness.hessian_top_eigenvalue)
-        status = "completed"
+            _log_round(config, record, stats.sampled, flatness)
+        else:
+            status = "completed"
     except Exception as err:
-        failure = f"{type(err).__name__}: {err}"
+        outcome["error"] = f"{type(err).__name__}: {err}"
         raise
     finally:
-        summary = recorder.write_summary(
-            status, privacy=privacy_statement(config), **({"error": failure} if failure else {}))
-    log(INFO, "finished: final accuracy %.4f, best %.4f (round %s), %.1f s",
-        summary["final_accuracy"], summary["best_accuracy"], summary["best_round"],
+        if ledger is not None:
+            outcome |= {"epsilon": ledger.epsilon, "delta": ledger.delta}
+        summary = recorder.write_summary(status, privacy=privacy_statement(config, ledger),
+                                         **outcome)
+    log(INFO, "finished (%s): final accuracy %s, best %s (round %s)%s, %.1f s", status,
+        _fmt(summary["final_accuracy"]), _fmt(summary["best_accuracy"]), summary["best_round"],
+        f", epsilon {ledger.epsilon:.4f} at delta {ledger.delta:g}" if ledger else "",
         summary["total_time_s"])
     return summary
 
 
-def privacy_statement(config: RunConfig) -> dict[str, Any]:
+def _log_round(config: RunConfig, record: dict[str, Any], sampled: int,
+               flatness: Flatness | None) -> None:
+    """The console's one line per round (plus the flatness line when measured)."""
+    clipping = (f" | clipped {_fmt(record['clip_fraction'])}, clip error "
+                f"{_fmt(record['mean_clip_error'])}" if config.dp_enabled else "")
+    epsilon = "" if record["epsilon"] is None else f" | epsilon {record['epsilon']:.4f}"
+    log(INFO, "[round %d/%d] test accuracy %.4f, loss %.4f | train loss %s | clients %d/%d | "
+        "update norm %s, global %s%s%s | %.2f s", record["round"], config.num_server_rounds,
+        record["test_accuracy"], record["test_loss"], _fmt(record["train_loss"]),
+        record["num_clients"], sampled, _fmt(record["mean_update_norm"]),
+        _fmt(record["global_update_norm"]), clipping, epsilon, record["wall_s"])
+    if flatness is not None:
+        log(INFO, "[round %d] sharpness %.5f, top Hessian eigenvalue %.4f", record["round"],
+            flatness.sharpness, flatness.hessian_top_eigenvalue)
+
+
+def privacy_statement(config: RunConfig, ledger: PrivacyLedger | None) -> dict[str, Any]:
     """What the run's privacy claim is, in summary.json."""
     mechanism = mechanism_from_config(config)
     if mechanism is None:
         return {"dp": "off", "formally_dp": False}
-    return {
+    statement: dict[str, Any] = {
         "dp": config.dp,
         "clip_mode": config.dp_clip_mode,
-        "formally_dp": mechanism.formally_dp and config.norm != "batch",
+        "formally_dp": ledger is not None,
         "clip_norm": config.clip_norm,
         "noise_multiplier": config.noise_multiplier,
-        "target_delta": config.target_delta,
-        "epsilon": None,
-        "note": ("the authors' per-tensor median clip is not differentially private"
-                 if not mechanism.formally_dp
-                 else "BatchNorm statistics were released without protection"
-                 if config.norm == "batch" else "epsilon accounting is not implemented yet"),
+        "sampling": config.sampling_method,
+    }
+    if ledger is None:
+        statement["note"] = ("the authors' per-tensor median clip is not differentially private"
+                             if not mechanism.formally_dp else
+                             "BatchNorm statistics were released without protection")
+        return statement
+    return statement | {
+        "accountant": config.accountant,
+        "population": ledger.population,
+        "sample_rate": config.sample_rate,
+        "expected_cohort": ledger.expected_cohort,
+        "delta": ledger.delta,
+        "epsilon": ledger.epsilon,
+        "adjacency": "add/remove one client" if config.sampling_method == "poisson"
+        else "replace one client",
     }
 
 

@@ -21,9 +21,14 @@ def default_run_name(config: RunConfig) -> str:
 
 
 def _clean(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as null rather than invalid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
+    """JSON has no NaN/inf: NaN becomes null, an infinite value (epsilon without noise) the
+    string "inf", never invalid JSON."""
+    if isinstance(value, float) and math.isnan(value):
         return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
     return value
 
 
@@ -61,7 +66,7 @@ class RunRecorder:
             "best_accuracy": best[0],
             "best_round": best[1],
             "total_time_s": round(time.monotonic() - self.started, 3),
-            **extra,
+            **{k: _clean(v) for k, v in extra.items()},
             "config": self.config.to_dict(),
         }
         tmp = self.summary_path.with_suffix(".json.tmp")

@@ -25,7 +25,6 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from plateau.config import RunConfig
-from plateau.device import derive_seed
 from plateau.privacy import (
     PrivacyMechanism,
     Tensors,
@@ -34,6 +33,7 @@ from plateau.privacy import (
     sum_updates,
     weighted_mean,
 )
+from plateau.sampling import ClientSampler, Cohort
 
 UPDATE_KEY = "update"
 BUFFERS_KEY = "buffers"
@@ -120,7 +120,10 @@ class PlateauStrategy(FedAvg):
         self.privacy = privacy
         self.device = torch.device(device)
         self.current: Tensors = {}
-        self.cohort_size = 0
+        self.sampler = ClientSampler(config.sampling_method, config.sample_rate,
+                                     secret=privacy is not None, seed=config.seed)
+        self.population = 0
+        self.cohort = Cohort(nodes=[], expected=1.0, population=0)
         self.last_stats = RoundStats()
         self._noise_generator = noise_generator(self.device) if privacy is not None else None
 
@@ -153,8 +156,8 @@ class PlateauStrategy(FedAvg):
 
     # ----- sampling and broadcast -------------------------------------------------------------
 
-    def sample_nodes(self, server_round: int, grid: Grid) -> tuple[list[int], int]:
-        """Uniform sample of max(1, floor(q*N)) connected nodes without replacement."""
+    def connected_nodes(self, grid: Grid) -> list[int]:
+        """The connected nodes, once at least min-available-clients are there."""
         deadline = time.monotonic() + self.config.round_timeout
         while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
             if time.monotonic() > deadline:
@@ -165,10 +168,17 @@ class PlateauStrategy(FedAvg):
             log(INFO, "Waiting for nodes: %d of %d connected", len(nodes),
                 self.min_available_nodes)
             time.sleep(1.0)
-        size = min(len(nodes), max(1, math.floor(self.config.sample_rate * len(nodes))))
-        rng = np.random.default_rng(derive_seed(self.config.seed, server_round))
-        picks = rng.choice(len(nodes), size=size, replace=False)
-        return [nodes[int(i)] for i in picks], len(nodes)
+        return nodes
+
+    def determine_population(self, grid: Grid) -> int:
+        """N: population-size, or the nodes connected when the first round starts."""
+        if not self.population:
+            connected = len(self.connected_nodes(grid))
+            self.population = self.config.population_size or connected
+            log(INFO, "population N = %d (%s)", self.population,
+                "population-size" if self.config.population_size else
+                f"the {connected} nodes connected at the first round")
+        return self.population
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -177,23 +187,24 @@ class PlateauStrategy(FedAvg):
         self.current = {
             k: v.to(self.device) for k, v in arrays.to_torch_state_dict().items()
         }
-        node_ids, population = self.sample_nodes(server_round, grid)
-        self.cohort_size = len(node_ids)
+        population = self.determine_population(grid)
+        self.cohort = self.sampler.sample(self.connected_nodes(grid), population, server_round)
         round_config = ConfigRecord({
             **config,
             **self.config.to_dict(),
             **self.round_config(server_round),
             "server-round": server_round,
             "round-lr": self.learning_rate(server_round),
-            "cohort-size": self.cohort_size,
+            "expected-cohort": self.cohort.expected,
             "local-rule": self.local_rule,
         })
-        log(DEBUG, "configure_train: sampled %d of %d nodes", len(node_ids), population)
+        log(DEBUG, "configure_train: sampled %d of N = %d (expected %.1f)",
+            len(self.cohort.nodes), population, self.cohort.expected)
         content = RecordDict({"arrays": arrays, **self.broadcast(server_round),
                               "config": round_config})
         return [
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
-            for node_id in node_ids
+            for node_id in self.cohort.nodes
         ]
 
     # ----- replies ----------------------------------------------------------------------------
@@ -221,7 +232,7 @@ class PlateauStrategy(FedAvg):
             return "bad-metrics"
         norm = flat_norm(update)
         if self.privacy is not None and not self.privacy.accepts_norm(
-                norm, sum(t.numel() for t in update.values()), self.cohort_size):
+                norm, sum(t.numel() for t in update.values()), self.cohort.expected):
             return "norm-exceeds-bound"
         loss, pre_clip, clipped, error = (
             metrics.get(k) for k in ("train-loss", "update-norm", "clipped", "clip-error"))
@@ -268,7 +279,7 @@ class PlateauStrategy(FedAvg):
 
     def accept_replies(self, replies: Iterable[Message]) -> list[ClientUpload]:
         """Screen every reply; count and log the rejected ones (one upload per node at most)."""
-        stats = RoundStats(sampled=self.cohort_size)
+        stats = RoundStats(sampled=len(self.cohort.nodes))
         uploads: list[ClientUpload] = []
         seen: set[int] = set()
         for msg in replies:
@@ -300,7 +311,7 @@ class PlateauStrategy(FedAvg):
         params = {k: self.current[k] for k in self.parameter_names}
         if self.privacy is not None:
             mean_update = self.privacy.aggregate(
-                [u.update for u in uploads], self.cohort_size, params, self._noise_generator
+                [u.update for u in uploads], self.cohort.expected, params, self._noise_generator
             )
         else:
             weights = [
@@ -326,6 +337,8 @@ class PlateauStrategy(FedAvg):
         stats = self.last_stats
         metrics: dict[str, int | float] = {
             "num-sampled": stats.sampled,
+            "expected-cohort": self.cohort.expected,
+            "population": self.population,
             "num-clients": stats.accepted,
             "num-failed": stats.failed,
             "num-rejected": sum(stats.rejected.values()),
@@ -343,7 +356,8 @@ class PlateauStrategy(FedAvg):
             if known:
                 metrics[name] = float(np.mean(known))
         if self.privacy is not None:
-            multiplier = self.privacy.effective_noise_multiplier(stats.sampled, stats.accepted)
+            multiplier = self.privacy.effective_noise_multiplier(self.cohort.expected,
+                                                                 stats.accepted)
             if multiplier is not None:
                 metrics["effective-noise-multiplier"] = multiplier
         return MetricRecord(metrics)

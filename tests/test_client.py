@@ -89,7 +89,7 @@ def test_supernode_without_partition_fails_with_a_clear_reason() -> None:
 def test_distributed_noise_share_uses_the_cohort_capped_by_the_population() -> None:
     """A server claiming a huge cohort cannot shrink the noise share below sigma*C/sqrt(N)."""
     message = train_message(dp="distributed", clip_norm=0.05, noise_multiplier=2.0)
-    message.content["config"]["cohort-size"] = 10_000
+    message.content["config"]["expected-cohort"] = 10_000.0
     reply = client_app(message, context(**{"partition-id": 0, "num-partitions": 4}))
     update = released(reply)
     numel = sum(t.numel() for t in update.values())

@@ -81,7 +81,7 @@ def test_one_fedavg_round_by_hand() -> None:
     assert sorted(m.metadata.dst_node_id for m in messages) == [11, 12]
     config = messages[0].content["config"]
     assert config["round-lr"] == 0.1 and config["local-steps"] == 1
-    assert config["cohort-size"] == 2 and config["lr"] == 0.1
+    assert config["expected-cohort"] == 2 and config["lr"] == 0.1
     # client A: x = (1, 2), y = 0 -> W = [[.05, .1], [-.05, -.1]]
     # client B: x = (2, 0), y = 1 -> grad = [[1, 0], [-1, 0]] -> W = [[-.1, 0], [.1, 0]]
     updates = [local_update([1.0, 2.0], 0, kw), local_update([2.0, 0.0], 1, kw)]
@@ -107,15 +107,17 @@ def test_lr_decays_per_round() -> None:
     assert [strategy.learning_rate(t) for t in (1, 2, 3)] == pytest.approx([0.2, 0.1, 0.05])
 
 
-def test_sampling_is_seeded_uniform_and_of_size_q_n() -> None:
+def test_the_strategy_samples_from_the_population_each_round() -> None:
     config = make_config(sample_rate=0.3, seed=7)
     strategy = FedAvg(config, parameter_names=["weight"], buffer_names=[])
     grid = FakeGrid(range(100, 120))
-    first, population = strategy.sample_nodes(1, grid)
-    assert population == 20 and len(first) == 6 and len(set(first)) == 6
-    assert set(first) <= set(range(100, 120))
-    assert strategy.sample_nodes(1, grid)[0] == first
-    assert strategy.sample_nodes(2, grid)[0] != first
+    arrays = ArrayRecord({"weight": torch.zeros(2, 2)})
+    first = [m.metadata.dst_node_id for m in strategy.configure_train(1, arrays, ConfigRecord(),
+                                                                      grid)]
+    assert strategy.population == 20 and len(first) == 6 and set(first) <= set(range(100, 120))
+    again = [m.metadata.dst_node_id for m in strategy.configure_train(1, arrays, ConfigRecord(),
+                                                                      grid)]
+    assert again == first  # without DP: reproducible from the seed and the round
 
 
 @pytest.mark.parametrize(

@@ -77,14 +77,27 @@ def test_noise_std_on_the_mean_is_sigma_c_over_m() -> None:
     assert mean["w"].std().item() == pytest.approx(0.8 * 1.0 / 10, rel=0.02)
 
 
-def test_client_noise_shares() -> None:
+def test_client_noise_shares_and_the_server_top_up() -> None:
     mechanism = GaussianClientDP(2.0, 0.5, placement="distributed")
     assert mechanism.client_noise_std(4) == pytest.approx(0.5 * 2.0 / 2)
-    assert mechanism.server_noise_std == 0.0
+    assert mechanism.server_noise_std(4, 4) == 0.0  # the full cohort added its shares
+    # one of four shares missing: the server adds the missing variance (sigma C)^2 / 4
+    assert mechanism.server_noise_std(4, 3) == pytest.approx(math.sqrt(1.0 / 4))
+    assert mechanism.server_noise_std(4, 6) == 0.0
     central = GaussianClientDP(2.0, 0.5, placement="central")
     assert central.client_noise_std(4) == 0.0
-    assert central.server_noise_std == pytest.approx(1.0)
-    assert GaussianClientDP(2.0, 0.5, placement="local").client_noise_std(4) == pytest.approx(1.0)
+    assert central.server_noise_std(4, 4) == pytest.approx(1.0)
+    local = GaussianClientDP(2.0, 0.5, placement="local")
+    assert local.client_noise_std(4) == pytest.approx(1.0) and local.server_noise_std(4, 0) == 0
+
+
+@pytest.mark.parametrize("placement", ["central", "distributed"])
+def test_a_failed_client_does_not_change_the_noise_on_the_sum(placement: str) -> None:
+    mechanism = GaussianClientDP(1.5, 0.6, placement=placement)
+    zeros = {"w": torch.zeros(200_000)}
+    uploads = [mechanism.release(zeros, 5, noise_generator())[0] for _ in range(3)]  # 2 of 5 fail
+    total = mechanism.aggregate(uploads, 5, zeros, noise_generator())["w"] * 5
+    assert total.std().item() == pytest.approx(0.6 * 1.5, rel=0.02)
 
 
 def test_release_clips_before_noising_and_reports_the_pre_clip_norm() -> None:
@@ -94,13 +107,13 @@ def test_release_clips_before_noising_and_reports_the_pre_clip_norm() -> None:
     assert torch.allclose(released["w"], torch.tensor([0.6, 0.8]))
 
 
-def test_dp_mean_divides_by_clients_sampled_not_replies() -> None:
+def test_dp_mean_divides_by_the_expected_cohort_not_the_replies() -> None:
     mechanism = GaussianClientDP(10.0, 0.0, placement="central")
     template = {"w": torch.zeros(2)}
     uploads = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}]
-    mean = mechanism.aggregate(uploads, num_sampled=4, template=template,
+    mean = mechanism.aggregate(uploads, cohort=2.5, template=template,
                                generator=noise_generator())
-    assert torch.allclose(mean["w"], torch.tensor([1.0, 1.5]))  # (1+3)/4, (2+4)/4
+    assert torch.allclose(mean["w"], torch.tensor([1.6, 2.4]))  # (1+3)/2.5, (2+4)/2.5
 
 
 def test_equal_and_weighted_means() -> None:
@@ -128,11 +141,14 @@ def test_noised_uploads_are_bounded_by_c_plus_their_noise(placement: str) -> Non
     assert not mechanism.accepts_norm(1e30, dim, cohort)
 
 
-def test_effective_noise_multiplier_falls_when_distributed_clients_drop() -> None:
-    mechanism = GaussianClientDP(1.0, 1.2, placement="distributed")
-    assert mechanism.effective_noise_multiplier(10, 10) == pytest.approx(1.2)
-    assert mechanism.effective_noise_multiplier(10, 5) == pytest.approx(1.2 * math.sqrt(0.5))
+def test_effective_noise_multiplier_never_falls_below_sigma() -> None:
+    distributed = GaussianClientDP(1.0, 1.2, placement="distributed")
+    assert distributed.effective_noise_multiplier(10, 10) == pytest.approx(1.2)
+    assert distributed.effective_noise_multiplier(10, 5) == pytest.approx(1.2)  # topped up
+    assert distributed.effective_noise_multiplier(10, 20) == pytest.approx(1.2 * math.sqrt(2))
     assert GaussianClientDP(1.0, 1.2).effective_noise_multiplier(10, 5) == pytest.approx(1.2)
+    local = GaussianClientDP(1.0, 1.2, placement="local")
+    assert local.effective_noise_multiplier(10, 4) == pytest.approx(1.2 * 2)
 
 
 def test_noise_is_not_reproducible_from_any_public_seed() -> None:

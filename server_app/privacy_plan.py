@@ -1,0 +1,110 @@
+"""The run's privacy plan and ledger: calibration before round 1, epsilon after every round, and
+the budget stop before a round that would overspend.
+
+Every round is accounted as the event the strategy really ran (its sampling, population, noise
+multiplier) and composed *before* the round's results are recorded, so no released model is ever
+missing from the epsilon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from logging import INFO, WARNING
+
+from flwr.supercore import log
+
+from plateau.accounting import PrivacyAccountant, RoundEvent, calibrate_noise, default_delta
+from plateau.config import RunConfig
+from plateau.privacy import mechanism_from_config
+from plateau.sampling import ClientSampler
+
+TRUST = {
+    "central": "the server sees every clipped update and adds all the noise (trusted server)",
+    "distributed": "each client adds sigma*C/sqrt(expected cohort) and the server tops up missing "
+                   "shares; the aggregate is as private as central, individual uploads only "
+                   "carry their share (secure aggregation would be needed to hide them)",
+    "local": "each client adds sigma*C itself: every upload is private on its own (nothing is "
+             "trusted but the run config; SuperNodes can enforce floors in their node config)",
+}
+
+
+class PrivacyLedger:
+    """The accountant of one run and the event each of its rounds adds."""
+
+    def __init__(self, config: RunConfig, population: int) -> None:
+        sampler = ClientSampler(config.sampling_method, config.sample_rate, secret=False)
+        self.config = config
+        self.population = population
+        self.delta = config.target_delta or default_delta(population)
+        self.event = event_for(config, population, config.noise_multiplier)
+        self.expected_cohort = sampler.expected_cohort(population)
+        self.accountant = PrivacyAccountant(config.accountant, config.sampling_method)
+
+    @property
+    def epsilon(self) -> float:
+        """Spent so far, at the run's delta."""
+        return self.accountant.epsilon(self.delta)
+
+    def next_round_fits(self) -> tuple[bool, float]:
+        """Whether one more round stays within max-epsilon, and the epsilon it would bring."""
+        after = self.accountant.epsilon_after(self.event, self.delta)
+        budget = self.config.max_epsilon
+        return (budget <= 0 or after <= budget), after
+
+    def commit_round(self) -> float:
+        """Account for a round whose noisy aggregate now exists; epsilon after it."""
+        self.accountant.compose(self.event)
+        return self.epsilon
+
+    def planned_epsilon(self) -> float:
+        """Epsilon after all num-server-rounds rounds, if none is stopped early."""
+        return self.accountant.epsilon_after(self.event, self.delta,
+                                             self.config.num_server_rounds)
+
+
+def event_for(config: RunConfig, population: int, noise_multiplier: float) -> RoundEvent:
+    """The round event of this config (sampling, q, N, m) at a given noise multiplier."""
+    sampler = ClientSampler(config.sampling_method, config.sample_rate, secret=False)
+    return RoundEvent(noise_multiplier=noise_multiplier, sampling=config.sampling_method,
+                      population=population, sample_rate=config.sample_rate,
+                      cohort=sampler.cohort_size(population))
+
+
+def plan_privacy(config: RunConfig, population: int) -> tuple[RunConfig, PrivacyLedger | None]:
+    """Calibrate sigma if asked, log the plan, and return the (possibly updated) config with its
+    ledger; None when the run makes no formal claim (no DP, the code clip mode, BatchNorm)."""
+    mechanism = mechanism_from_config(config)
+    if mechanism is None:
+        return config, None
+    log(INFO, "dp=%r: %s", config.dp, TRUST[config.dp])
+    if not mechanism.formally_dp or config.norm == "batch":
+        log(WARNING, "no epsilon is reported: %s", "the authors' per-tensor median clip is not "
+            "differentially private" if not mechanism.formally_dp
+            else "BatchNorm statistics are released without protection")
+        return config, None
+    delta = config.target_delta or default_delta(population)
+    if config.target_epsilon > 0:
+        sigma = calibrate_noise(
+            lambda s: event_for(config, population, s), config.num_server_rounds,
+            config.target_epsilon, delta, config.accountant, config.sampling_method)
+        log(INFO, "calibrated noise-multiplier = %.4f (was %g) for epsilon <= %g after %d "
+            "rounds", sigma, config.noise_multiplier, config.target_epsilon,
+            config.num_server_rounds)
+        config = dataclasses.replace(config, noise_multiplier=sigma)
+    ledger = PrivacyLedger(config, population)
+    if delta > 1.0 / population:
+        log(WARNING, "target-delta=%g is above 1/N = %g: such a delta allows outright leaks of "
+            "some clients", delta, 1.0 / population)
+    cohort = ledger.expected_cohort
+    planned = ledger.planned_epsilon()
+    log(INFO, "privacy plan: N=%d clients, q=%g (%s sampling, expected cohort %.1f), sigma=%.4f, "
+        "C=%g, %d rounds, accountant %s, delta=%g (%s), planned epsilon=%s", population,
+        config.sample_rate, config.sampling_method, cohort, config.noise_multiplier,
+        config.clip_norm, config.num_server_rounds, config.accountant, delta,
+        "target-delta" if config.target_delta else "min(1e-5, 1/N)",
+        f"{planned:.4f}" if math.isfinite(planned) else "inf (no noise)")
+    if config.max_epsilon > 0:
+        log(INFO, "budget: the run stops before any round that would take epsilon above %g",
+            config.max_epsilon)
+    return config, ledger
