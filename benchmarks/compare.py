@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--noise", type=float, default=0.8)
+    parser.add_argument("--model", default="cnn", help="the flatness claims are about deep nets")
     parser.add_argument("--study", choices=sorted(STUDIES), nargs="+", default=sorted(STUDIES))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -79,8 +80,10 @@ def main() -> None:
         simulate(json.loads(args.worker), args.clients)
         return
     common = {"num-server-rounds": args.rounds, "partitioner": "dirichlet",
-              "dirichlet-alpha": args.alpha, "noise-multiplier": args.noise}
-    print(f"digits, {args.clients} clients, Dirichlet alpha={args.alpha}, {args.rounds} rounds, "
+              "dirichlet-alpha": args.alpha, "noise-multiplier": args.noise,
+              "model": args.model}
+    print(f"digits, model {args.model}, {args.clients} clients, Dirichlet alpha={args.alpha}, "
+          f"{args.rounds} rounds, "
           f"seeds {args.seeds}, sigma={args.noise} (DP runs), other keys at their defaults")
     for study in args.study:
         results: dict[str, list[list[dict]]] = {}

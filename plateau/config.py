@@ -72,7 +72,7 @@ def key(default: ConfigValue, doc: str, **check: Any) -> Any:
 
 DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
-MODELS = ("cnn", "resnet10", "resnet18")
+MODELS = ("linear", "cnn", "resnet10", "resnet18")
 DP_MODES = ("off", "central", "distributed", "local")
 
 
@@ -114,7 +114,8 @@ class RunConfig:
         0.2, "Held-out test fraction for datasets without an official test split (digits).",
         min=0.05, max=0.5,
     )
-    model: str = key("cnn", "Model architecture.", choices=MODELS)
+    model: str = key("linear", "Model: softmax regression, a small GroupNorm CNN or a CIFAR-style "
+                     "ResNet (under DP the noise grows with the parameter count).", choices=MODELS)
     norm: str = key("group", "Normalisation layers: GroupNorm (no buffers) or BatchNorm.",
                     choices=("group", "batch"))
     model_width: int = key(0, "Base channel width, even (GroupNorm uses 2 groups); 0 = the "

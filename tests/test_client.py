@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import NodeConfigError
 from client_app.app import app as client_app
+from plateau.config import RunConfig
 from plateau.data import DATASETS
 from plateau.models import build_model
 from plateau.privacy import flat_norm
@@ -36,7 +37,7 @@ def test_plain_fedavg_releases_the_raw_update_of_every_parameter() -> None:
     message = train_message()
     reply = client_app(message, context())
     update = released(reply)
-    model = build_model("cnn", DATASETS["digits"])
+    model = build_model(RunConfig().model, DATASETS["digits"])
     assert sorted(update) == sorted(n for n, _ in model.named_parameters())
     assert flat_norm(update) > 0
     metrics = reply.content["metrics"]

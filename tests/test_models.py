@@ -10,7 +10,7 @@ from plateau.models import build_model, float_buffer_names
 
 
 @pytest.mark.parametrize("dataset", ["digits", "fashion-mnist", "cifar10", "cifar100"])
-@pytest.mark.parametrize("name", ["cnn", "resnet10"])
+@pytest.mark.parametrize("name", ["linear", "cnn", "resnet10"])
 def test_forward_shape_follows_the_dataset(name: str, dataset: str) -> None:
     info = DATASETS[dataset]
     model = build_model(name, info, width=8)
@@ -30,6 +30,8 @@ def test_groupnorm_models_have_no_buffers_and_batchnorm_models_do() -> None:
     info = DATASETS["cifar10"]
     assert list(build_model("resnet10", info, width=8).buffers()) == []
     assert list(build_model("cnn", info).buffers()) == []
+    assert list(build_model("linear", info).buffers()) == []
+    assert sum(p.numel() for p in build_model("linear", DATASETS["digits"]).parameters()) == 650
     bn = build_model("resnet10", info, norm="batch", width=8)
     # stem + 2 per block x 4 blocks + 3 projection shortcuts = 12 BatchNorm layers, mean and var
     assert len(float_buffer_names(bn)) == 2 * 12

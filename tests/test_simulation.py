@@ -49,11 +49,14 @@ def test_central_dp_two_rounds_reports_clipping(tmp_path: Path) -> None:
     summary, rounds = simulate(tmp_path, nodes=5, sample_rate=0.8, dp="central",
                                noise_multiplier=0.5, clip_norm=0.1)
     assert summary["status"] == "completed"
-    for record in rounds:
-        assert record["num_sampled"] == 4 and record["num_clients"] == 4
+    for record in rounds:  # Poisson sampling (the default with DP): the cohort size varies
+        assert record["population"] == 5 and record["expected_cohort"] == pytest.approx(4.0)
+        assert record["num_clients"] == record["num_sampled"]
         assert 0.0 <= record["clip_fraction"] <= 1.0
         assert record["mean_update_norm"] > 0
         assert record["effective_noise_multiplier"] == 0.5
+    assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] == summary["epsilon"]
+    assert summary["privacy"]["delta"] == 1e-5 and summary["privacy"]["accountant"] == "rdp"
     # with C = 0.1 every client's update is clipped at this learning rate
     assert rounds[0]["clip_fraction"] == 1.0
 
