@@ -83,3 +83,13 @@ def test_each_algorithm_runs_two_rounds(tmp_path: Path, algorithm: str, extra: d
         assert rounds[0]["sharpness"] is None and rounds[1]["sharpness"] > 0
         assert rounds[1]["hessian_top_eigenvalue"] != 0
         assert rounds[1]["test_accuracy"] > 0.2  # from 0.10 at initialisation
+
+
+@pytest.mark.simulation
+def test_budget_stop_ends_the_run_before_overspending(tmp_path: Path) -> None:
+    summary, rounds = simulate(tmp_path, nodes=5, sample_rate=0.8, dp="central",
+                               noise_multiplier=1.0, max_epsilon=8.0, num_server_rounds=10)
+    assert summary["status"] == "stopped"
+    assert summary["stop_reason"].startswith("privacy budget: round 3 would take epsilon")
+    assert len(rounds) == summary["rounds_completed"] == 2
+    assert rounds[-1]["epsilon"] == summary["epsilon"] <= 8.0

@@ -1,0 +1,159 @@
+"""Privacy accounting: cross-checked between libraries, tight, calibrated, stopping on budget."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.rdp import RdpAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from plateau.accounting import (
+    RDP_ORDERS,
+    PrivacyAccountant,
+    RoundEvent,
+    calibrate_noise,
+    default_delta,
+)
+from server_app.privacy_plan import PrivacyLedger, plan_privacy
+from tests.helpers import make_config
+
+SIGMAS, RATES, ROUNDS, DELTAS = (0.5, 0.8, 1.0, 2.0), (0.01, 0.1, 0.5, 1.0), (1, 10, 100, 300), \
+    (1e-5, 1e-3)
+INTEGER_ORDERS = [*range(2, 65), 128, 256, 512]
+
+
+def poisson(sigma: float, q: float) -> RoundEvent:
+    return RoundEvent(noise_multiplier=sigma, sampling="poisson", population=1000, sample_rate=q)
+
+
+def epsilons(accountant: PrivacyAccountant, event: RoundEvent) -> dict[tuple[int, float], float]:
+    """Epsilon at every (T, delta) of the grid, composing the rounds incrementally."""
+    found, done = {}, 0
+    for rounds in ROUNDS:
+        accountant.compose(event, rounds - done)
+        done = rounds
+        for delta in DELTAS:
+            found[rounds, delta] = accountant.epsilon(delta)
+    return found
+
+
+@pytest.mark.parametrize(("sigma", "q"), list(itertools.product(SIGMAS, RATES)))
+def test_rdp_matches_dp_accounting_on_the_whole_grid(sigma: float, q: float) -> None:
+    """Our RDP (Opacus' analysis) against dp-accounting's, on the integer orders both evaluate
+    exactly (dp-accounting skips fractional orders near 1 it cannot converge on)."""
+    ours = epsilons(PrivacyAccountant("rdp", "poisson", orders=INTEGER_ORDERS), poisson(sigma, q))
+    for (rounds, delta), epsilon in ours.items():
+        reference = RdpAccountant(orders=INTEGER_ORDERS)
+        reference.compose(dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(sigma)), rounds)
+        assert epsilon == pytest.approx(reference.get_epsilon(delta), rel=0.02)
+
+
+@pytest.mark.parametrize(("sigma", "q"), list(itertools.product(SIGMAS, RATES)))
+def test_pld_is_never_above_rdp_and_fine_orders_never_loosen_rdp(sigma: float, q: float) -> None:
+    rdp = epsilons(PrivacyAccountant("rdp", "poisson"), poisson(sigma, q))
+    pld = epsilons(PrivacyAccountant("pld", "poisson"), poisson(sigma, q))
+    coarse = epsilons(PrivacyAccountant("rdp", "poisson", orders=INTEGER_ORDERS),
+                      poisson(sigma, q))
+    for key, epsilon in rdp.items():
+        assert pld[key] <= epsilon * (1 + 1e-9), key
+        assert epsilon <= coarse[key] * (1 + 1e-9), key
+
+
+@pytest.mark.parametrize(("rounds", "at_1e5", "at_2e3"),
+                         [(100, 12.35, 8.34), (200, 17.18, 12.20), (300, 21.22, 15.49)])
+def test_reference_points_of_the_dp_fedsam_accountant(rounds: int, at_1e5: float,
+                                                      at_2e3: float) -> None:
+    """sigma 0.8, q 0.1: the values of DP-FedSAM's eps_computer (algorithms.md, section 5.3)."""
+    accountant = PrivacyAccountant("rdp", "poisson")
+    accountant.compose(poisson(0.8, 0.1), rounds)
+    assert accountant.epsilon(1e-5) == pytest.approx(at_1e5, abs=0.01)
+    assert accountant.epsilon(2e-3) == pytest.approx(at_2e3, abs=0.01)
+
+
+def test_fixed_size_sampling_uses_replace_one_with_double_sensitivity() -> None:
+    """With m = N every round is the full Gaussian mechanism; replacing a client moves the sum
+    by 2C, so its RDP is alpha * T / (2 (sigma/2)^2), converted here independently."""
+    sigma, rounds, delta = 3.0, 20, 1e-5
+    accountant = PrivacyAccountant("rdp", "fixed")
+    accountant.compose(RoundEvent(sigma, "fixed", 50, 1.0, cohort=50), rounds)
+    orders = np.array(RDP_ORDERS, dtype=float)
+    rdp = orders * rounds / (2 * (sigma / 2) ** 2)
+    expected = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
+    assert accountant.epsilon(delta) == pytest.approx(expected, rel=0.02)
+
+
+def test_pld_refuses_fixed_size_sampling() -> None:
+    with pytest.raises(ValueError, match="Poisson sampling only"):
+        PrivacyAccountant("pld", "fixed")
+
+
+def test_no_noise_means_infinite_epsilon_and_nothing_spent_before_round_one() -> None:
+    accountant = PrivacyAccountant("rdp", "poisson")
+    assert accountant.epsilon(1e-5) == 0.0
+    accountant.compose(poisson(0.0, 0.1))
+    assert math.isinf(accountant.epsilon(1e-5))
+
+
+def test_a_saved_ledger_replays_to_the_same_epsilon() -> None:
+    accountant = PrivacyAccountant("pld", "poisson")
+    accountant.compose(poisson(1.1, 0.05), 7)
+    accountant.compose(poisson(0.9, 0.05), 3)
+    again = PrivacyAccountant.from_state("pld", "poisson", accountant.state())
+    assert again.epsilon(1e-5) == accountant.epsilon(1e-5) > 0
+
+
+@pytest.mark.parametrize(("kind", "sampling", "target"),
+                         [("rdp", "poisson", 4.0), ("pld", "poisson", 2.0),
+                          ("rdp", "fixed", 8.0)])
+def test_calibration_round_trips(kind: str, sampling: str, target: float) -> None:
+    def event(sigma: float) -> RoundEvent:
+        return RoundEvent(sigma, sampling, 50, 0.2, cohort=10)
+
+    sigma = calibrate_noise(event, 30, target, 1e-5, kind, sampling)
+    spent = PrivacyAccountant(kind, sampling).epsilon_after(event(sigma), 1e-5, 30)
+    assert 0.99 * target <= spent <= target
+    slightly_less = PrivacyAccountant(kind, sampling).epsilon_after(event(sigma * 0.99), 1e-5, 30)
+    assert slightly_less > target  # the smallest such sigma, to 1%
+
+
+def test_the_plan_calibrates_sigma_into_the_config() -> None:
+    config = make_config(dp="central", target_epsilon=4.0, num_server_rounds=30,
+                         sample_rate=0.2, accountant="pld")
+    calibrated, ledger = plan_privacy(config, population=50)
+    assert ledger is not None and calibrated.noise_multiplier != config.noise_multiplier
+    assert 0.99 * 4.0 <= ledger.planned_epsilon() <= 4.0
+    assert ledger.delta == 1e-5 and ledger.expected_cohort == pytest.approx(10.0)
+
+
+def test_budget_stop_stops_before_the_round_that_would_overspend() -> None:
+    config = make_config(dp="central", noise_multiplier=1.0, sample_rate=0.1, max_epsilon=3.0,
+                         num_server_rounds=500)
+    ledger = PrivacyLedger(config, population=100)
+    orders = np.array(RDP_ORDERS)
+    per_round = compute_rdp(q=0.1, noise_multiplier=1.0, steps=1, orders=orders)
+    allowed = next(t for t in range(1, 500)  # independent: the first T over budget, minus one
+                   if get_privacy_spent(orders=orders, rdp=(t + 1) * per_round,
+                                        delta=1e-5)[0] > 3.0)
+    completed = 0
+    while ledger.next_round_fits()[0]:
+        ledger.commit_round()
+        completed += 1
+    assert completed == allowed
+    assert ledger.epsilon <= 3.0 < ledger.next_round_fits()[1]
+
+
+def test_default_delta_is_at_most_one_over_n() -> None:
+    assert default_delta(50) == 1e-5 and default_delta(10**6) == 1e-6
+
+
+def test_no_claim_without_a_formal_mechanism() -> None:
+    code_mode = make_config(dp="distributed", dp_clip_mode="code")
+    assert plan_privacy(code_mode, 20)[1] is None
+    batchnorm = make_config(dp="central", norm="batch", dp_allow_batchnorm=True)
+    assert plan_privacy(batchnorm, 20)[1] is None
+    assert plan_privacy(make_config(), 20)[1] is None
