@@ -29,8 +29,23 @@ import dp_accounting
 import numpy as np
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy import optimize
+
+
+def _import_opacus_rdp() -> tuple[Callable[..., np.ndarray], Callable[..., tuple]]:
+    """Opacus' RDP analysis, without the root-logger handler Opacus installs on import (it
+    would print every Flower log line twice)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    root.setLevel(level)
+    return compute_rdp, get_privacy_spent
+
+
+compute_rdp, get_privacy_spent = _import_opacus_rdp()
 
 ACCOUNTANTS = ("rdp", "pld")
 
