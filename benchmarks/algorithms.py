@@ -61,7 +61,7 @@ def one_round(strategy: PlateauStrategy, config: RunConfig, server_round: int,
                          lr=float(round_config["round-lr"]), broadcast=broadcast,
                          generator=seeded_generator(config.seed, server_round, pid))
         content = local_round(task, str(round_config["local-rule"]),
-                              int(round_config["cohort-size"]), {})
+                              float(round_config["expected-cohort"]), {})
         replies.append(Message(content=content, reply_to=message))
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
     return new_arrays if new_arrays is not None else arrays
