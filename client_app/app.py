@@ -12,14 +12,22 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from plateau.config import RunConfig
-from plateau.data import DATASETS, Tensors, client_partition
+from plateau.data import DATASETS, client_partition
+from plateau.data import Tensors as DataTensors
 from plateau.device import resolve_device, seeded_generator
 from plateau.models import build_model, float_buffer_names
-from plateau.privacy import flat_norm, mechanism_from_config, noise_generator
+from plateau.privacy import (
+    Tensors,
+    flat_norm,
+    mechanism_from_config,
+    noise_generator,
+    random_support,
+)
 
 from .training import LOCAL_RULES, LocalTask
 
 app = ClientApp()
+STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
 
 
 class NodeConfigError(ValueError):
@@ -46,7 +54,7 @@ def _model(name: str, dataset: str, norm: str, width: int, device: torch.device)
 
 
 @functools.lru_cache(maxsize=512)
-def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> Tensors:
+def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> DataTensors:
     """This node's training tensors, already on the training device."""
     return client_partition(
         cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, num_partitions=num,
@@ -56,25 +64,38 @@ def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> T
 
 
 def local_round(task: LocalTask, rule: str, cohort: float,
-                start_buffers: dict[str, torch.Tensor]) -> RecordDict:
-    """Run a local rule, privatise what it releases, and build the reply's records."""
+                start_buffers: dict[str, torch.Tensor], mask_seed: int | None = None
+                ) -> RecordDict:
+    """Run a local rule, privatise what it releases, and build the reply's records.
+
+    ``mask_seed`` (FedSMP) restricts the release to the round's public random subset of
+    coordinates: the update is sparsified, then clipped, then noised on that subset only.
+    """
     config = task.config
+    state_rounds = int(task.state.pop(STATE_ROUNDS, {"n": torch.zeros(())})["n"])
     released = LOCAL_RULES[rule].run(task)
     state = task.model.state_dict()
     buffers = {name: state[name] - start for name, start in start_buffers.items()}
+    support = (random_support(released, config.smp_keep, mask_seed)
+               if mask_seed is not None else None)
     metrics: dict[str, int | float] = {"num-examples": len(task.data)}
+    diagnostics = {"train-loss": task.mean_loss(), "state-rounds": state_rounds}
+    if task.state:
+        task.state[STATE_ROUNDS] = {"n": torch.tensor(state_rounds + 1)}
     mechanism = mechanism_from_config(config)
     if mechanism is None:
-        metrics |= {"train-loss": task.mean_loss(), "update-norm": flat_norm(released)}
+        if support is not None:
+            released = {k: v * support[k] for k, v in released.items()}
+        metrics |= diagnostics | {"update-norm": flat_norm(released)}
     else:
         released, report = mechanism.release(released, cohort, noise_generator(
-            task.params[0].device))
+            task.params[0].device), support=support)
         # Under DP the data size is private (constant weight). Only in central placement, where
         # the server is trusted with the clipped updates anyway, does it also get diagnostics.
         metrics = {"num-examples": 1}
         if config.dp == "central":
-            metrics |= {"train-loss": task.mean_loss(), "update-norm": report.norm,
-                        "clipped": int(report.clipped), "clip-error": report.error}
+            metrics |= diagnostics | {"update-norm": report.norm,
+                                      "clipped": int(report.clipped), "clip-error": report.error}
     content = RecordDict({
         "update": ArrayRecord({k: v.detach().cpu() for k, v in released.items()}),
         "metrics": MetricRecord(metrics),
@@ -138,9 +159,30 @@ def train(msg: Message, context: Context) -> Message:
     task = LocalTask(
         model=model, data=_partition_on(cfg, pid, num, device), config=cfg, lr=lr,
         broadcast=broadcast, generator=seeded_generator(cfg.seed, server_round, pid),
+        state=load_state(context, cfg.algorithm, device),
     )
     # A server claiming a larger cohort would shrink each client's distributed noise share;
     # the cohort can never exceed the population this node belongs to.
     cohort = min(float(round_config["expected-cohort"]), float(num))
-    content = local_round(task, rule, cohort, start_buffers)
+    mask_seed = round_config.get("mask-seed")
+    content = local_round(task, rule, cohort, start_buffers,
+                          int(mask_seed) if mask_seed is not None else None)
+    save_state(context, cfg.algorithm, task.state)
     return Message(content=content, reply_to=msg)
+
+
+def load_state(context: Context, algorithm: str, device: torch.device) -> dict[str, Tensors]:
+    """This node's algorithm state (SCAFFOLD's c_i, FedDyn's H_i, ...) from Context.state,
+    which the SuperNode keeps across rounds. State of another algorithm is ignored."""
+    prefix = f"{algorithm}/"
+    return {
+        name[len(prefix):]: {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
+        for name, record in context.state.array_records.items() if name.startswith(prefix)
+    }
+
+
+def save_state(context: Context, algorithm: str, state: dict[str, Tensors]) -> None:
+    """Write the node's algorithm state back for the next round."""
+    for name, tensors in state.items():
+        context.state[f"{algorithm}/{name}"] = ArrayRecord(
+            {k: v.detach().cpu() for k, v in tensors.items()})

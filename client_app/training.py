@@ -18,6 +18,7 @@ from torch import nn
 from plateau.config import RunConfig
 from plateau.data import Tensors as DataTensors
 from plateau.privacy import Tensors, flat_norm
+from plateau.release import CONTROL_PREFIX, DUAL_PREFIX
 
 Grads = list[torch.Tensor]
 
@@ -32,6 +33,7 @@ class LocalTask:
     lr: float
     generator: torch.Generator
     broadcast: dict[str, Tensors] = field(default_factory=dict)
+    state: dict[str, Tensors] = field(default_factory=dict)
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
 
     def __post_init__(self) -> None:
@@ -94,6 +96,25 @@ class LocalTask:
             return None
         return [record[n].to(p.device, p.dtype) for n, p in self.named]
 
+    def zeros(self) -> Grads:
+        """A zero vector aligned with the trainable parameters."""
+        return [torch.zeros_like(p) for p in self.params]
+
+    def drift(self, anchor: Grads) -> Grads:
+        """y - anchor, per trainable parameter (the gradient of |y - anchor|^2 / 2)."""
+        return [p.detach() - a for p, a in zip(self.params, anchor, strict=True)]
+
+    def own_state(self, name: str, default: Grads) -> Grads:
+        """This node's persistent vector ``name`` (from Context.state), aligned."""
+        stored = self.state.get(name)
+        if stored is None:
+            return default
+        return [stored[n].to(p.device, p.dtype) for n, p in self.named]
+
+    def keep_state(self, name: str, vector: Grads) -> None:
+        """Store a vector in this node's persistent state for the next round."""
+        self.state[name] = {n: v.detach() for (n, _), v in zip(self.named, vector, strict=True)}
+
     def delta(self) -> Tensors:
         """y_K - start, per trainable parameter."""
         return {n: p.detach() - s for (n, p), s in zip(self.named, self.start, strict=True)}
@@ -122,33 +143,168 @@ def unit(vector: Grads) -> Grads | None:
     return None if norm == 0 else [v / norm for v in vector]
 
 
+def combine(*terms: Grads | None, weights: tuple[float, ...] | None = None) -> Grads:
+    """Weighted sum of aligned vectors, skipping absent (None) terms."""
+    weights = weights or (1.0,) * len(terms)
+    present = [(w, t) for w, t in zip(weights, terms, strict=True) if t is not None]
+    return [sum(w * t[i] for w, t in present) for i in range(len(present[0][1]))]
+
+
+def run_steps(task: LocalTask, direction: Callable[[torch.Tensor, torch.Tensor], Grads]) -> None:
+    """K steps y <- y - lr * (direction(batch) + wd * y), in training mode."""
+    task.model.train()
+    for x, y in task.batches():
+        task.step(direction(x, y))
+
+
+def sam_gradient(task: LocalTask, x: torch.Tensor, y: torch.Tensor, rho: float) -> Grads:
+    """Gradient at y + rho*g/|g| on the same batch (two backprops; rho = 0: one)."""
+    g = task.gradients(x, y)
+    ascent = unit(g) if rho > 0 else None
+    if ascent is None:
+        return g
+    return task.gradients_at([rho * a for a in ascent], x, y, record=False)
+
+
 def sgd(task: LocalTask) -> Tensors:
     """FedAvg: K steps of SGD; releases Delta = y_K - x_t."""
-    model = task.model
-    model.train()
-    for x, y in task.batches():
-        task.step(task.stability_clip(task.gradients(x, y)))
+    run_steps(task, lambda x, y: task.stability_clip(task.gradients(x, y)))
+    return task.delta()
+
+
+def sam(task: LocalTask) -> Tensors:
+    """FedSAM: the gradient at y + rho*g/|g| (two backprops); releases Delta."""
+    rho = task.config.sam_rho
+    run_steps(task, lambda x, y: task.stability_clip(sam_gradient(task, x, y, rho)))
+    return task.delta()
+
+
+def prox(task: LocalTask) -> Tensors:
+    """FedACG: clip(g) + beta*(y - z_t), z_t the received look-ahead; releases y_K - z_t."""
+    beta = task.config.acg_beta
+    run_steps(task, lambda x, y: combine(task.stability_clip(task.gradients(x, y)),
+                                         task.drift(task.start), weights=(1.0, beta)))
+    return task.delta()
+
+
+def cm(task: LocalTask) -> Tensors:
+    """FedCM: alpha*clip(g) + (1-alpha)*c_t; releases the whole Delta."""
+    alpha = task.config.cm_alpha
+    direction = task.vector("direction")
+    run_steps(task, lambda x, y: combine(task.stability_clip(task.gradients(x, y)), direction,
+                                         weights=(alpha, 1 - alpha)))
+    return task.delta()
+
+
+def mosam(task: LocalTask) -> Tensors:
+    """MoFedSAM: alpha*clip(g_SAM) + (1-alpha)*c_t (two backprops); releases Delta."""
+    alpha, rho = task.config.cm_alpha, task.config.sam_rho
+    direction = task.vector("direction")
+    run_steps(task, lambda x, y: combine(task.stability_clip(sam_gradient(task, x, y, rho)),
+                                         direction, weights=(alpha, 1 - alpha)))
+    return task.delta()
+
+
+def lesam(task: LocalTask) -> Tensors:
+    """FedLESAM: the gradient at y + rho*c_t/|c_t| (one backprop); releases Delta."""
+    direction = task.vector("direction")
+    ascent = unit(direction) if direction is not None else None
+    shift = [task.config.sam_rho * a for a in ascent] if ascent is not None else None
+    run_steps(task, lambda x, y: task.stability_clip(task.gradients_at(shift, x, y)))
+    return task.delta()
+
+
+def _controlled(task: LocalTask, gradient: Callable[[torch.Tensor, torch.Tensor], Grads]
+                ) -> Tensors:
+    """SCAFFOLD's loop around any gradient: step along clip(g) - c_i + c, then
+    c_i+ = c_i - c + (x_t - y_K)/(K lr); release (Delta_y, Delta_c) and keep c_i+."""
+    control = task.vector("control") or task.zeros()
+    own = task.own_state("control", task.zeros())
+    correction = combine(control, own, weights=(1.0, -1.0))
+    run_steps(task, lambda x, y: combine(task.stability_clip(gradient(x, y)), correction))
+    delta = task.delta()
+    per_step = task.config.local_steps * task.lr
+    updated = [ci - c - d / per_step
+               for ci, c, d in zip(own, control, delta.values(), strict=True)]
+    task.keep_state("control", updated)
+    change = {CONTROL_PREFIX + n: u - ci
+              for n, u, ci in zip(delta, updated, own, strict=True)}
+    return {**delta, **change}
+
+
+def scaffold(task: LocalTask) -> Tensors:
+    """SCAFFOLD option II (c_i in the node's state)."""
+    return _controlled(task, task.gradients)
+
+
+def gamma(task: LocalTask) -> Tensors:
+    """FedGAMMA: SCAFFOLD's control variates around the SAM gradient."""
+    rho = task.config.sam_rho
+    return _controlled(task, lambda x, y: sam_gradient(task, x, y, rho))
+
+
+def dyn(task: LocalTask) -> Tensors:
+    """FedDyn: clip(g) + alpha*(y - x_t + H_i); then H_i <- H_i + Delta (H_i in the state)."""
+    alpha = task.config.dyn_alpha
+    accumulated = task.own_state("accumulated", task.zeros())
+    anchor = [s - h for s, h in zip(task.start, accumulated, strict=True)]
+    run_steps(task, lambda x, y: combine(task.stability_clip(task.gradients(x, y)),
+                                         task.drift(anchor), weights=(1.0, alpha)))
+    delta = task.delta()
+    task.keep_state("accumulated", combine(accumulated, list(delta.values())))
+    return delta
+
+
+def smoo(task: LocalTask) -> Tensors:
+    """FedSMOO: the corrected SAM perturbation and FedDyn's regulariser; releases (Delta, mu_i)
+    and keeps H_i, mu_i in the state."""
+    rho, lam = task.config.sam_rho, task.config.dyn_alpha
+    perturbation = task.vector("perturbation") or task.zeros()
+    dual = task.own_state("dual", task.zeros())
+    accumulated = task.own_state("accumulated", task.zeros())
+    anchor = [s - h for s, h in zip(task.start, accumulated, strict=True)]
+
+    def direction(x: torch.Tensor, y: torch.Tensor) -> Grads:
+        nonlocal dual
+        g = task.gradients(x, y)
+        corrected = combine(g, dual, perturbation, weights=(1.0, -1.0, -1.0))
+        norm = flat_norm(dict(enumerate(corrected)))
+        shift = [rho * c / (norm + 1e-7) for c in corrected]
+        dual = combine(dual, shift, perturbation, weights=(1.0, 1.0, -1.0))
+        sharp = task.gradients_at(shift, x, y, record=False)
+        return combine(task.stability_clip(sharp), task.drift(anchor), weights=(1.0, lam))
+
+    run_steps(task, direction)
+    delta = task.delta()
+    task.keep_state("dual", dual)
+    task.keep_state("accumulated", combine(accumulated, list(delta.values())))
+    return {**delta, **{DUAL_PREFIX + n: m for n, m in zip(delta, dual, strict=True)}}
+
+
+def blur(task: LocalTask) -> Tensors:
+    """FedAvg-BLUR: clip(g) + alpha*(y - x_t) while |y - x_t| > C (a real gradient)."""
+    alpha, bound = task.config.blur_alpha, task.config.clip_norm
+
+    def direction(x: torch.Tensor, y: torch.Tensor) -> Grads:
+        drift = task.drift(task.start)
+        outside = flat_norm(dict(enumerate(drift))) > bound
+        g = task.stability_clip(task.gradients(x, y))
+        return combine(g, drift, weights=(1.0, alpha)) if outside else g
+
+    run_steps(task, direction)
     return task.delta()
 
 
 def pgn_mix(task: LocalTask) -> Tensors:
     """DP-FedPGN: d = gamma*clip(g) + (1-gamma)*c_t; releases the private part
     R = (x_t - y_K) - (1-gamma)*K*lr*c_t (the public drift is removed before clipping)."""
-    gamma = task.config.pgn_gamma
-    direction = task.vector("direction")
-    task.model.train()
-    for x, y in task.batches():
-        g = task.stability_clip(task.gradients(x, y))
-        if direction is not None:
-            g = [gamma * gi + (1 - gamma) * ci for gi, ci in zip(g, direction, strict=True)]
-        else:
-            g = [gamma * gi for gi in g]
-        task.step(g)
-    public = (1 - gamma) * task.config.local_steps * task.lr
-    delta = task.delta()
-    if direction is None:
-        return {n: -d for n, d in delta.items()}
-    return {n: -d - public * c for (n, d), c in zip(delta.items(), direction, strict=True)}
+    gamma_ = task.config.pgn_gamma
+    direction = task.vector("direction") or task.zeros()
+    run_steps(task, lambda x, y: combine(task.stability_clip(task.gradients(x, y)), direction,
+                                         weights=(gamma_, 1 - gamma_)))
+    public = (1 - gamma_) * task.config.local_steps * task.lr
+    return {n: -d - public * c
+            for (n, d), c in zip(task.delta().items(), direction, strict=True)}
 
 
 def pgn_perturb(task: LocalTask) -> Tensors:
@@ -158,45 +314,39 @@ def pgn_perturb(task: LocalTask) -> Tensors:
     direction = task.vector("direction")
     ascent = unit(direction) if direction is not None else None
     shift = [radius * a for a in ascent] if ascent is not None else None
-    task.model.train()
-    for x, y in task.batches():
+
+    def mixed(x: torch.Tensor, y: torch.Tensor) -> Grads:
         here = task.gradients(x, y)
         there = here if shift is None else task.gradients_at(shift, x, y, record=False)
-        task.step(task.stability_clip(
-            [(1 - alpha) * a + alpha * b for a, b in zip(here, there, strict=True)]))
+        return task.stability_clip(combine(here, there, weights=(1 - alpha, alpha)))
+
+    run_steps(task, mixed)
     return {n: -d for n, d in task.delta().items()}
 
 
 def nsam(task: LocalTask) -> Tensors:
     """FedNSAM: the gradient at y + gamma*m - rho*m/|m| (one backprop); releases Delta."""
-    gamma, rho = task.config.nsam_gamma, task.config.nsam_rho
     momentum = task.vector("momentum")
     direction = unit(momentum) if momentum is not None else None
     shift = None
     if momentum is not None and direction is not None:
-        shift = [gamma * m - rho * u for m, u in zip(momentum, direction, strict=True)]
-    task.model.train()
-    for x, y in task.batches():
-        task.step(task.stability_clip(task.gradients_at(shift, x, y)))
+        shift = combine(momentum, direction,
+                        weights=(task.config.nsam_gamma, -task.config.nsam_rho))
+    run_steps(task, lambda x, y: task.stability_clip(task.gradients_at(shift, x, y)))
     return task.delta()
 
 
 def nsam_code(task: LocalTask) -> Tensors:
     """FedNSAM as the authors' code runs it: start at z_0 = x_t + gamma*m, then local SAM
-    (gradient at z + rho*g/|g|, two backprops); releases Delta = z_K - z_0."""
-    gamma, rho = task.config.nsam_gamma, task.config.nsam_rho
+    (two backprops); releases Delta = z_K - z_0."""
     momentum = task.vector("momentum")
     if momentum is not None:
         with torch.no_grad():
             for p, m in zip(task.params, momentum, strict=True):
-                p.add_(gamma * m)
+                p.add_(task.config.nsam_gamma * m)
         task.start = [p.detach().clone() for p in task.params]
-    task.model.train()
-    for x, y in task.batches():
-        g = task.gradients(x, y)
-        ascent = unit(g)
-        shift = [rho * a for a in ascent] if ascent is not None else None
-        task.step(task.stability_clip(task.gradients_at(shift, x, y, record=False)))
+    rho = task.config.nsam_rho
+    run_steps(task, lambda x, y: task.stability_clip(sam_gradient(task, x, y, rho)))
     return task.delta()
 
 
@@ -210,6 +360,16 @@ class LocalRule:
 
 LOCAL_RULES: dict[str, LocalRule] = {
     "sgd": LocalRule(sgd, 1),
+    "sam": LocalRule(sam, 2),
+    "prox": LocalRule(prox, 1),
+    "cm": LocalRule(cm, 1),
+    "mosam": LocalRule(mosam, 2),
+    "lesam": LocalRule(lesam, 1),
+    "scaffold": LocalRule(scaffold, 1),
+    "gamma": LocalRule(gamma, 2),
+    "dyn": LocalRule(dyn, 1),
+    "smoo": LocalRule(smoo, 2),
+    "blur": LocalRule(blur, 1),
     "pgn-mix": LocalRule(pgn_mix, 1),
     "pgn-perturb": LocalRule(pgn_perturb, 2),
     "nsam": LocalRule(nsam, 1),

@@ -15,6 +15,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 ConfigValue = bool | int | float | str
@@ -183,6 +184,22 @@ class RunConfig:
         "'code' = local SAM from the look-ahead start x + gamma*m (2 backprops), as the authors' "
         "code, with correct momentum.", choices=("paper", "code"),
     )
+    server_momentum: float = key(0.9, "fedavgm: server momentum beta.", min=0, max=1,
+                                 max_exclusive=True)
+    server_lr: float = key(1.0, "fedavgm: server learning rate.", min=0, min_exclusive=True)
+    acg_lambda: float = key(0.85, "fedacg: momentum / look-ahead coefficient lambda.", min=0,
+                            max=1, max_exclusive=True)
+    acg_beta: float = key(0.01, "fedacg: weight beta of the proximal term (beta/2)|y - z_t|^2.",
+                          min=0)
+    cm_alpha: float = key(0.1, "fedcm, mofedsam: weight of the local gradient; 1 - cm-alpha "
+                          "goes to the last global update.", min=0, max=1)
+    sam_rho: float = key(0.05, "fedsam, mofedsam, fedlesam, fedgamma, fedsmoo: SAM radius.",
+                         min=0)
+    dyn_alpha: float = key(0.01, "feddyn, fedsmoo: weight of the dynamic regulariser.", min=0)
+    smp_keep: float = key(0.6, "fedsmp: fraction of coordinates kept by the round's public "
+                          "random mask.", min=0, max=1, min_exclusive=True)
+    blur_alpha: float = key(0.4, "fedavg-blur: weight of the bounded-update regulariser "
+                            "(alpha/2)*max(0, |y - x|^2 - clip-norm^2).", min=0)
     sharpness_every: int = key(0, "Every this many rounds, measure the global model's SAM "
                                "sharpness and top Hessian eigenvalue; 0 = off.", min=0)
     sharpness_rho: float = key(0.05, "Radius of the SAM-sharpness probe.", min=0,
@@ -325,8 +342,23 @@ def toml_table() -> str:
     return "\n".join(f"{name} = {toml_value(default)}" for name, default, _, _ in describe_keys())
 
 
+def write_docs(root: Path) -> None:
+    """Rewrite the config table of pyproject.toml and the README's table from the schema."""
+    pyproject = root / "pyproject.toml"
+    text = pyproject.read_text()
+    start = text.index("[tool.flwr.app.config]\n") + len("[tool.flwr.app.config]\n")
+    pyproject.write_text(text[:start] + toml_table() + text[text.index("\n\n", start):])
+    readme = root / "README.md"
+    text = readme.read_text()
+    start = text.index("| key | default | allowed | meaning |")
+    readme.write_text(text[:start] + readme_table() + text[text.index("\n\n", start):])
+
+
 if __name__ == "__main__":
     import sys
 
-    print(toml_table() if sys.argv[1:] == ["--toml"] else readme_table())
+    if sys.argv[1:2] == ["--write"]:
+        write_docs(Path(sys.argv[2] if len(sys.argv) > 2 else "."))
+    else:
+        print(toml_table() if sys.argv[1:] == ["--toml"] else readme_table())
 

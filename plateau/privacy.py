@@ -60,15 +60,28 @@ def noise_generator(device: torch.device | str = "cpu") -> torch.Generator:
 
 
 def add_gaussian(
-    tensors: Mapping[str, torch.Tensor], std: float, generator: torch.Generator
+    tensors: Mapping[str, torch.Tensor], std: float, generator: torch.Generator,
+    support: Mapping[str, torch.Tensor] | None = None,
 ) -> Tensors:
-    """Add i.i.d. N(0, std^2) to every coordinate, drawn on each tensor's own device."""
+    """Add i.i.d. N(0, std^2) to every coordinate (or only where ``support`` is 1), drawn on
+    each tensor's own device."""
     if std == 0:
         return dict(tensors)
-    return {
-        k: t + torch.normal(0.0, std, t.shape, generator=generator, device=t.device, dtype=t.dtype)
-        for k, t in tensors.items()
-    }
+    noised = {}
+    for k, t in tensors.items():
+        noise = torch.normal(0.0, std, t.shape, generator=generator, device=t.device,
+                             dtype=t.dtype)
+        noised[k] = t + (noise if support is None else noise * support[k])
+    return noised
+
+
+def random_support(template: Mapping[str, torch.Tensor], keep: float, seed: int
+                   ) -> Tensors:
+    """A public random 0/1 mask keeping a fraction ``keep`` of the coordinates: the same for
+    every client of a round (it is derived from public numbers, so it reveals nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {k: (torch.rand(t.shape, generator=generator) < keep).to(t.device, t.dtype)
+            for k, t in template.items()}
 
 
 @dataclass(frozen=True)
@@ -87,7 +100,8 @@ class PrivacyMechanism(Protocol):
     formally_dp: bool
 
     def release(
-        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator
+        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator,
+        support: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[Tensors, ClipReport]:
         """Clip one client's released vector and add its share of the noise."""
         ...
@@ -99,6 +113,7 @@ class PrivacyMechanism(Protocol):
     def aggregate(
         self, updates: Sequence[Mapping[str, torch.Tensor]], cohort: float,
         template: Mapping[str, torch.Tensor], generator: torch.Generator,
+        support: Mapping[str, torch.Tensor] | None = None,
     ) -> Tensors:
         """Noisy sum of the uploads divided by the expected cohort."""
         ...
@@ -144,11 +159,15 @@ class GaussianClientDP:
         return math.sqrt(max(0.0, target - added))
 
     def release(
-        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator
+        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator,
+        support: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[Tensors, ClipReport]:
-        """Client side: clip the update flat to C, then add this client's share of the noise."""
+        """Client side: clip the update flat to C, then add this client's share of the noise
+        (on the ``support`` coordinates only, when the release is a public subset)."""
+        if support is not None:
+            update = {k: t * support[k] for k, t in update.items()}
         clipped, norm = clip_flat(update, self.clip_norm)
-        noised = add_gaussian(clipped, self.client_noise_std(cohort), generator)
+        noised = add_gaussian(clipped, self.client_noise_std(cohort), generator, support)
         report = ClipReport(norm=norm, clipped=norm > self.clip_norm,
                             error=max(0.0, norm - self.clip_norm))
         return noised, report
@@ -167,10 +186,14 @@ class GaussianClientDP:
     def aggregate(
         self, updates: Sequence[Mapping[str, torch.Tensor]], cohort: float,
         template: Mapping[str, torch.Tensor], generator: torch.Generator,
+        support: Mapping[str, torch.Tensor] | None = None,
     ) -> Tensors:
         """Server side: (sum of uploads + the server's share of the noise) / expected cohort."""
         total = sum_updates(updates, template)
-        noised = add_gaussian(total, self.server_noise_std(cohort, len(updates)), generator)
+        if support is not None:
+            total = {k: t * support[k] for k, t in total.items()}
+        noised = add_gaussian(total, self.server_noise_std(cohort, len(updates)), generator,
+                              support)
         return {k: t / cohort for k, t in noised.items()}
 
     def effective_noise_multiplier(self, cohort: float, num_aggregated: int) -> float:
@@ -196,9 +219,12 @@ class PerTensorMedianClip:
     formally_dp: bool = False
 
     def release(
-        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator
+        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator,
+        support: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[Tensors, ClipReport]:
         """Per-tensor clip at the median tensor norm, then per-client noise sigma*C_i/sqrt(m)."""
+        if support is not None:
+            update = {k: t * support[k] for k, t in update.items()}
         norms = {k: float(torch.linalg.vector_norm(t.double())) for k, t in update.items()}
         threshold = statistics.median(norms.values()) if norms else 0.0
         clipped = {
@@ -208,7 +234,7 @@ class PerTensorMedianClip:
         error = flat_norm({k: update[k] - clipped[k] for k in update})
         std = self.noise_multiplier * threshold / math.sqrt(max(cohort, 1.0))
         report = ClipReport(norm=flat_norm(update), clipped=error > 0, error=error)
-        return add_gaussian(clipped, std, generator), report
+        return add_gaussian(clipped, std, generator, support), report
 
     def accepts_norm(self, norm: float, dim: int, cohort: float) -> bool:
         """The threshold is the client's own, so no bound can be checked."""
@@ -217,6 +243,7 @@ class PerTensorMedianClip:
     def aggregate(
         self, updates: Sequence[Mapping[str, torch.Tensor]], cohort: float,
         template: Mapping[str, torch.Tensor], generator: torch.Generator,
+        support: Mapping[str, torch.Tensor] | None = None,
     ) -> Tensors:
         """Sum of the noised uploads over the expected cohort."""
         return {k: t / cohort for k, t in sum_updates(updates, template).items()}

@@ -65,6 +65,7 @@ class ClientUpload:
     update_norm: float | None
     clipped: bool | None
     clip_error: float | None
+    state_rounds: float | None
 
 
 @dataclass
@@ -124,6 +125,7 @@ class PlateauStrategy(FedAvg):
                                      secret=privacy is not None, seed=config.seed)
         self.population = 0
         self.cohort = Cohort(nodes=[], expected=1.0, population=0)
+        self.mean_denominator = 0.0
         self.last_stats = RoundStats()
         self._noise_generator = noise_generator(self.device) if privacy is not None else None
 
@@ -149,6 +151,20 @@ class PlateauStrategy(FedAvg):
     def round_config(self, server_round: int) -> dict[str, bool | int | float | str]:
         """Extra scalars for this round's clients."""
         return {}
+
+    def broadcast_model(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The model clients start from (FedACG sends a look-ahead instead of x_t)."""
+        return arrays
+
+    def release_template(self) -> Tensors:
+        """Names and shapes of the vector each client releases: the trainable parameters, plus
+        whatever else the algorithm uploads (e.g. SCAFFOLD's control-variate delta). Everything
+        in it is clipped and noised together."""
+        return {k: self.current[k] for k in self.parameter_names}
+
+    def support(self, server_round: int) -> Tensors | None:
+        """0/1 masks of the released coordinates, when the algorithm releases a public subset."""
+        return None
 
     @abstractmethod
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
@@ -200,8 +216,8 @@ class PlateauStrategy(FedAvg):
         })
         log(DEBUG, "configure_train: sampled %d of N = %d (expected %.1f)",
             len(self.cohort.nodes), population, self.cohort.expected)
-        content = RecordDict({"arrays": arrays, **self.broadcast(server_round),
-                              "config": round_config})
+        content = RecordDict({"arrays": self.broadcast_model(server_round, arrays),
+                              **self.broadcast(server_round), "config": round_config})
         return [
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
             for node_id in self.cohort.nodes
@@ -219,9 +235,10 @@ class PlateauStrategy(FedAvg):
         if self.buffer_names and BUFFERS_KEY not in content.array_records:
             return "malformed"
         try:
-            update = self._tensors(content.array_records[UPDATE_KEY], self.parameter_names)
+            update = self._tensors(content.array_records[UPDATE_KEY], self.release_template())
             buffers = (
-                self._tensors(content.array_records[BUFFERS_KEY], self.buffer_names)
+                self._tensors(content.array_records[BUFFERS_KEY],
+                              {k: self.current[k] for k in self.buffer_names})
                 if self.buffer_names else {}
             )
         except RejectedReply as err:
@@ -234,8 +251,8 @@ class PlateauStrategy(FedAvg):
         if self.privacy is not None and not self.privacy.accepts_norm(
                 norm, sum(t.numel() for t in update.values()), self.cohort.expected):
             return "norm-exceeds-bound"
-        loss, pre_clip, clipped, error = (
-            metrics.get(k) for k in ("train-loss", "update-norm", "clipped", "clip-error"))
+        loss, pre_clip, clipped, error, state_rounds = (metrics.get(k) for k in (
+            "train-loss", "update-norm", "clipped", "clip-error", "state-rounds"))
         return ClientUpload(
             node_id=msg.metadata.src_node_id,
             update=update,
@@ -247,19 +264,20 @@ class PlateauStrategy(FedAvg):
             else (norm if self.privacy is None else None),
             clipped=bool(clipped) if isinstance(clipped, int | float) else None,
             clip_error=float(error) if isinstance(error, int | float) else None,
+            state_rounds=float(state_rounds) if isinstance(state_rounds, int | float) else None,
         )
 
-    def _tensors(self, record: ArrayRecord, names: list[str]) -> Tensors:
+    def _tensors(self, record: ArrayRecord, template: Tensors) -> Tensors:
         """Tensors of a record with exactly the expected names, shapes and dtypes, all finite.
 
         Array metadata is checked before any bytes are decoded; whatever else goes wrong while
         decoding a client's bytes is a malformed reply, never an exception that stops the run.
         """
-        if sorted(record.keys()) != sorted(names):
+        if sorted(record.keys()) != sorted(template):
             raise RejectedReply("wrong-keys")
         tensors = {}
-        for name in names:
-            array, expected = record[name], self.current[name]
+        for name, expected in template.items():
+            array = record[name]
             if getattr(array, "stype", None) != "numpy.ndarray":
                 raise RejectedReply("malformed")
             if tuple(array.shape) != tuple(expected.shape):
@@ -308,17 +326,20 @@ class PlateauStrategy(FedAvg):
         if not uploads and self.privacy is None:
             log(WARNING, "round %d: no usable replies; the model is unchanged", server_round)
             return None, None
-        params = {k: self.current[k] for k in self.parameter_names}
+        template = self.release_template()
+        # the mean's denominator: the expected cohort under DP, the clients averaged otherwise
+        self.mean_denominator = self.cohort.expected if self.privacy is not None else len(uploads)
         if self.privacy is not None:
             mean_update = self.privacy.aggregate(
-                [u.update for u in uploads], self.cohort.expected, params, self._noise_generator
+                [u.update for u in uploads], self.cohort.expected, template,
+                self._noise_generator, support=self.support(server_round),
             )
         else:
             weights = [
                 float(u.num_examples) if self.config.weighting == "num-examples" else 1.0
                 for u in uploads
             ]
-            mean_update = weighted_mean([u.update for u in uploads], weights, params)
+            mean_update = weighted_mean([u.update for u in uploads], weights, template)
         new_params = self.apply_update(server_round, mean_update)
         new_state = dict(self.current)
         new_state.update(new_params)
@@ -351,6 +372,7 @@ class PlateauStrategy(FedAvg):
             ("mean-update-norm", [u.update_norm for u in uploads]),
             ("clip-fraction", [u.clipped for u in uploads]),
             ("mean-clip-error", [u.clip_error for u in uploads]),
+            ("mean-state-rounds", [u.state_rounds for u in uploads]),
         ):
             known = [float(v) for v in values if v is not None]
             if known:

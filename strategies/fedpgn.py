@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from flwr.app import ArrayRecord
-
-from plateau.config import RunConfig
 from plateau.privacy import Tensors
 
-from .base import PlateauStrategy
+from .shared import GlobalDirection
 
 
-class FedPGN(PlateauStrategy):
+class FedPGN(GlobalDirection):
     """DP-FedPGN (with ``dp`` off: FedPGN).
 
     Liu, Tian, Shang et al., "DP-FedPGN: Finding Global Flat Minima for Differentially Private
@@ -29,10 +24,6 @@ class FedPGN(PlateauStrategy):
     upload c.
     """
 
-    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.direction: Tensors = {}
-
     @property
     def local_rule(self) -> str:  # type: ignore[override]
         """'pgn-mix' or 'pgn-perturb', from pgn-form."""
@@ -45,16 +36,6 @@ class FedPGN(PlateauStrategy):
         return (1 - self.config.pgn_gamma) * self.config.local_steps * self.learning_rate(
             server_round)
 
-    def global_direction(self) -> Tensors:
-        """c_t (zeros before the first update)."""
-        if not self.direction:
-            self.direction = self.zeros()
-        return self.direction
-
-    def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
-        """c_t as the second ArrayRecord, ``direction``."""
-        return {"direction": self.as_record(self.global_direction())}
-
     def smooth(self, update: Tensors) -> Tensors:
         """Post-processing applied to D before the model update (identity here)."""
         return update
@@ -65,6 +46,5 @@ class FedPGN(PlateauStrategy):
         direction = self.global_direction()
         full = {k: mean_update[k] + scale * direction[k] for k in self.parameter_names}
         step = self.smooth(full)
-        per_step = self.config.local_steps * self.learning_rate(server_round)
-        self.direction = {k: full[k] / per_step for k in self.parameter_names}
+        self.remember_step(server_round, full)
         return {k: self.current[k] - step[k] for k in self.parameter_names}

@@ -10,87 +10,34 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from torch import nn
 
-from client_app.app import local_round
-from client_app.training import LOCAL_RULES, LocalTask
-from plateau.data import Tensors
+from client_app.training import LOCAL_RULES
 from plateau.privacy import flat_norm, mechanism_from_config
-from strategies import STRATEGIES, PlateauStrategy
+from strategies import STRATEGIES
 from strategies.smoothing import laplacian_smooth
-from tests.helpers import FakeGrid, make_config
-
-RNG = np.random.default_rng(2024)
-W0 = RNG.normal(size=(3, 4)) * 0.3
-CLIENTS = [(RNG.normal(size=(5, 4)), RNG.integers(0, 3, size=5)) for _ in range(2)]
-BASE = {"local_steps": 3, "batch_size": 64, "lr": 0.2, "weight_decay": 0.01, "grad_clip": 0.8,
-        "sample_rate": 1.0}
-
-
-# ----- the independent reference ---------------------------------------------------------------
-
-def ce_grad(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    logits = x @ w.T
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    return (p - np.eye(w.shape[0])[y]).T @ x / len(y)
+from tests.helpers import make_config
+from tests.reference import (
+    BASE,
+    CLIENTS,
+    RNG,
+    W0,
+    ce_grad,
+    clip,
+    close,
+    sgd_steps,
+    smooth_reference,
+)
+from tests.reference import one_round as run_round
 
 
-def clip(v: np.ndarray, bound: float) -> np.ndarray:
-    norm = np.linalg.norm(v)
-    return v if bound <= 0 or norm <= bound else v * bound / norm
-
-
-def sgd_steps(w: np.ndarray, x: np.ndarray, y: np.ndarray, direction) -> np.ndarray:
-    """K steps of w <- w - lr * (direction(w) + wd * w)."""
-    for _ in range(BASE["local_steps"]):
-        w = w - BASE["lr"] * (direction(w) + BASE["weight_decay"] * w)
-    return w
-
-
-def smooth_reference(v: np.ndarray, lam: float) -> np.ndarray:
-    """(I - lam*L)^-1 v with L the periodic 1-D Laplacian, by a dense linear solve."""
-    d = v.size
-    lap = -2 * np.eye(d) + np.roll(np.eye(d), 1, axis=1) + np.roll(np.eye(d), -1, axis=1)
-    return np.linalg.solve(np.eye(d) - lam * lap, v.reshape(-1)).reshape(v.shape)
-
-
-# ----- one real round: the strategy, the clients' local rules and the privacy layer -----------
-
-def one_round(algorithm: str, state: np.ndarray | None = None, **overrides: object
-              ) -> tuple[PlateauStrategy, list[Message], list[dict[str, torch.Tensor]]]:
-    config = make_config(algorithm=algorithm, **{**BASE, **overrides})
-    strategy = STRATEGIES[algorithm](config, parameter_names=["weight"], buffer_names=[],
-                                     privacy=mechanism_from_config(config))
-    if state is not None:
-        attribute = "direction" if algorithm.startswith("fedpgn") else "momentum"
-        setattr(strategy, attribute, {"weight": torch.tensor(state)})
-    arrays = ArrayRecord({"weight": torch.tensor(W0)})
-    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
-    replies, uploads = [], []
-    for message, (x, y) in zip(sorted(messages, key=lambda m: m.metadata.dst_node_id), CLIENTS,
-                               strict=True):
-        model = nn.Linear(4, 3, bias=False, dtype=torch.float64)
-        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-        round_config = message.content["config"]
-        broadcast = {name: record.to_torch_state_dict()
-                     for name, record in message.content.array_records.items()
-                     if name != "arrays"}
-        task = LocalTask(model=model, data=Tensors(torch.tensor(x), torch.tensor(y)),
-                         config=config, lr=float(round_config["round-lr"]),
-                         generator=torch.Generator().manual_seed(0), broadcast=broadcast)
-        content = local_round(task, str(round_config["local-rule"]), 2, {})
-        uploads.append({k: torch.from_numpy(v.numpy()) for k, v in content["update"].items()})
-        replies.append(Message(content=content, reply_to=message))
-    new_arrays, _ = strategy.aggregate_train(1, replies)
-    strategy.new_weight = new_arrays["weight"].numpy()
-    return strategy, messages, uploads
-
-
-def close(actual, expected: np.ndarray) -> None:
-    actual = actual.numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
+def one_round(algorithm: str, state: np.ndarray | None = None, **overrides: object):
+    """(strategy, messages, uploads) of a round with c_t (fedpgn) or m_t (fednsam) preset."""
+    attribute = "direction" if algorithm.startswith("fedpgn") else "momentum"
+    result = run_round(algorithm, server_state={attribute: state} if state is not None else None,
+                       **overrides)
+    result.strategy.new_weight = result.new_weight
+    uploads = [{k: torch.from_numpy(v) for k, v in u.items()} for u in result.uploads]
+    return result.strategy, result.messages, uploads
 
 
 # ----- DP-FedPGN -------------------------------------------------------------------------------
@@ -265,7 +212,9 @@ def test_fednsam_without_momentum_or_radius_is_fedavg_in_every_round() -> None:
 
 def test_local_rules_declare_their_cost() -> None:
     assert {name: rule.backprops_per_step for name, rule in LOCAL_RULES.items()} == {
-        "sgd": 1, "pgn-mix": 1, "pgn-perturb": 2, "nsam": 1, "nsam-code": 2}
+        "sgd": 1, "sam": 2, "prox": 1, "cm": 1, "mosam": 2, "lesam": 1, "scaffold": 1,
+        "gamma": 2, "dyn": 1, "smoo": 2, "blur": 1, "pgn-mix": 1, "pgn-perturb": 2, "nsam": 1,
+        "nsam-code": 2}
 
 
 # ----- the authors' privatiser (code mode) -----------------------------------------------------

@@ -1,0 +1,26 @@
+"""DP-FedAvg-LS: DP-FedAvg with Laplacian smoothing of the noisy aggregate."""
+
+from __future__ import annotations
+
+from plateau.privacy import Tensors
+
+from .base import PlateauStrategy
+from .smoothing import laplacian_smooth
+
+
+class FedAvgLS(PlateauStrategy):
+    """DP-FedAvg-LS.
+
+    Liang, Shen, Liu et al., "Exploring Private Federated Learning with Laplacian Smoothing",
+    arXiv:2005.00218 (2020).
+
+    FedAvg clients; the server moves to x_{t+1} = x_t + (I - lambda*L)^-1 mean(Delta), per
+    tensor (the smoother shared with fedpgn-ls; lambda = ls-sigma, 0 is FedAvg).
+    """
+
+    local_rule = "sgd"
+
+    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+        """x <- x + LS(mean(Delta))."""
+        return {k: self.current[k] + laplacian_smooth(mean_update[k], self.config.ls_sigma)
+                for k in self.parameter_names}

@@ -1,0 +1,19 @@
+"""FedGAMMA: SAM with SCAFFOLD's control variates."""
+
+from __future__ import annotations
+
+from .scaffold import Scaffold
+
+
+class FedGAMMA(Scaffold):
+    """FedGAMMA.
+
+    Dai, Chen, Zhou et al., "FedGAMMA: Federated Learning with Global Sharpness-Aware
+    Minimization", IEEE TNNLS 2023; spec: algorithms.md section 9.13.
+
+    Each local step uses the SAM gradient at y + rho*g/|g| corrected by the control variates,
+    g_SAM - c_i + c (two backprops); control variates and server as SCAFFOLD. With sam-rho = 0 it
+    is SCAFFOLD.
+    """
+
+    local_rule = "gamma"

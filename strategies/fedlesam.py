@@ -1,0 +1,21 @@
+"""FedLESAM: a SAM perturbation estimated from the last global update (one backprop)."""
+
+from __future__ import annotations
+
+from .fedcm import FedCM
+
+
+class FedLESAM(FedCM):
+    """FedLESAM.
+
+    Fan, Zhou, Wang et al., "Locally Estimated Global Perturbations are Better than Local
+    Perturbations for Federated Sharpness-aware Minimization", ICML 2024 (arXiv:2405.18890);
+    spec: algorithms.md section 9.9.
+
+    The ascent direction is the last global update, broadcast as c_t (the gradient direction,
+    normalised with one global L2 norm, not the official code's sum of per-tensor norms): each
+    step uses the gradient at y + rho*c_t/|c_t| (one backprop; round 1, c = 0: plain SGD). The
+    server is FedAvg's, remembering its step for the next round.
+    """
+
+    local_rule = "lesam"

@@ -1,0 +1,18 @@
+"""FedSAM (with DP: DP-FedSAM): sharpness-aware local steps."""
+
+from __future__ import annotations
+
+from .fedavg import FedAvg
+
+
+class FedSAM(FedAvg):
+    """FedSAM; with client-level DP it is DP-FedSAM.
+
+    Qu, Li, Duan et al., ICML 2022 (arXiv:2206.02618); Caldarola, Caputo and Ciccone, ECCV 2022
+    (arXiv:2203.11834); DP-FedSAM: Shi, Shen, Wang et al., CVPR 2023 (arXiv:2303.11242).
+
+    Each local step uses the gradient at y + rho*g/|g| (the same batch, two backprops); the server
+    is FedAvg's. With sam-rho = 0 it is FedAvg.
+    """
+
+    local_rule = "sam"

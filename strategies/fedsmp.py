@@ -1,0 +1,43 @@
+"""DP-FedSMP: sparsified model perturbation."""
+
+from __future__ import annotations
+
+from plateau.device import derive_seed
+from plateau.privacy import Tensors, random_support
+
+from .base import PlateauStrategy
+
+MASK_SALT = 7331
+
+
+class FedSMP(PlateauStrategy):
+    """DP-FedSMP.
+
+    Hu, Guo and Gong, "Federated Learning with Sparsified Model Perturbation: Improving Accuracy
+    under Client-Level Differential Privacy", IEEE TDSC 2023 (arXiv:2202.07178).
+
+    Each round keeps a public random subset of the coordinates (fraction ``smp-keep``, the same
+    mask for every client, derived from the seed and the round: it depends on no data). Clients
+    sparsify their update to it, then clip, then noise only the kept coordinates, in that order
+    (the authors' code noises before sparsifying and uses a data-dependent top-k). Server:
+    x_{t+1} = x_t + mean(Delta) on the kept coordinates. With smp-keep = 1 it is DP-FedAvg.
+    """
+
+    local_rule = "sgd"
+
+    def round_config(self, server_round: int) -> dict[str, bool | int | float | str]:
+        """The public seed of this round's mask."""
+        return {"mask-seed": self.mask_seed(server_round)}
+
+    def mask_seed(self, server_round: int) -> int:
+        return derive_seed(self.config.seed, server_round, MASK_SALT)
+
+    def support(self, server_round: int) -> Tensors | None:
+        """This round's mask over the trainable parameters."""
+        return random_support(self.release_template(), self.config.smp_keep,
+                              self.mask_seed(server_round))
+
+    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+        """x <- x + mean(Delta), which is zero outside the mask."""
+        mask = self.support(server_round)
+        return {k: self.current[k] + mean_update[k] * mask[k] for k in self.parameter_names}

@@ -1,0 +1,96 @@
+"""Server state that several algorithms share, each written once.
+
+* ``GlobalDirection``: c_t = (x_{t-1} - x_t) / (K * lr_{t-1}), the last global update per local
+  step in the gradient direction (0 before the first update), broadcast as ``direction``.
+  DP-FedPGN, FedCM, MoFedSAM and FedLESAM use it.
+* ``ServerControlVariate``: SCAFFOLD's c, broadcast as ``control``; clients upload their
+  control-variate change next to the model update (``cv:``-prefixed, privatised together).
+  SCAFFOLD and FedGAMMA use it.
+* ``DynamicRegulariser``: FedDyn's mean accumulated update H = (1/N) sum_i H_i, which moves the
+  model to mean(y) + H. FedDyn and FedSMOO use it.
+
+All of them are post-processing of the privatised mean, so they cost no privacy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ArrayRecord
+
+from plateau.config import RunConfig
+from plateau.privacy import Tensors
+from plateau.release import CONTROL_PREFIX
+
+from .base import PlateauStrategy
+
+
+class GlobalDirection(PlateauStrategy):
+    """Keeps and broadcasts the global direction c_t."""
+
+    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.direction: Tensors = {}
+
+    def global_direction(self) -> Tensors:
+        """c_t (zeros before the first update)."""
+        if not self.direction:
+            self.direction = self.zeros()
+        return self.direction
+
+    def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
+        """c_t as the ArrayRecord ``direction``."""
+        return {"direction": self.as_record(self.global_direction())}
+
+    def remember_step(self, server_round: int, descent: Tensors) -> None:
+        """c_{t+1} = descent / (K * lr_t), descent = x_t - x_{t+1} before any smoothing."""
+        per_step = self.config.local_steps * self.learning_rate(server_round)
+        self.direction = {k: v / per_step for k, v in descent.items()}
+
+
+class ServerControlVariate(PlateauStrategy):
+    """SCAFFOLD's server control variate c and the clients' control-variate uploads."""
+
+    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.control: Tensors = {}
+
+    def server_control(self) -> Tensors:
+        """c (zeros before the first update)."""
+        if not self.control:
+            self.control = self.zeros()
+        return self.control
+
+    def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
+        """c as the ArrayRecord ``control``."""
+        return {"control": self.as_record(self.server_control())}
+
+    def release_template(self) -> Tensors:
+        """The model update and the control-variate change, clipped and noised together."""
+        params = super().release_template()
+        return {**params, **{CONTROL_PREFIX + k: v for k, v in params.items()}}
+
+    def update_control(self, mean_update: Tensors) -> None:
+        """c <- c + (1/N) sum_{i in S} delta_c_i (the sum is the mean times its denominator)."""
+        share = self.mean_denominator / max(self.population, 1)
+        control = self.server_control()
+        self.control = {k: control[k] + share * mean_update[CONTROL_PREFIX + k]
+                        for k in self.parameter_names}
+
+
+class DynamicRegulariser(PlateauStrategy):
+    """FedDyn's server state: H = (1/N) sum_i H_i over the whole population."""
+
+    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.accumulated: Tensors = {}
+
+    def step_with_regulariser(self, mean_delta: Tensors) -> Tensors:
+        """H <- H + (1/N) sum_{i in S} Delta_i;  x_{t+1} = x_t + mean(Delta) + H."""
+        if not self.accumulated:
+            self.accumulated = self.zeros()
+        share = self.mean_denominator / max(self.population, 1)
+        self.accumulated = {k: self.accumulated[k] + share * mean_delta[k]
+                            for k in self.parameter_names}
+        return {k: self.current[k] + mean_delta[k] + self.accumulated[k]
+                for k in self.parameter_names}
