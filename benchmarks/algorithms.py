@@ -26,11 +26,12 @@ from plateau.device import seeded_generator
 from plateau.models import build_model
 from server_app.app import build_strategy, load_config
 from server_app.launcher import app_defaults, parse_overrides
-from strategies import PlateauStrategy
+from strategies import STRATEGIES, PlateauStrategy
 
 ROOT = Path(__file__).resolve().parent.parent
 ALGORITHMS = [("fedavg", {}), ("fedpgn", {}), ("fednsam", {}),
-              ("fedpgn", {"pgn-form": "perturb"}), ("fednsam", {"nsam-form": "code"})]
+              ("fedpgn", {"pgn-form": "perturb"}), ("fednsam", {"nsam-form": "code"}),
+              *[(name, {}) for name in STRATEGIES if name not in ("fedavg", "fedpgn", "fednsam")]]
 
 
 class Nodes:
@@ -44,7 +45,8 @@ class Nodes:
 
 
 def one_round(strategy: PlateauStrategy, config: RunConfig, server_round: int,
-              arrays: ArrayRecord, nodes: Nodes, model: torch.nn.Module) -> ArrayRecord:
+              arrays: ArrayRecord, nodes: Nodes, model: torch.nn.Module,
+              states: dict[int, dict]) -> ArrayRecord:
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), nodes))
     replies = []
     for message in messages:
@@ -59,9 +61,12 @@ def one_round(strategy: PlateauStrategy, config: RunConfig, server_round: int,
                                 classes_per_client=config.classes_per_client)
         task = LocalTask(model=model, data=data, config=config,
                          lr=float(round_config["round-lr"]), broadcast=broadcast,
-                         generator=seeded_generator(config.seed, server_round, pid))
+                         generator=seeded_generator(config.seed, server_round, pid),
+                         state=states.setdefault(pid, {}))
+        mask_seed = round_config.get("mask-seed")
         content = local_round(task, str(round_config["local-rule"]),
-                              float(round_config["expected-cohort"]), {})
+                              float(round_config["expected-cohort"]), {},
+                              int(mask_seed) if mask_seed is not None else None)
         replies.append(Message(content=content, reply_to=message))
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
     return new_arrays if new_arrays is not None else arrays
@@ -85,14 +90,14 @@ def main() -> None:
         arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
         label = algorithm + "".join(f" {k}={v}" for k, v in extra.items())
         runs.append({"label": label, "config": config, "strategy": strategy, "model": model,
-                     "arrays": arrays, "times": []})
+                     "arrays": arrays, "times": [], "states": {}})
     one_round(runs[0]["strategy"], runs[0]["config"], 1, runs[0]["arrays"], nodes,
-              runs[0]["model"])  # warm-up: data split and caches
+              runs[0]["model"], {})  # warm-up: data split and caches
     for server_round in range(1, args.rounds + 1):
         for run in runs:
             started = time.perf_counter()
             run["arrays"] = one_round(run["strategy"], run["config"], server_round, run["arrays"],
-                                      nodes, run["model"])
+                                      nodes, run["model"], run["states"])
             run["times"].append(time.perf_counter() - started)
     reference = statistics.median(runs[0]["times"])
     print(f"{args.rounds} rounds each, {args.clients} clients, sample-rate "

@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from strategies import STRATEGIES
+
 STUDIES = {
     "dp": [
         ("DP-FedAvg  C=1.0", {"algorithm": "fedavg", "dp": "central", "clip-norm": 1.0}),
@@ -29,6 +31,8 @@ STUDIES = {
         ("FedAvg", {"algorithm": "fedavg"}),
         ("FedNSAM", {"algorithm": "fednsam"}),
     ],
+    "baselines": [(name, {"algorithm": name}) for name in STRATEGIES],
+    "baselines-dp": [(name, {"algorithm": name, "dp": "central"}) for name in STRATEGIES],
 }
 
 

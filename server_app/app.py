@@ -95,6 +95,7 @@ def _round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float
         record["effective_noise_multiplier"] = metrics.get("effective-noise-multiplier")
     record["sharpness"] = flatness.sharpness if flatness else None
     record["hessian_top_eigenvalue"] = flatness.hessian_top_eigenvalue if flatness else None
+    record["mean_state_rounds"] = metrics.get("mean-state-rounds")
     record["population"] = metrics.get("population")
     record["expected_cohort"] = metrics.get("expected-cohort")
     record["wall_s"] = round(wall_s, 4)

@@ -98,6 +98,10 @@ class PlateauStrategy(FedAvg):
     """
 
     local_rule: str = "sgd"
+    paper: str = ""
+    server_state: str = "x"
+    client_state: str = ""
+    released: str = "update"
 
     def __init__(
         self,

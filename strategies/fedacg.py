@@ -24,6 +24,9 @@ class FedACG(PlateauStrategy):
     (= z_t + mean(Delta)). With lambda = beta = 0 it is FedAvg.
     """
 
+    paper = "Kim et al., CVPR 2024"
+    server_state = "x, m_t"
+
     local_rule = "prox"
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:

@@ -20,6 +20,9 @@ class FedAvg(PlateauStrategy):
     mean is the noisy sum of flat-clipped Delta_i divided by the number of clients sampled.
     """
 
+    paper = "McMahan et al., AISTATS 2017; DP-FedAvg: McMahan et al., ICLR 2018"
+    server_state = "x"
+
     local_rule = "sgd"
 
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:

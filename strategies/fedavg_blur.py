@@ -17,4 +17,7 @@ class FedAvgBLUR(FedAvg):
     is FedAvg.
     """
 
+    paper = "Cheng et al., CVPR 2022"
+    server_state = "x"
+
     local_rule = "blur"

@@ -18,6 +18,9 @@ class FedAvgLS(PlateauStrategy):
     tensor (the smoother shared with fedpgn-ls; lambda = ls-sigma, 0 is FedAvg).
     """
 
+    paper = "Liang et al., arXiv:2005.00218"
+    server_state = "x"
+
     local_rule = "sgd"
 
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:

@@ -20,6 +20,9 @@ class FedAvgM(PlateauStrategy):
     to x_{t+1} = x_t + server_lr * m_{t+1} (``server-momentum``, ``server-lr``).
     """
 
+    paper = "Hsu et al., arXiv:1909.06335"
+    server_state = "x, m_t"
+
     local_rule = "sgd"
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:

@@ -19,6 +19,9 @@ class FedCM(GlobalDirection):
     c_{t+1} = -mean(Delta)/(K*lr_t). With cm-alpha = 1 it is FedAvg.
     """
 
+    paper = "Xu et al., arXiv:2106.10874"
+    server_state = "x, c_t"
+
     local_rule = "cm"
 
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:

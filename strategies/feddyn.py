@@ -19,6 +19,10 @@ class FedDyn(DynamicRegulariser):
     H <- H + (1/N) sum Delta_i, x_{t+1} = x_t + mean(Delta) + H.
     """
 
+    paper = "Acar et al., ICLR 2021"
+    server_state = "x, H"
+    client_state = "H_i"
+
     local_rule = "dyn"
 
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:

@@ -16,4 +16,8 @@ class FedGAMMA(Scaffold):
     is SCAFFOLD.
     """
 
+    paper = "Dai et al., IEEE TNNLS 2023"
+    server_state = "x, c"
+    client_state = "c_i"
+
     local_rule = "gamma"

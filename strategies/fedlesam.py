@@ -18,4 +18,7 @@ class FedLESAM(FedCM):
     server is FedAvg's, remembering its step for the next round.
     """
 
+    paper = "Fan et al., ICML 2024"
+    server_state = "x, c_t"
+
     local_rule = "lesam"

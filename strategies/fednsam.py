@@ -28,6 +28,9 @@ class FedNSAM(PlateauStrategy):
     composes with every DP placement.
     """
 
+    paper = "Liu, Shang, Tian et al., ACM MM 2025"
+    server_state = "x, m_t"
+
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.momentum: Tensors = {}

@@ -24,6 +24,10 @@ class FedPGN(GlobalDirection):
     upload c.
     """
 
+    paper = "Liu, Tian, Shang et al., arXiv:2510.27504"
+    server_state = "x, c_t"
+    released = "private part R of the update"
+
     @property
     def local_rule(self) -> str:  # type: ignore[override]
         """'pgn-mix' or 'pgn-perturb', from pgn-form."""

@@ -19,6 +19,9 @@ class FedPGNLS(FedPGN):
     direction c_{t+1} = D / (K*lr_t) keeps the unsmoothed aggregate.
     """
 
+    paper = "Liu et al., arXiv:2510.27504; smoother: Liang et al., arXiv:2005.00218"
+    server_state = "x, c_t"
+
     def smooth(self, update: Tensors) -> Tensors:
         """Per-tensor implicit Laplacian smoothing."""
         return {k: laplacian_smooth(v, self.config.ls_sigma) for k, v in update.items()}

@@ -15,4 +15,7 @@ class FedSAM(FedAvg):
     is FedAvg's. With sam-rho = 0 it is FedAvg.
     """
 
+    paper = "Qu et al., ICML 2022; Caldarola et al., ECCV 2022; DP-FedSAM: Shi et al., CVPR 2023"
+    server_state = "x"
+
     local_rule = "sam"

@@ -27,6 +27,10 @@ class FedSMOO(DynamicRegulariser):
     s_{t+1} = rho*mean(mu)/(|mean(mu)| + 1e-7), broadcast as ``perturbation``.
     """
 
+    paper = "Sun et al., ICML 2023"
+    server_state = "x, H, s_t"
+    client_state = "H_i, mu_i"
+
     local_rule = "smoo"
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:

@@ -23,6 +23,10 @@ class FedSMP(PlateauStrategy):
     x_{t+1} = x_t + mean(Delta) on the kept coordinates. With smp-keep = 1 it is DP-FedAvg.
     """
 
+    paper = "Hu, Guo and Gong, IEEE TDSC 2023"
+    server_state = "x"
+    released = "update on a public random mask"
+
     local_rule = "sgd"
 
     def round_config(self, server_round: int) -> dict[str, bool | int | float | str]:

@@ -16,4 +16,7 @@ class MoFedSAM(FedCM):
     FedAvg.
     """
 
+    paper = "Qu et al., ICML 2022"
+    server_state = "x, c_t"
+
     local_rule = "mosam"

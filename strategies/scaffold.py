@@ -19,6 +19,10 @@ class Scaffold(ServerControlVariate):
     c <- c + (1/N) sum Delta_c. The first round (c = c_i = 0) is a FedAvg round.
     """
 
+    paper = "Karimireddy et al., ICML 2020"
+    server_state = "x, c"
+    client_state = "c_i"
+
     local_rule = "scaffold"
 
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:

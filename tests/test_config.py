@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from plateau.config import ConfigError, RunConfig, describe_keys, readme_table
+from server_app.algorithms import algorithms_table
 from server_app.app import load_config, run
 from server_app.launcher import launch, parse_overrides
+from strategies import STRATEGIES
 from tests.helpers import FakeGrid
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +36,12 @@ def test_readme_table_is_the_schema() -> None:
     start = readme.index("| key | default | allowed | meaning |")
     assert readme[start:].split("\n\n", 1)[0] == readme_table()
     assert [row[0] for row in describe_keys()] == list(pyproject_config())
+
+
+def test_readme_algorithms_table_is_the_code() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert algorithms_table() in readme
+    assert all(f"| `{name}` |" in algorithms_table() for name in STRATEGIES)
 
 
 def test_defaults_validate_and_round_trip() -> None:

@@ -93,3 +93,14 @@ def test_budget_stop_ends_the_run_before_overspending(tmp_path: Path) -> None:
     assert summary["stop_reason"].startswith("privacy budget: round 3 would take epsilon")
     assert len(rounds) == summary["rounds_completed"] == 2
     assert rounds[-1]["epsilon"] == summary["epsilon"] <= 8.0
+
+
+@pytest.mark.simulation
+def test_client_state_survives_rounds(tmp_path: Path) -> None:
+    """SCAFFOLD's c_i lives in each node's Context.state: with every client in every round,
+    round t's clients carry t-1 rounds of state."""
+    summary, rounds = simulate(tmp_path, nodes=3, sample_rate=1.0, algorithm="scaffold",
+                               num_server_rounds=3, partitioner="iid")
+    assert summary["status"] == "completed"
+    assert [r["mean_state_rounds"] for r in rounds] == [0, 1, 2]
+    assert rounds[-1]["test_accuracy"] > rounds[0]["test_accuracy"]

@@ -1,0 +1,40 @@
+"""The algorithms table (``make algorithms``; the README carries the same table).
+
+It joins what each side declares: the strategy's paper, server and client state, and what its
+clients release; the local rule's cost in backprops per step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from client_app.training import LOCAL_RULES
+from plateau.config import RunConfig
+from plateau.release import CONTROL_PREFIX, DUAL_PREFIX
+from strategies import STRATEGIES
+
+UPLOADS = {CONTROL_PREFIX: "control-variate change", DUAL_PREFIX: "perturbation dual"}
+
+
+def algorithms_table() -> str:
+    """Markdown table of every algorithm with its default configuration."""
+    lines = ["| `algorithm` | paper | local rule (backprops / step) | server state | "
+             "client state | released (clipped and noised together under DP) |",
+             "|---|---|---|---|---|---|"]
+    for name, strategy_class in STRATEGIES.items():
+        strategy = strategy_class(RunConfig.from_mapping({"algorithm": name}),
+                                  parameter_names=["w"], buffer_names=[])
+        strategy.current = {"w": torch.zeros(1)}
+        rule = strategy.local_rule
+        extras = sorted({UPLOADS[k[:3]] for k in strategy.release_template() if k[:3] in UPLOADS})
+        released = ", ".join([strategy_class.released, *extras])
+        lines.append(
+            f"| `{name}` | {strategy_class.paper} | `{rule}` "
+            f"({LOCAL_RULES[rule].backprops_per_step}) | {strategy_class.server_state} | "
+            f"{strategy_class.client_state or '-'} | {released} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(algorithms_table())
