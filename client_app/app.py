@@ -64,8 +64,8 @@ def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> D
 
 
 def local_round(task: LocalTask, rule: str, cohort: float,
-                start_buffers: dict[str, torch.Tensor], mask_seed: int | None = None
-                ) -> RecordDict:
+                start_buffers: dict[str, torch.Tensor], mask_seed: int | None = None,
+                noise_stream: tuple[int, ...] = ()) -> RecordDict:
     """Run a local rule, privatise what it releases, and build the reply's records.
 
     ``mask_seed`` (FedSMP) restricts the release to the round's public random subset of
@@ -89,7 +89,7 @@ def local_round(task: LocalTask, rule: str, cohort: float,
         metrics |= diagnostics | {"update-norm": flat_norm(released)}
     else:
         released, report = mechanism.release(released, cohort, noise_generator(
-            task.params[0].device), support=support)
+            task.params[0].device, *noise_stream), support=support)
         # Under DP the data size is private (constant weight). Only in central placement, where
         # the server is trusted with the clipped updates anyway, does it also get diagnostics.
         metrics = {"num-examples": 1}
@@ -166,7 +166,8 @@ def train(msg: Message, context: Context) -> Message:
     cohort = min(float(round_config["expected-cohort"]), float(num))
     mask_seed = round_config.get("mask-seed")
     content = local_round(task, rule, cohort, start_buffers,
-                          int(mask_seed) if mask_seed is not None else None)
+                          int(mask_seed) if mask_seed is not None else None,
+                          noise_stream=(server_round, pid))
     save_state(context, cfg.algorithm, task.state)
     return Message(content=content, reply_to=msg)
 

@@ -206,6 +206,27 @@ class RunConfig:
                                min_exclusive=True)
     sharpness_batch_size: int = key(256, "Held-out examples the flatness probes use.", min=1)
     sharpness_iters: int = key(20, "Power iterations for the top Hessian eigenvalue.", min=1)
+    min_replies: int = key(1, "A round with fewer accepted replies than this (of those sampled) "
+                           "counts as failed.", min=1)
+    max_failed_rounds: int = key(3, "Stop the run after this many failed rounds in a row.",
+                                 min=1)
+    norm_outlier_factor: float = key(
+        0.0, "Without DP, reject updates whose norm exceeds this factor times the round's "
+        "median update norm; 0 = off.", min=0,
+    )
+    metrics_port: int = key(0, "Port of the Prometheus metrics endpoint; 0 = off.", min=0,
+                            max=65535)
+    metrics_addr: str = key("127.0.0.1", "Address the metrics endpoint binds (0.0.0.0 in "
+                            "containers).", pattern=r"[0-9A-Za-z.:\[\]-]+")
+    metrics_pushgateway: str = key("", "host:port of a Prometheus Pushgateway to push to after "
+                                   "every round; '' = off.", pattern=r"[0-9A-Za-z.:/\[\]-]*")
+    metrics_linger: float = key(0.0, "Seconds the metrics endpoint stays up after the last "
+                                "round, so a final scrape sees it.", min=0)
+    checkpoint_dir: str = key("", "Folder of the run's checkpoint; '' = <results-dir>/<run-name>"
+                              "/checkpoint.", pattern=r".*")
+    checkpoint: bool = key(True, "Write an atomic checkpoint after every round.")
+    resume: bool = key(False, "Continue run-name from its last checkpoint (also extends a "
+                       "finished run to a larger num-server-rounds).")
     device: str = key("auto", "Where tensors live: 'auto' picks CUDA when available.",
                       choices=("auto", "cpu", "cuda"))
     round_timeout: float = key(600.0, "Seconds the server waits for a round's replies.", min=0,
@@ -250,6 +271,8 @@ class RunConfig:
         if 0 < self.max_epsilon < self.target_epsilon:
             raise ConfigError(f"max-epsilon={self.max_epsilon:g} is below target-epsilon="
                               f"{self.target_epsilon:g}: the run would stop before its last round")
+        if self.resume and not self.run_name:
+            raise ConfigError("resume=true needs run-name: the run whose checkpoint to continue")
         if self.model_width % 2:
             raise ConfigError(f"model-width={self.model_width} is not allowed; expected an even "
                               "number (GroupNorm splits channels into 2 groups) or 0")

@@ -21,6 +21,7 @@ never from the run's public ``seed`` (a known seed would let anyone subtract the
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import statistics
 from collections.abc import Mapping, Sequence
@@ -29,11 +30,14 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .device import derive_seed
+
 if TYPE_CHECKING:
     from .config import RunConfig
 
 Tensors = dict[str, torch.Tensor]
 PLACEMENTS = ("central", "distributed", "local")
+TEST_SEED_ENV = "PLATEAU_TEST_SEED"
 
 
 def flat_norm(tensors: Mapping[str, torch.Tensor]) -> float:
@@ -52,11 +56,23 @@ def clip_flat(tensors: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[Te
     return {k: t * scale if scale < 1.0 else t.clone() for k, t in tensors.items()}, norm
 
 
-def noise_generator(device: torch.device | str = "cpu") -> torch.Generator:
-    """A torch generator on ``device`` seeded from the OS entropy pool."""
+def noise_generator(device: torch.device | str = "cpu", *stream: int) -> torch.Generator:
+    """A torch generator on ``device`` seeded from the OS entropy pool.
+
+    Only for tests of exact reproducibility (crash-resume): with ``PLATEAU_TEST_SEED`` set, the
+    seed derives from it and ``stream`` instead. The run then logs that its noise is predictable.
+    """
     generator = torch.Generator(device=device)
-    generator.manual_seed(secrets.randbits(63))
+    test_seed = test_seed_override()
+    generator.manual_seed(derive_seed(test_seed, 1, *stream) if test_seed is not None
+                          else secrets.randbits(63))
     return generator
+
+
+def test_seed_override() -> int | None:
+    """The PLATEAU_TEST_SEED environment variable, if set (testing only: NOT private)."""
+    value = os.environ.get(TEST_SEED_ENV)
+    return int(value) if value else None
 
 
 def add_gaussian(

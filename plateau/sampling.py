@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .device import derive_seed
+from .privacy import test_seed_override
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,18 @@ class ClientSampler:
         self.method = method
         self.sample_rate = sample_rate
         self.seed = seed
-        self.secret_rng = np.random.default_rng(secrets.randbits(128)) if secret else None
+        test_seed = test_seed_override()
+        entropy = derive_seed(test_seed, 2) if test_seed is not None else secrets.randbits(128)
+        self.secret_rng = np.random.default_rng(entropy) if secret else None
+
+    def state(self) -> dict | None:
+        """The secret generator's state (for checkpoints); None when draws are seeded."""
+        return self.secret_rng.bit_generator.state if self.secret_rng is not None else None
+
+    def restore(self, state: dict | None) -> None:
+        """Continue the secret generator from a checkpoint."""
+        if self.secret_rng is not None and state is not None:
+            self.secret_rng.bit_generator.state = state
 
     def cohort_size(self, population: int) -> int:
         """m for fixed-size sampling."""

@@ -71,7 +71,8 @@ def event_for(config: RunConfig, population: int, noise_multiplier: float) -> Ro
                       cohort=sampler.cohort_size(population))
 
 
-def plan_privacy(config: RunConfig, population: int) -> tuple[RunConfig, PrivacyLedger | None]:
+def plan_privacy(config: RunConfig, population: int, *, calibrate: bool = True
+                 ) -> tuple[RunConfig, PrivacyLedger | None]:
     """Calibrate sigma if asked, log the plan, and return the (possibly updated) config with its
     ledger; None when the run makes no formal claim (no DP, the code clip mode, BatchNorm)."""
     mechanism = mechanism_from_config(config)
@@ -84,7 +85,7 @@ def plan_privacy(config: RunConfig, population: int) -> tuple[RunConfig, Privacy
             else "BatchNorm statistics are released without protection")
         return config, None
     delta = config.target_delta or default_delta(population)
-    if config.target_epsilon > 0:
+    if config.target_epsilon > 0 and calibrate:
         sigma = calibrate_noise(
             lambda s: event_for(config, population, s), config.num_server_rounds,
             config.target_epsilon, delta, config.accountant, config.sampling_method)

@@ -35,15 +35,16 @@ def _clean(value: Any) -> Any:
 class RunRecorder:
     """Writes a run's per-round records and its summary under ``results-dir/run-name``."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, records: list[dict[str, Any]] | None = None) -> None:
         self.config = config
         self.run_name = config.run_name or default_run_name(config)
         self.directory = Path(config.results_dir).expanduser() / self.run_name
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rounds_path = self.directory / "rounds.jsonl"
         self.summary_path = self.directory / "summary.json"
-        self.rounds_path.write_text("")
-        self.records: list[dict[str, Any]] = []
+        # a resumed run rewrites the records of its checkpoint (dropping any later, lost round)
+        self.records: list[dict[str, Any]] = list(records or [])
+        self.rounds_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self.started = time.monotonic()
 
     def record_round(self, record: dict[str, Any]) -> None:

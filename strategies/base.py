@@ -13,9 +13,10 @@ import math
 import time
 from abc import abstractmethod
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import DEBUG, INFO, WARNING
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,17 @@ class RoundStats:
     sampled: int = 0
     accepted: int = 0
     failed: int = 0
+    missing: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    norms: list[float] = field(default_factory=list)
+
+
+def array_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (configs and metrics are negligible)."""
+    return sum(len(array.data) for record in content.array_records.values()
+               for array in record.values())
 
 
 class PlateauStrategy(FedAvg):
@@ -98,6 +109,7 @@ class PlateauStrategy(FedAvg):
     """
 
     local_rule: str = "sgd"
+    state_attributes: tuple[str, ...] = ()  # server state a checkpoint must carry
     paper: str = ""
     server_state: str = "x"
     client_state: str = ""
@@ -130,8 +142,9 @@ class PlateauStrategy(FedAvg):
         self.population = 0
         self.cohort = Cohort(nodes=[], expected=1.0, population=0)
         self.mean_denominator = 0.0
+        self.bytes_sent = 0
         self.last_stats = RoundStats()
-        self._noise_generator = noise_generator(self.device) if privacy is not None else None
+        self._noise_generator = noise_generator(self.device, 0) if privacy is not None else None
 
     # ----- what an algorithm specialises ------------------------------------------------------
 
@@ -222,6 +235,7 @@ class PlateauStrategy(FedAvg):
             len(self.cohort.nodes), population, self.cohort.expected)
         content = RecordDict({"arrays": self.broadcast_model(server_round, arrays),
                               **self.broadcast(server_round), "config": round_config})
+        self.bytes_sent = array_bytes(content) * len(self.cohort.nodes)
         return [
             Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
             for node_id in self.cohort.nodes
@@ -236,6 +250,10 @@ class PlateauStrategy(FedAvg):
         content = msg.content
         if UPDATE_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
             return "malformed"
+        expected_arrays = {UPDATE_KEY, BUFFERS_KEY} if self.buffer_names else {UPDATE_KEY}
+        if (set(content.array_records) != expected_arrays
+                or set(content.metric_records) != {METRICS_KEY} or content.config_records):
+            return "unexpected-record"
         if self.buffer_names and BUFFERS_KEY not in content.array_records:
             return "malformed"
         try:
@@ -300,13 +318,22 @@ class PlateauStrategy(FedAvg):
         return tensors
 
     def accept_replies(self, replies: Iterable[Message]) -> list[ClientUpload]:
-        """Screen every reply; count and log the rejected ones (one upload per node at most)."""
-        stats = RoundStats(sampled=len(self.cohort.nodes))
+        """Screen every reply; count and log the rejected ones (one upload per node at most,
+        and only from nodes this round sampled)."""
+        stats = RoundStats(sampled=len(self.cohort.nodes), bytes_sent=self.bytes_sent)
         uploads: list[ClientUpload] = []
         seen: set[int] = set()
+        sampled = set(self.cohort.nodes)
         for msg in replies:
             node_id = msg.metadata.src_node_id
-            verdict = "duplicate" if node_id in seen else self._screen(msg)
+            if not msg.has_error():
+                stats.bytes_received += array_bytes(msg.content)
+            if node_id in seen:
+                verdict: ClientUpload | str = "duplicate"
+            elif node_id not in sampled:
+                verdict = "not-sampled"
+            else:
+                verdict = self._screen(msg)
             seen.add(node_id)
             if isinstance(verdict, ClientUpload):
                 uploads.append(verdict)
@@ -316,9 +343,53 @@ class PlateauStrategy(FedAvg):
             else:
                 stats.rejected[verdict] += 1
                 log(WARNING, "rejected the reply of node %d: %s", node_id, verdict)
+        stats.missing = len(sampled - seen)
+        uploads = self._drop_outliers(uploads, stats)
         stats.accepted = len(uploads)
+        stats.norms = [u.update_norm for u in uploads if u.update_norm is not None]
         self.last_stats = stats
         return uploads
+
+    def _drop_outliers(self, uploads: list[ClientUpload], stats: RoundStats
+                       ) -> list[ClientUpload]:
+        """Without DP, drop updates longer than norm-outlier-factor x the round's median."""
+        factor = self.config.norm_outlier_factor
+        if self.privacy is not None or factor <= 0 or len(uploads) < 3:
+            return uploads
+        norms = [flat_norm(u.update) for u in uploads]
+        bound = factor * float(np.median(norms))
+        kept = []
+        for upload, norm in zip(uploads, norms, strict=True):
+            if norm > bound:
+                stats.rejected["norm-outlier"] += 1
+                log(WARNING, "rejected the reply of node %d: norm %.4g > %g x median",
+                    upload.node_id, norm, factor)
+            else:
+                kept.append(upload)
+        return kept
+
+    # ----- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything the server knows besides the model: algorithm state, population, the
+        sampler's and the noise generator's states."""
+        return {
+            "tensors": {name: {k: v.cpu() for k, v in getattr(self, name).items()}
+                        for name in self.state_attributes},
+            "population": self.population,
+            "sampler": self.sampler.state(),
+            "noise": (self._noise_generator.get_state()
+                      if self._noise_generator is not None else None),
+        }
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Load what ``checkpoint_state`` saved."""
+        for name, tensors in state["tensors"].items():
+            setattr(self, name, {k: v.to(self.device) for k, v in tensors.items()})
+        self.population = int(state["population"])
+        self.sampler.restore(state["sampler"])
+        if self._noise_generator is not None and state["noise"] is not None:
+            self._noise_generator.set_state(state["noise"])
 
     # ----- aggregation ------------------------------------------------------------------------
 

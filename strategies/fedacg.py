@@ -27,6 +27,7 @@ class FedACG(PlateauStrategy):
     paper = "Kim et al., CVPR 2024"
     server_state = "x, m_t"
 
+    state_attributes = ("momentum",)
     local_rule = "prox"
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:

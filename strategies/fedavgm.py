@@ -23,6 +23,7 @@ class FedAvgM(PlateauStrategy):
     paper = "Hsu et al., arXiv:1909.06335"
     server_state = "x, m_t"
 
+    state_attributes = ("momentum",)
     local_rule = "sgd"
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:

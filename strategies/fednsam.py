@@ -31,6 +31,8 @@ class FedNSAM(PlateauStrategy):
     paper = "Liu, Shang, Tian et al., ACM MM 2025"
     server_state = "x, m_t"
 
+    state_attributes = ("momentum",)
+
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.momentum: Tensors = {}

@@ -32,6 +32,7 @@ class FedSMOO(DynamicRegulariser):
     client_state = "H_i, mu_i"
 
     local_rule = "smoo"
+    state_attributes = ("accumulated", "perturbation")
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -28,6 +28,8 @@ from .base import PlateauStrategy
 class GlobalDirection(PlateauStrategy):
     """Keeps and broadcasts the global direction c_t."""
 
+    state_attributes = ("direction",)
+
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.direction: Tensors = {}
@@ -50,6 +52,8 @@ class GlobalDirection(PlateauStrategy):
 
 class ServerControlVariate(PlateauStrategy):
     """SCAFFOLD's server control variate c and the clients' control-variate uploads."""
+
+    state_attributes = ("control",)
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
@@ -80,6 +84,8 @@ class ServerControlVariate(PlateauStrategy):
 
 class DynamicRegulariser(PlateauStrategy):
     """FedDyn's server state: H = (1/N) sum_i H_i over the whole population."""
+
+    state_attributes = ("accumulated",)
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)

@@ -1,0 +1,60 @@
+"""Building a run from its config: validation the server alone can do, and the strategy."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from logging import WARNING
+
+from flwr.supercore import log
+
+from plateau.config import ConfigError, ConfigValue, RunConfig
+from plateau.data import DATASETS
+from plateau.device import resolve_device
+from plateau.models import build_model, float_buffer_names
+from plateau.privacy import mechanism_from_config
+from strategies import STRATEGIES, PlateauStrategy
+
+
+def load_config(raw: Mapping[str, ConfigValue]) -> RunConfig:
+    """Validate the run config, including the keys only the server can check."""
+    config = RunConfig.from_mapping(raw)
+    if config.algorithm not in STRATEGIES:
+        raise ConfigError(
+            f"algorithm={config.algorithm!r} is not allowed; expected one of "
+            + ", ".join(repr(name) for name in STRATEGIES)
+        )
+    classes = DATASETS[config.dataset].num_classes
+    if config.partitioner == "pathological" and config.classes_per_client > classes:
+        raise ConfigError(
+            f"classes-per-client={config.classes_per_client} is not allowed for "
+            f"dataset={config.dataset!r}; expected <= {classes}"
+        )
+    return config
+
+
+def build_strategy(config: RunConfig) -> PlateauStrategy:
+    """The configured algorithm, wired to the privacy mechanism and the device."""
+    device = resolve_device(config.device)
+    model = build_model(config.model, DATASETS[config.dataset], norm=config.norm,
+                        width=config.model_width, seed=config.seed)
+    buffers = float_buffer_names(model)
+    if config.dp_enabled and buffers:
+        log(WARNING, "dp-allow-batchnorm=true: %d BatchNorm buffers are averaged WITHOUT clipping "
+            "or noise; no privacy guarantee covers them", len(buffers))
+    privacy = mechanism_from_config(config)
+    if privacy is not None and config.noise_multiplier == 0:
+        log(WARNING, "dp=%r with noise-multiplier=0: updates are clipped but not noised, so "
+            "there is no privacy guarantee (epsilon is infinite)", config.dp)
+    if privacy is not None and not privacy.formally_dp:
+        log(WARNING, "dp-clip-mode=%r is the authors' privatiser (per-tensor clip at each "
+            "client's median norm): it is NOT differentially private and no epsilon is "
+            "reported", config.dp_clip_mode)
+    strategy = STRATEGIES[config.algorithm](
+        config,
+        parameter_names=[n for n, p in model.named_parameters() if p.requires_grad],
+        buffer_names=buffers,
+        privacy=privacy,
+        device=device,
+    )
+    strategy.current = {k: v.to(device) for k, v in model.state_dict().items()}
+    return strategy

@@ -1,0 +1,90 @@
+"""Crash-safe checkpoints and resume.
+
+Two files in the checkpoint folder, each written atomically (write, fsync, rename):
+
+* ``ledger.json``: the accountant's events, written right after a round's noisy aggregate exists
+  and before anything of the round is released, so a resumed run can never undercount epsilon;
+* ``checkpoint.pt``: the global model, the strategy's state (momentum, global direction, control
+  variates, ...), the sampler's and the noise generator's states, the round records, the resolved
+  config and the privacy-relevant settings, after each completed round.
+
+``resume = true`` continues from them: the privacy-relevant settings must be unchanged (a changed
+noise multiplier or sampling would make the epsilon of the continued run wrong), and a DP run
+without its ledger is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from plateau.config import ConfigError, RunConfig
+
+# settings the accounting or the meaning of the saved state depends on
+PRIVACY_KEYS = ("algorithm", "dp", "dp-clip-mode", "clip-norm", "noise-multiplier",
+                "target-epsilon", "target-delta", "sampling", "sample-rate", "population-size",
+                "accountant", "norm", "dp-allow-batchnorm", "dataset", "model", "model-width")
+CHECKPOINT = "checkpoint.pt"
+LEDGER = "ledger.json"
+
+
+def privacy_settings(config: RunConfig) -> dict[str, Any]:
+    """The privacy-relevant part of a config."""
+    values = config.to_dict()
+    return {key: values[key] for key in PRIVACY_KEYS}
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+class Checkpointer:
+    """Writes and reads one run's checkpoint folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def save_ledger(self, server_round: int, settings: dict[str, Any],
+                    events: list[dict[str, Any]]) -> None:
+        """The accountant's events after ``server_round`` (before its results are released)."""
+        payload = json.dumps({"round": server_round, "privacy": settings, "events": events})
+        _atomic_write(self.folder / LEDGER, lambda h: h.write(payload.encode()))
+
+    def save(self, state: dict[str, Any]) -> None:
+        """The whole server state after a completed round."""
+        _atomic_write(self.folder / CHECKPOINT, lambda h: torch.save(state, h))
+
+    def load(self, config: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        """The checkpoint and the ledger's events, after checking they may be continued."""
+        path = self.folder / CHECKPOINT
+        if not path.is_file():
+            raise ConfigError(f"resume=true but there is no checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved, current = state["privacy"], privacy_settings(config)
+        changed = [k for k in PRIVACY_KEYS if saved.get(k) != current[k]]
+        if changed:
+            diffs = ", ".join(f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise ConfigError(f"resume refused: privacy-relevant settings changed ({diffs}); "
+                              "they must match the checkpoint")
+        ledger_path = self.folder / LEDGER
+        events = None
+        if ledger_path.is_file():
+            ledger = json.loads(ledger_path.read_text())
+            events = ledger["events"]
+            if ledger["round"] < state["round"]:
+                raise ConfigError(f"the ledger ({ledger['round']} rounds) is older than the "
+                                  f"checkpoint ({state['round']} rounds); refusing to undercount")
+        if config.dp_enabled and events is None:
+            raise ConfigError(f"resume refused: {ledger_path} (the accountant's state) is "
+                              "missing, so the epsilon spent so far is unknown")
+        return state, events

@@ -1,0 +1,129 @@
+"""Prometheus metrics of a run, served by the ServerApp and optionally pushed to a Pushgateway.
+
+Every metric is prefixed ``plateau_`` and labelled with ``run`` and ``algorithm``. The registry is
+the run's own (not the process-global one), so several runs in one process never collide. A
+ServerApp lives for one run, so the endpoint disappears with it: ``metrics-linger`` keeps it up
+for a last scrape, and ``metrics-pushgateway`` pushes after every round for dashboards that span
+runs. Clients run no HTTP servers; what they report comes back through the strategy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.supercore import log
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway
+from prometheus_client.exposition import start_http_server
+
+from plateau.config import RunConfig
+
+NORM_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+DURATION_BUCKETS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+LABELS = ("run", "algorithm")
+
+
+class RunMetrics:
+    """The run's metrics; ``observe_round`` updates them from a round's record."""
+
+    def __init__(self, config: RunConfig, run_name: str) -> None:
+        self.config = config
+        self.labels = {"run": run_name, "algorithm": config.algorithm}
+        self.registry = CollectorRegistry()
+        self._server: Any = None
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"plateau_{name}", doc, LABELS, registry=self.registry)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"plateau_{name}", doc, (*LABELS, *extra), registry=self.registry)
+
+        self.round = gauge("round", "Last completed server round")
+        self.rounds_planned = gauge("rounds_planned", "num-server-rounds of the run")
+        self.round_completed_time = gauge("round_completed_timestamp_seconds",
+                                          "Unix time the last round completed")
+        self.accuracy = gauge("test_accuracy", "Central test accuracy of the global model")
+        self.test_loss = gauge("test_loss", "Central test loss of the global model")
+        self.train_loss = gauge("train_loss", "Mean training loss the clients reported")
+        self.epsilon = gauge("epsilon_spent", "Epsilon spent so far at the run's delta")
+        self.epsilon_budget = gauge("epsilon_budget",
+                                    "max-epsilon (or target-epsilon) of the run; 0 = none")
+        self.clip_fraction = gauge("clip_fraction", "Fraction of client updates clipped")
+        self.global_update_norm = gauge("global_update_norm", "|x_{t+1} - x_t|")
+        self.sharpness = gauge("sharpness", "SAM sharpness of the global model")
+        self.hessian = gauge("hessian_top_eigenvalue", "Top Hessian eigenvalue")
+        self.sampled = counter("clients_sampled", "Clients sampled")
+        self.replied = counter("clients_replied", "Replies accepted into the aggregate")
+        self.failed = counter("clients_failed", "Clients that replied with an error or not at all",
+                              ("reason",))
+        self.rejected = counter("clients_rejected", "Replies dropped by screening", ("reason",))
+        self.bytes_sent = counter("bytes_sent", "Array bytes sent to clients")
+        self.bytes_received = counter("bytes_received", "Array bytes received from clients")
+        self.update_norm = Histogram("plateau_update_norm", "Pre-clip client update norms",
+                                     LABELS, buckets=NORM_BUCKETS, registry=self.registry)
+        self.round_duration = Histogram("plateau_round_duration_seconds", "Round wall time",
+                                        LABELS, buckets=DURATION_BUCKETS, registry=self.registry)
+        self.rounds_planned.labels(**self.labels).set(config.num_server_rounds)
+        self.epsilon_budget.labels(**self.labels).set(config.max_epsilon or config.target_epsilon)
+
+    def serve(self) -> None:
+        """Start the HTTP endpoint if ``metrics-port`` is set."""
+        if not self.config.metrics_port:
+            return
+        self._server, _ = start_http_server(self.config.metrics_port,
+                                            addr=self.config.metrics_addr,
+                                            registry=self.registry)
+        log(INFO, "metrics on http://%s:%d/metrics", self.config.metrics_addr,
+            self.config.metrics_port)
+
+    def observe_round(self, record: Mapping[str, Any], norms: list[float],
+                      rejected: Mapping[str, int], failed: Mapping[str, int],
+                      traffic: tuple[int, int]) -> None:
+        """Update every metric from a round's record, then push if a Pushgateway is set."""
+        labels = self.labels
+        for metric, key in ((self.round, "round"), (self.accuracy, "test_accuracy"),
+                            (self.test_loss, "test_loss"), (self.train_loss, "train_loss"),
+                            (self.clip_fraction, "clip_fraction"),
+                            (self.global_update_norm, "global_update_norm"),
+                            (self.sharpness, "sharpness"),
+                            (self.hessian, "hessian_top_eigenvalue")):
+            value = record.get(key)
+            if isinstance(value, int | float):
+                metric.labels(**labels).set(value)
+        epsilon = record.get("epsilon")
+        if isinstance(epsilon, int | float):
+            self.epsilon.labels(**labels).set(epsilon)
+        self.round_completed_time.labels(**labels).set(time.time())
+        self.sampled.labels(**labels).inc(record.get("num_sampled") or 0)
+        self.replied.labels(**labels).inc(record.get("num_clients") or 0)
+        for reason, count in failed.items():
+            self.failed.labels(**labels, reason=reason).inc(count)
+        for reason, count in rejected.items():
+            self.rejected.labels(**labels, reason=reason).inc(count)
+        for norm in norms:
+            self.update_norm.labels(**labels).observe(norm)
+        self.round_duration.labels(**labels).observe(record.get("wall_s") or 0.0)
+        self.bytes_sent.labels(**labels).inc(traffic[0])
+        self.bytes_received.labels(**labels).inc(traffic[1])
+        self.push()
+
+    def push(self) -> None:
+        """Push to the Pushgateway (job ``plateau``, grouped by run); never fails the run."""
+        if not self.config.metrics_pushgateway:
+            return
+        try:
+            push_to_gateway(self.config.metrics_pushgateway, job="plateau",
+                            grouping_key={"run": self.labels["run"]}, registry=self.registry)
+        except OSError as err:
+            log(WARNING, "metrics push to %s failed: %s", self.config.metrics_pushgateway, err)
+
+    def close(self) -> None:
+        """Keep the endpoint up for ``metrics-linger`` seconds, then stop it."""
+        if self._server is None:
+            return
+        if self.config.metrics_linger > 0:
+            time.sleep(self.config.metrics_linger)
+        self._server.shutdown()
+        self._server = None
