@@ -24,6 +24,7 @@ from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
 from plateau.privacy import mechanism_from_config, test_seed_override
 from strategies import PlateauStrategy
+from strategies.base import short_reason
 
 from .build import build_strategy, load_config
 from .checkpoint import Checkpointer, privacy_settings
@@ -249,7 +250,7 @@ class RunLoop:
             "failed round(s) in a row", server_round, stats.accepted, stats.sampled,
             config.min_replies, self.failed_in_a_row)
         if self.failed_in_a_row >= config.max_failed_rounds:
-            reasons = sorted({r.error.reason for r in replies if r.has_error()})
+            reasons = sorted({short_reason(r.error.reason) for r in replies if r.has_error()})
             raise RunFailed(
                 f"{self.failed_in_a_row} rounds in a row with fewer than min-replies="
                 f"{config.min_replies} accepted replies (last: {stats.failed} errors, "

@@ -83,6 +83,12 @@ class RoundStats:
     norms: list[float] = field(default_factory=list)
 
 
+def short_reason(reason: str) -> str:
+    """The last line of a client's error (Ray wraps it in a traceback), at most 200 chars."""
+    lines = [line.strip(" '>") for line in reason.strip().splitlines() if line.strip(" '>")]
+    return (lines[-1] if lines else reason)[:200]
+
+
 def array_bytes(content: RecordDict) -> int:
     """Bytes of the arrays a message carries (configs and metrics are negligible)."""
     return sum(len(array.data) for record in content.array_records.values()
@@ -339,7 +345,7 @@ class PlateauStrategy(FedAvg):
                 uploads.append(verdict)
             elif verdict == "client-error":
                 stats.failed += 1
-                log(WARNING, "node %d failed: %s", node_id, msg.error.reason)
+                log(WARNING, "node %d failed: %s", node_id, short_reason(msg.error.reason))
             else:
                 stats.rejected[verdict] += 1
                 log(WARNING, "rejected the reply of node %d: %s", node_id, verdict)

@@ -13,6 +13,7 @@ from flwr.app import (
     ConfigRecord,
     Error,
     Message,
+    MessageType,
     MetricRecord,
     RecordDict,
 )
@@ -136,6 +137,9 @@ def test_the_strategy_samples_from_the_population_each_round() -> None:
         (lambda m: raw_reply(m, Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray",
                                       data=b"")), "malformed"),
         (lambda m: raw_reply(m, Array(np.array([["a", "b"], ["c", "d"]]))), "wrong-dtype"),
+        (lambda m: extra_record(reply(m, {"weight": torch.zeros(2, 2)})), "unexpected-record"),
+        (lambda m: reply(Message(RecordDict({}), dst_node_id=99, message_type=MessageType.TRAIN),
+                         {"weight": torch.zeros(2, 2)}), "not-sampled"),
     ],
 )
 def test_a_bad_reply_is_rejected_and_cannot_move_the_model(bad, reason: str) -> None:
@@ -147,6 +151,24 @@ def test_a_bad_reply_is_rejected_and_cannot_move_the_model(bad, reason: str) -> 
     assert metrics["num-rejected"] == 1 and metrics["num-clients"] == 1
     # fixed denominator: the one good update divided by the 2 clients sampled
     assert arrays["weight"].numpy() == pytest.approx(0.125)
+
+
+def extra_record(message: Message) -> Message:
+    """A reply smuggling a second ArrayRecord next to its update."""
+    message.content["smuggled"] = ArrayRecord({"weight": torch.zeros(2, 2)})
+    return message
+
+
+def test_norm_outliers_are_rejected_without_dp() -> None:
+    config = make_config(sample_rate=1.0, norm_outlier_factor=3.0)
+    strategy = FedAvg(config, parameter_names=["weight"], buffer_names=[])
+    messages = list(strategy.configure_train(1, ArrayRecord({"weight": torch.zeros(2, 2)}),
+                                             ConfigRecord(), FakeGrid([1, 2, 3, 4])))
+    updates = [torch.full((2, 2), v) for v in (0.1, 0.12, 0.11, 50.0)]
+    arrays, _ = strategy.aggregate_train(1, [reply(m, {"weight": u})
+                                             for m, u in zip(messages, updates, strict=True)])
+    assert strategy.last_stats.rejected == {"norm-outlier": 1}
+    assert arrays["weight"].numpy() == pytest.approx(0.11)
 
 
 def raw_reply(to: Message, array: Array) -> Message:

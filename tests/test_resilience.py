@@ -1,0 +1,135 @@
+"""Crash-safe checkpoints, resume that never undercounts epsilon, and failing clients."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.simulation import run_simulation
+
+from client_app.app import train
+from plateau.config import ConfigError
+from server_app.app import build_server_app
+from server_app.checkpoint import CHECKPOINT, LEDGER, Checkpointer, privacy_settings
+from tests.helpers import make_config
+
+BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
+
+
+def simulate(results: Path, run_name: str, client_app: ClientApp | None = None,
+             nodes: int = 3, **config: object) -> dict:
+    overrides = {"results-dir": str(results), "run-name": run_name,
+                 **{k.replace("_", "-"): v for k, v in config.items()}}
+    if client_app is None:
+        from client_app.app import app as client_app
+    run_simulation(server_app=build_server_app(overrides), client_app=client_app,
+                   num_supernodes=nodes, backend_config=BACKEND)
+    return json.loads((results / run_name / "summary.json").read_text())
+
+
+@pytest.mark.simulation
+def test_a_stopped_run_resumed_ends_like_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DP-FedPGN with central noise: 4 rounds at once, or 2 rounds then resume to 4. With the
+    test seed, noise and sampling are reproducible, so the models must agree."""
+    monkeypatch.setenv("PLATEAU_TEST_SEED", "11")
+    common = {"algorithm": "fedpgn", "dp": "central", "noise_multiplier": 0.7,
+              "sample_rate": 1.0, "partitioner": "iid", "local_steps": 5}
+    whole = simulate(tmp_path, "whole", num_server_rounds=4, **common)
+    first = simulate(tmp_path, "split", num_server_rounds=2, **common)
+    assert first["rounds_completed"] == 2
+    resumed = simulate(tmp_path, "split", num_server_rounds=4, resume=True, **common)
+    assert resumed["status"] == "completed" and resumed["rounds_completed"] == 4
+    assert resumed["epsilon"] == pytest.approx(whole["epsilon"], rel=1e-12)
+    split = torch.load(tmp_path / "split" / "checkpoint" / CHECKPOINT, weights_only=False)
+    straight = torch.load(tmp_path / "whole" / "checkpoint" / CHECKPOINT, weights_only=False)
+    assert split["round"] == straight["round"] == 4
+    for name, tensor in straight["model"].items():
+        assert torch.allclose(split["model"][name], tensor, atol=1e-6), name
+    for name, tensor in straight["strategy"]["tensors"]["direction"].items():
+        assert torch.allclose(split["strategy"]["tensors"]["direction"][name], tensor,
+                              atol=1e-6)
+    lines = (tmp_path / "split" / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3, 4]
+
+
+def saved_run(tmp_path: Path, **overrides: object) -> tuple[Checkpointer, object]:
+    config = make_config(dp="central", run_name="r", **overrides)
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save({"round": 2, "privacy": privacy_settings(config), "model": {},
+                       "config": config.to_dict()})
+    return checkpointer, config
+
+
+def test_resume_with_a_changed_noise_multiplier_is_refused(tmp_path: Path) -> None:
+    checkpointer, _ = saved_run(tmp_path, noise_multiplier=1.0)
+    checkpointer.save_ledger(2, privacy_settings(make_config(dp="central", run_name="r")), [])
+    changed = make_config(dp="central", run_name="r", noise_multiplier=0.5, resume=True)
+    with pytest.raises(ConfigError, match=r"noise-multiplier 1\.0 -> 0\.5"):
+        checkpointer.load(changed)
+
+
+def test_resume_without_the_accountant_state_is_refused(tmp_path: Path) -> None:
+    checkpointer, config = saved_run(tmp_path)
+    assert not (tmp_path / LEDGER).exists()
+    with pytest.raises(ConfigError, match="accountant's state"):
+        checkpointer.load(config)
+
+
+def test_a_ledger_older_than_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    checkpointer, config = saved_run(tmp_path)
+    checkpointer.save_ledger(1, privacy_settings(config), [])
+    with pytest.raises(ConfigError, match="refusing to undercount"):
+        checkpointer.load(config)
+
+
+def test_resume_needs_a_run_name_and_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="resume=true needs run-name"):
+        make_config(resume=True)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        Checkpointer(tmp_path).load(make_config(run_name="r", resume=True))
+
+
+def test_writes_are_atomic(tmp_path: Path) -> None:
+    saved_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]  # no .tmp left behind
+
+
+def flaky_client(fail: callable) -> ClientApp:
+    """The real ClientApp's train, raising when ``fail(partition_id, round)`` says so."""
+    app = ClientApp()
+
+    @app.train()
+    def flaky(msg: Message, context: Context) -> Message:
+        if fail(int(context.node_config["partition-id"]),
+                int(msg.content["config"]["server-round"])):
+            raise RuntimeError("injected client failure")
+        return train(msg, context)
+
+    return app
+
+
+@pytest.mark.simulation
+def test_a_client_that_raises_does_not_stop_the_run(tmp_path: Path) -> None:
+    summary = simulate(tmp_path, "flaky", flaky_client(lambda pid, rnd: pid == 0 and rnd == 2),
+                       num_server_rounds=3, sample_rate=1.0)
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    rounds = [json.loads(x) for x in (tmp_path / "flaky" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["num_failed"] for r in rounds] == [0, 1, 0]
+    assert [r["num_clients"] for r in rounds] == [3, 2, 3]
+
+
+@pytest.mark.simulation
+def test_too_many_failed_rounds_end_the_run_with_a_clear_summary(tmp_path: Path) -> None:
+    with pytest.raises(Exception):  # noqa: B017 - run_simulation re-raises the ServerApp's error
+        simulate(tmp_path, "broken", flaky_client(lambda pid, rnd: True), num_server_rounds=5,
+                 max_failed_rounds=2, sample_rate=1.0)
+    summary = json.loads((tmp_path / "broken" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 1
+    assert "2 rounds in a row with fewer than min-replies=1" in summary["error"]
+    assert "injected client failure" in summary["error"]
