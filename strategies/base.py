@@ -37,6 +37,7 @@ from plateau.privacy import (
 from plateau.sampling import ClientSampler, Cohort
 
 UPDATE_KEY = "update"
+POPULATION_SETTLE_S = 1.0
 BUFFERS_KEY = "buffers"
 METRICS_KEY = "metrics"
 
@@ -210,9 +211,15 @@ class PlateauStrategy(FedAvg):
         return nodes
 
     def determine_population(self, grid: Grid) -> int:
-        """N: population-size, or the nodes connected when the first round starts."""
+        """N: population-size, or the nodes connected when the first round starts (once their
+        number has stopped changing: simulated SuperNodes register over a moment)."""
         if not self.population:
-            connected = len(self.connected_nodes(grid))
+            connected, stable_since = len(self.connected_nodes(grid)), time.monotonic()
+            while (not self.config.population_size
+                   and time.monotonic() - stable_since < POPULATION_SETTLE_S):
+                time.sleep(0.25)
+                if (now := len(grid.get_node_ids())) != connected:
+                    connected, stable_since = now, time.monotonic()
             self.population = self.config.population_size or connected
             log(INFO, "population N = %d (%s)", self.population,
                 "population-size" if self.config.population_size else

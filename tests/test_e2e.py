@@ -33,7 +33,7 @@ def test_flwr_run_two_dp_rounds_completes_and_cleans_up(
     home = tmp_path / "flwr-home"
     monkeypatch.setenv("FLWR_HOME", str(home))
     config = (f"num-server-rounds=2 dp='central' noise-multiplier=0.5 clip-norm=1.0 "
-              f"results-dir='{tmp_path}' run-name='e2e'")
+              f"sample-rate=1.0 results-dir='{tmp_path}' run-name='e2e'")
     assert launch(ROOT, clients=4, config=config, timeout_s=300) == 0
     out = capsys.readouterr().out
     assert "finished:completed" in out and "[round 2/2]" in out
