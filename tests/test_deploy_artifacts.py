@@ -1,0 +1,167 @@
+"""Container images, Compose files and Kubernetes manifests, checked offline: hadolint, the
+manifests rendered with kustomize and validated against the Kubernetes schemas, Compose files
+parsed and cross-checked, Prometheus configs through promtool."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+BIN = Path(sys.executable).parent
+DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
+COMPOSE_FILES = sorted(DOCKER.glob("compose*.yml"))
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    if not path.exists():
+        pytest.fail(f"{name} is missing: `make install` installs it with the test extras")
+    return str(path)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_passes_with_no_ignored_rule(dockerfile: Path) -> None:
+    assert "hadolint ignore" not in dockerfile.read_text()
+    result = subprocess.run([tool("hadolint"), "--no-color", str(dockerfile)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and result.stdout == "", result.stdout
+
+
+def test_images_pin_flower_and_torch_and_run_the_app() -> None:
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        assert "ARG FLWR_VERSION=1.42.0" in text and "FROM flwr/superexec:${FLWR_VERSION}" in text
+        assert "ARG TORCH_VERSION=" in text and "USER root" not in text
+        assert 'ENTRYPOINT ["flower-superexec"]' in text
+    cuda = (DOCKER / "Dockerfile.cuda").read_text()
+    assert "ARG TORCH_CUDA=cu126" in cuda and "whl/${TORCH_CUDA}" in cuda
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
+    """Both overlays rendered with freshly generated certificates and keys."""
+    workdir = tmp_path_factory.mktemp("k8s")
+    shutil.copytree(ROOT / "deploy" / "k8s", workdir / "k8s")
+    subprocess.run(["bash", str(DOCKER / "generate-certs.sh"), str(workdir / "k8s/base/certs")],
+                   env={**os.environ, "NODES": "2"}, check=True, capture_output=True)
+    out = {}
+    for overlay in ("cpu", "gpu"):
+        target = workdir / "k8s" / "overlays" / overlay
+        result = subprocess.run([tool("kubectl"), "kustomize", str(target)],
+                                capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        (workdir / f"{overlay}.yaml").write_text(result.stdout)
+        validated = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet",
+                                    str(workdir / f"{overlay}.yaml")],
+                                   capture_output=True, text=True, check=False)
+        assert validated.returncode == 0, validated.stdout + validated.stderr
+        out[overlay] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return out
+
+
+def by_kind(docs: list[dict], kind: str, name: str) -> dict:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def test_manifests_render_and_validate_against_the_kubernetes_schemas(rendered: dict) -> None:
+    for docs in rendered.values():
+        kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+        assert {"StatefulSet/superlink", "StatefulSet/supernode", "Service/superlink",
+                "Deployment/superexec-serverapp", "Service/plateau-metrics",
+                "Secret/plateau-tls", "Secret/plateau-supernode-keys"} <= set(kinds)
+
+
+def test_superlink_keeps_its_state_on_a_volume_and_has_probes(rendered: dict) -> None:
+    link = by_kind(rendered["cpu"], "StatefulSet", "superlink")
+    assert link["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "state"
+    container = link["spec"]["template"]["spec"]["containers"][0]
+    assert "--database=/var/lib/flwr/state.db" in container["args"]
+    assert "--enable-supernode-auth" in container["args"]
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert container["resources"]["requests"]
+
+
+def test_gpu_overlay_requests_gpus_and_the_cuda_image(rendered: dict) -> None:
+    nodes = by_kind(rendered["gpu"], "StatefulSet", "supernode")["spec"]["template"]["spec"]
+    executor = nodes["containers"][1]
+    assert executor["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert executor["image"].endswith(":0.1.0-cuda")
+    assert nodes["tolerations"][0]["key"] == "nvidia.com/gpu"
+    cpu = by_kind(rendered["cpu"], "StatefulSet", "supernode")["spec"]["template"]["spec"]
+    assert "nvidia.com/gpu" not in cpu["containers"][1]["resources"].get("limits", {})
+    assert cpu["containers"][1]["image"].endswith(":0.1.0")
+
+
+def test_metrics_service_is_annotated_for_prometheus(rendered: dict) -> None:
+    service = by_kind(rendered["cpu"], "Service", "plateau-metrics")
+    assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert service["spec"]["ports"][0]["port"] == 9464
+
+
+@pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_files_are_consistent(compose: Path) -> None:
+    spec = yaml.safe_load(compose.read_text())
+    services = spec["services"]
+    for name, service in services.items():
+        if "build" in service:
+            build = service["build"]
+            assert (compose.parent / build["context"] / build["dockerfile"]).is_file(), name
+        elif compose.name != "compose.gpu.yml":
+            assert "image" in service, name
+        for dependency in service.get("depends_on", []):
+            assert dependency in services, (name, dependency)
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                path = compose.parent / source
+                generated = "certs/" in source  # made by docker/generate-certs.sh
+                assert generated or path.exists(), (name, source)
+            elif compose.name == "compose.yml":
+                assert source in spec["volumes"], (name, source)
+    secure = compose.name != "compose.quickstart-insecure.yml"
+    commands = " ".join(str(c) for s in services.values() for c in s.get("command", []))
+    if secure and compose.name == "compose.yml":
+        assert "--enable-supernode-auth" in commands
+        assert "--insecure --runtime-api-address=superlink" not in commands
+    assert ("--insecure" in commands) == (not secure or ("clientapp" in commands
+                                          and "127.0.0.1" not in commands)) or secure
+
+
+def test_only_the_quickstart_file_runs_the_superlink_without_tls() -> None:
+    for compose in COMPOSE_FILES:
+        services = yaml.safe_load(compose.read_text())["services"]
+        link = services.get("superlink", {})
+        insecure = "--insecure" in link.get("command", [])
+        assert insecure == (compose.name == "compose.quickstart-insecure.yml"), compose.name
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed "
+                    "(.ci/run installs Debian's prometheus)")
+def test_compose_prometheus_config_passes_promtool(tmp_path: Path) -> None:
+    shutil.copy(DOCKER / "prometheus" / "prometheus.yml", tmp_path / "prometheus.yml")
+    shutil.copy(ROOT / "deploy" / "monitoring" / "alerts.yml", tmp_path / "alerts.yml")
+    result = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_certificates_verify_and_keys_are_openssh_ecdsa(tmp_path: Path) -> None:
+    subprocess.run(["bash", str(DOCKER / "generate-certs.sh"), str(tmp_path)],
+                   env={**os.environ, "NODES": "1", "SAN": "DNS:superlink,IP:10.0.0.1"},
+                   check=True, capture_output=True)
+    verified = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"),
+                               str(tmp_path / "server.pem")], capture_output=True, text=True,
+                              check=False)
+    assert verified.returncode == 0, verified.stderr
+    names = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "server.pem"), "-noout",
+                            "-ext", "subjectAltName"], capture_output=True, text=True, check=True)
+    assert "DNS:superlink" in names.stdout and "IP Address:10.0.0.1" in names.stdout
+    assert (tmp_path / "keys" / "supernode-1.pub").read_text().startswith("ecdsa-sha2-nistp384")

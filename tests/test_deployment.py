@@ -1,0 +1,157 @@
+"""A real deployment on loopback: SuperLink, two SuperNodes and process-isolated SuperExecs as
+separate processes, TLS and SuperNode authentication on, two DP rounds of FedSMOO (stateful
+clients: Context.state must survive between rounds on a real SuperNode), an unregistered
+SuperNode rejected, every process stopped by its PID.
+
+The commands are those of README "Deployment" (docker/generate-certs.sh, flower-superlink,
+flwr supernode register, flower-supernode, flower-superexec, flwr run, flwr ls)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server_app.launcher import _alive, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+class Federation:
+    """Processes of a local federation, each in its own FLWR_HOME, stopped by PID."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.processes: list[tuple[str, subprocess.Popen]] = []
+        self.env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+    def start(self, name: str, *command: str) -> subprocess.Popen:
+        home = self.workdir / f"home-{name}"
+        home.mkdir(exist_ok=True)
+        log = (self.workdir / f"{name}.log").open("w")
+        process = subprocess.Popen(command, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**self.env, "FLWR_HOME": str(home)},
+                                   start_new_session=True)
+        self.processes.append((name, process))
+        return process
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        home = self.workdir / "home-cli"
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, capture_output=True,
+                              text=True, timeout=timeout, check=False,
+                              env={**self.env, "FLWR_HOME": str(home)})
+
+    def log(self, name: str) -> str:
+        return (self.workdir / f"{name}.log").read_text()
+
+    def stop(self) -> list[int]:
+        """SIGTERM every process group, then SIGKILL what is left; return the PIDs."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for _, process in self.processes:
+                if process.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(process.pid, sig)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(p.poll() is None for _, p in self.processes):
+                time.sleep(0.2)
+        return [p.pid for _, p in self.processes]
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+@pytest.mark.e2e
+def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    subprocess.run(["bash", str(ROOT / "docker" / "generate-certs.sh"), str(certs)],
+                   env={**os.environ, "NODES": "3"}, check=True, capture_output=True)
+    fed = Federation(tmp_path)
+    link_port, node_ports = free_port(), (free_port(), free_port(), free_port())
+    started = time.monotonic()
+    try:
+        fed.start("superlink", str(BIN / "flower-superlink"),
+                  f"--ssl-ca-certfile={certs / 'ca.crt'}", f"--ssl-certfile={certs / 'server.pem'}",
+                  f"--ssl-keyfile={certs / 'server.key'}", "--enable-supernode-auth",
+                  "--isolation=process", "--host=127.0.0.1", f"--port={link_port}",
+                  f"--database={tmp_path / 'state.db'}",
+                  "--disable-runtime-dependency-installation")
+        fed.start("superexec-serverapp", str(BIN / "flower-superexec"),
+                  f"--root-certificates={certs / 'ca.crt'}",
+                  f"--runtime-api-address=127.0.0.1:{link_port}")
+        cli_home = tmp_path / "home-cli"
+        cli_home.mkdir(exist_ok=True)
+        (cli_home / "config.toml").write_text(
+            '[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\n'
+            f'address = "127.0.0.1:{link_port}"\nroot-certificates = "{certs / "ca.crt"}"\n')
+        wait_until(lambda: fed.cli("supernode", "list", "deploy").returncode == 0, 30,
+                   "SuperLink reachable over TLS")
+        for i in (1, 2):
+            key = certs / "keys" / f"supernode-{i}.pub"
+            registered = fed.cli("supernode", "register", str(key), "deploy", "--name", f"node{i}")
+            assert registered.returncode == 0, registered.stdout + registered.stderr
+        for i in (1, 2):
+            fed.start(f"supernode-{i}", str(BIN / "flower-supernode"),
+                      f"--root-certificates={certs / 'ca.crt'}",
+                      f"--superlink=127.0.0.1:{link_port}",
+                      f"--auth-supernode-private-key={certs / 'keys' / f'supernode-{i}'}",
+                      "--isolation=process", "--host=127.0.0.1", f"--port={node_ports[i - 1]}",
+                      f"--node-config=partition-id={i - 1} num-partitions=2")
+            fed.start(f"superexec-clientapp-{i}", str(BIN / "flower-superexec"), "--insecure",
+                      f"--runtime-api-address=127.0.0.1:{node_ports[i - 1]}")
+        intruder = fed.start("supernode-unregistered", str(BIN / "flower-supernode"),
+                             f"--root-certificates={certs / 'ca.crt'}",
+                             f"--superlink=127.0.0.1:{link_port}",
+                             f"--auth-supernode-private-key={certs / 'keys' / 'supernode-3'}",
+                             "--host=127.0.0.1", f"--port={node_ports[2]}",
+                             "--node-config=partition-id=0 num-partitions=2")
+        wait_until(lambda: fed.cli("supernode", "list", "deploy").stdout.count("online") >= 2,
+                   60, "two SuperNodes online")
+        setup_s = time.monotonic() - started
+        config = ("num-server-rounds=2 algorithm='fedsmoo' dp='central' noise-multiplier=0.8 "
+                  f"sample-rate=1.0 results-dir='{tmp_path / 'results'}' run-name='deployed'")
+        run_started = time.monotonic()
+        submitted = fed.cli("run", str(ROOT), "deploy", "--run-config", config, "--format",
+                            "json")
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        run_id = str(json.loads(submitted.stdout[submitted.stdout.index("{"):])["run-id"])
+
+        def status() -> str:
+            listing = fed.cli("ls", "deploy", "--run-id", run_id, "--format", "json").stdout
+            runs = json.loads(listing[listing.index("{"):]).get("runs", [])
+            return runs[0]["status"] if runs else "unknown"
+
+        wait_until(lambda: status().startswith("finished"), 300, "run finished")
+        run_s = time.monotonic() - run_started
+        assert status() == "finished:completed", fed.log("superexec-serverapp")[-3000:]
+        rounds = [json.loads(line) for line in
+                  (tmp_path / "results" / "deployed" / "rounds.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert all(r["num_clients"] == 2 and r["epsilon"] > 0 for r in rounds)
+        # FedSMOO's H_i and mu_i persisted in each SuperNode's Context.state between rounds
+        assert [r["mean_state_rounds"] for r in rounds] == [0, 1]
+        wait_until(lambda: intruder.poll() is not None, 60, "unregistered SuperNode exits")
+        assert intruder.returncode != 0
+        assert "Failed to activate SuperNode" in fed.log("supernode-unregistered")
+        assert "ref-exit-codes/305" in fed.log("supernode-unregistered")
+        assert "No SuperNode found with the given public key" in fed.log("superlink")
+        print(f"deployment: setup {setup_s:.1f} s, two rounds {run_s:.1f} s, "
+              f"round wall times {[r['wall_s'] for r in rounds]}")
+    finally:
+        pids = fed.stop()
+    assert not any(_alive(pid) for pid in pids)
