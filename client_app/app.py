@@ -12,10 +12,16 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from plateau.config import RunConfig
-from plateau.data import DATASETS, client_partition
 from plateau.data import Tensors as DataTensors
+from plateau.data import client_partition
 from plateau.device import resolve_device, seeded_generator
-from plateau.models import build_model, float_buffer_names
+from plateau.models import (
+    float_buffer_names,
+    frozen_digest,
+    input_spec,
+    load_travelling,
+    model_from_config,
+)
 from plateau.privacy import (
     Tensors,
     flat_norm,
@@ -48,9 +54,11 @@ def partition_of(context: Context) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=4)
-def _model(name: str, dataset: str, norm: str, width: int, device: torch.device) -> nn.Module:
-    """One model object per architecture and process; weights are loaded every round."""
-    return build_model(name, DATASETS[dataset], norm=norm, width=width).to(device)
+def _model(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, str]:
+    """One model per configuration and process, with the digest of its frozen weights: frozen
+    weights are loaded once per worker, the travelling ones every round."""
+    model = model_from_config(cfg).to(device)
+    return model, frozen_digest(model)
 
 
 @functools.lru_cache(maxsize=512)
@@ -59,7 +67,7 @@ def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> D
     return client_partition(
         cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, num_partitions=num,
         partition_id=pid, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
-        classes_per_client=cfg.classes_per_client,
+        classes_per_client=cfg.classes_per_client, spec=input_spec(cfg),
     ).to(device)
 
 
@@ -148,8 +156,12 @@ def train(msg: Message, context: Context) -> Message:
     enforce_node_policy(cfg, context.node_config)
     device = resolve_device(cfg.device)
 
-    model = _model(cfg.model, cfg.dataset, cfg.norm, cfg.model_width, device)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model, digest = _model(cfg, device)
+    expected = str(round_config.get("frozen-digest", digest))
+    if expected != digest:
+        raise ValueError(f"this node's frozen weights (digest {digest}) differ from the "
+                         f"server's ({expected}): same model files and library versions needed")
+    load_travelling(model, msg.content["arrays"].to_torch_state_dict())
     state = model.state_dict()
     start_buffers = {name: state[name].detach().clone() for name in float_buffer_names(model)}
     broadcast = {

@@ -71,9 +71,15 @@ def key(default: ConfigValue, doc: str, **check: Any) -> Any:
     return field(default=default, metadata={"doc": doc, "check": Check(**check)})
 
 
-DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
+IMAGE_DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
+TEXT_DATASETS = ("rotten-tomatoes", "20newsgroups", "sst2", "mrpc", "qnli", "qqp", "imdb")
+DATASETS = IMAGE_DATASETS + TEXT_DATASETS
 PARTITIONERS = ("iid", "dirichlet", "pathological")
-MODELS = ("linear", "cnn", "resnet10", "resnet18")
+IMAGE_MODELS = ("linear", "cnn", "resnet10", "resnet18", "vit", "tiny-vit")
+TEXT_MODELS = ("minilm", "tiny-bert", "roberta-base", "distilbert-base-uncased",
+               "bert-base-uncased")
+MODELS = IMAGE_MODELS + TEXT_MODELS
+TRANSFORMER_MODELS = ("vit", "tiny-vit", *TEXT_MODELS)
 DP_MODES = ("off", "central", "distributed", "local")
 
 
@@ -115,8 +121,24 @@ class RunConfig:
         0.2, "Held-out test fraction for datasets without an official test split (digits).",
         min=0.05, max=0.5,
     )
-    model: str = key("linear", "Model: softmax regression, a small GroupNorm CNN or a CIFAR-style "
-                     "ResNet (under DP the noise grows with the parameter count).", choices=MODELS)
+    model: str = key("linear", "Model: softmax regression, a small GroupNorm CNN, a CIFAR-style "
+                     "ResNet or a ViT for images; a transformers text classifier for text (see "
+                     "'Transformers'). Under DP the noise grows with the released coordinates.",
+                     choices=MODELS)
+    trainable: str = key(
+        "all", "Transformers: what clients train and release: every weight, the task 'head', "
+        "the last trainable-layers encoder layers plus head ('top-k'), or LoRA adapters plus "
+        "head ('lora'). Frozen weights never travel.", choices=("all", "head", "top-k", "lora"))
+    trainable_layers: int = key(2, "trainable='top-k': how many of the last encoder layers "
+                                "are trained.", min=1)
+    lora_rank: int = key(8, "trainable='lora': rank r of the adapters.", min=1)
+    lora_alpha: float = key(16.0, "trainable='lora': scaling alpha (the update is "
+                            "alpha/r * B A).", min=0, min_exclusive=True)
+    lora_targets: str = key("query,value", "trainable='lora': comma-separated names of the "
+                            "modules that get adapters (DistilBERT: 'q_lin,v_lin').",
+                            pattern=r"[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*")
+    max_length: int = key(64, "Text: tokens per example (longer texts are truncated; each "
+                          "batch is cut to its longest sequence).", min=8, max=512)
     norm: str = key("group", "Normalisation layers: GroupNorm (no buffers) or BatchNorm.",
                     choices=("group", "batch"))
     model_width: int = key(0, "Base channel width, even (GroupNorm uses 2 groups); 0 = the "
@@ -200,6 +222,8 @@ class RunConfig:
                           "random mask.", min=0, max=1, min_exclusive=True)
     blur_alpha: float = key(0.4, "fedavg-blur: weight of the bounded-update regulariser "
                             "(alpha/2)*max(0, |y - x|^2 - clip-norm^2).", min=0)
+    max_test_examples: int = key(2000, "Central evaluation uses at most this many held-out "
+                                 "examples (a fixed random subset); 0 = all.", min=0)
     sharpness_every: int = key(0, "Every this many rounds, measure the global model's SAM "
                                "sharpness and top Hessian eigenvalue; 0 = off.", min=0)
     sharpness_rho: float = key(0.05, "Radius of the SAM-sharpness probe.", min=0,
@@ -254,6 +278,20 @@ class RunConfig:
         return config
 
     def _check_combinations(self) -> None:
+        text_model, text_data = self.model in TEXT_MODELS, self.dataset in TEXT_DATASETS
+        if text_model != text_data:
+            allowed = TEXT_MODELS if text_data else IMAGE_MODELS
+            raise ConfigError(
+                f"model={self.model!r} with dataset={self.dataset!r}: "
+                f"{'text' if text_data else 'image'} data needs one of "
+                + ", ".join(repr(m) for m in allowed)
+            )
+        if self.trainable != "all" and self.model not in TRANSFORMER_MODELS:
+            raise ConfigError(
+                f"trainable={self.trainable!r} with model={self.model!r}: partial training is "
+                "for transformer models; allowed: 'all', or a model among "
+                + ", ".join(repr(m) for m in TRANSFORMER_MODELS)
+            )
         if self.dp != "off" and self.weighting != "equal":
             raise ConfigError(
                 f"weighting={self.weighting!r} with dp={self.dp!r}: client-level DP needs equal "

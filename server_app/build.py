@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from logging import WARNING
+from logging import INFO, WARNING
 
 from flwr.supercore import log
 
 from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DATASETS
 from plateau.device import resolve_device
-from plateau.models import build_model, float_buffer_names
+from plateau.models import float_buffer_names, frozen_digest, model_from_config, travelling_state
 from plateau.privacy import mechanism_from_config
 from strategies import STRATEGIES, PlateauStrategy
 
@@ -35,8 +35,11 @@ def load_config(raw: Mapping[str, ConfigValue]) -> RunConfig:
 def build_strategy(config: RunConfig) -> PlateauStrategy:
     """The configured algorithm, wired to the privacy mechanism and the device."""
     device = resolve_device(config.device)
-    model = build_model(config.model, DATASETS[config.dataset], norm=config.norm,
-                        width=config.model_width, seed=config.seed)
+    model = model_from_config(config)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log(INFO, "model %s: %d of %d parameters trained and released per client (trainable=%r)",
+        config.model, trained, total, config.trainable)
     buffers = float_buffer_names(model)
     if config.dp_enabled and buffers:
         log(WARNING, "dp-allow-batchnorm=true: %d BatchNorm buffers are averaged WITHOUT clipping "
@@ -56,5 +59,6 @@ def build_strategy(config: RunConfig) -> PlateauStrategy:
         privacy=privacy,
         device=device,
     )
-    strategy.current = {k: v.to(device) for k, v in model.state_dict().items()}
+    strategy.current = {k: v.to(device) for k, v in travelling_state(model).items()}
+    strategy.frozen_digest = frozen_digest(model)
     return strategy

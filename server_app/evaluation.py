@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from plateau.config import RunConfig
-from plateau.data import DATASETS, held_out_tensors
-from plateau.models import build_model
+from plateau.data import held_out_tensors
+from plateau.models import input_spec, load_travelling, model_from_config
 
 
 @dataclass(frozen=True)
@@ -24,18 +24,17 @@ class CentralEvaluator:
     """Evaluates state dicts on the test split; model and test tensors are built once."""
 
     def __init__(self, config: RunConfig, device: torch.device, batch_size: int = 1024) -> None:
-        self.model = build_model(
-            config.model, DATASETS[config.dataset], norm=config.norm, width=config.model_width
-        ).to(device)
+        self.model = model_from_config(config).to(device)
         self.data = held_out_tensors(
-            config.dataset, test_fraction=config.test_fraction, seed=config.seed
+            config.dataset, test_fraction=config.test_fraction, seed=config.seed,
+            max_examples=config.max_test_examples, spec=input_spec(config),
         ).to(device)
         self.batch_size = batch_size
 
     @torch.no_grad()
     def __call__(self, state: dict[str, torch.Tensor]) -> Evaluation:
         """Accuracy and loss in eval mode (BatchNorm uses running statistics, no dropout)."""
-        self.model.load_state_dict(state)
+        load_travelling(self.model, state)
         self.model.eval()
         correct, loss_sum = 0, 0.0
         for start in range(0, len(self.data), self.batch_size):

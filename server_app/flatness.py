@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from plateau.config import RunConfig
-from plateau.data import DATASETS, held_out_tensors
+from plateau.data import held_out_tensors
 from plateau.device import seeded_generator
-from plateau.models import build_model
+from plateau.models import input_spec, load_travelling, model_from_config
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -82,11 +82,10 @@ class FlatnessProbe:
 
     def __init__(self, config: RunConfig, device: torch.device) -> None:
         self.config = config
-        self.model = build_model(
-            config.model, DATASETS[config.dataset], norm=config.norm, width=config.model_width
-        ).to(device)
+        self.model = model_from_config(config).to(device)
         data = held_out_tensors(config.dataset, test_fraction=config.test_fraction,
-                                seed=config.seed)
+                                seed=config.seed, max_examples=config.max_test_examples,
+                                spec=input_spec(config))
         generator = seeded_generator(config.seed, 1729)
         pick = torch.randperm(len(data), generator=generator)[: config.sharpness_batch_size]
         self.x, self.y = data.x[pick].to(device), data.y[pick].to(device)
@@ -98,7 +97,7 @@ class FlatnessProbe:
 
     def __call__(self, state: dict[str, torch.Tensor], server_round: int) -> Flatness:
         """Both probes, in eval mode (BatchNorm uses running statistics)."""
-        self.model.load_state_dict(state)
+        load_travelling(self.model, state)
         self.model.eval()
         return Flatness(
             sharpness=sam_sharpness(self.model, self.x, self.y, self.config.sharpness_rho),

@@ -144,6 +144,7 @@ class PlateauStrategy(FedAvg):
         self.privacy = privacy
         self.device = torch.device(device)
         self.current: Tensors = {}
+        self.frozen_digest = ""  # of the weights clients rebuild locally and never receive
         self.sampler = ClientSampler(config.sampling_method, config.sample_rate,
                                      secret=privacy is not None, seed=config.seed)
         self.population = 0
@@ -243,6 +244,7 @@ class PlateauStrategy(FedAvg):
             "round-lr": self.learning_rate(server_round),
             "expected-cohort": self.cohort.expected,
             "local-rule": self.local_rule,
+            "frozen-digest": self.frozen_digest,
         })
         log(DEBUG, "configure_train: sampled %d of N = %d (expected %.1f)",
             len(self.cohort.nodes), population, self.cohort.expected)

