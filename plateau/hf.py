@@ -170,29 +170,26 @@ def encoder_layers(net: nn.Module) -> nn.ModuleList:
     return max(stacks, key=len)
 
 
-def _body_ids(net: nn.Module) -> tuple[set[int], list[set[int]]]:
-    """Parameter ids of the embeddings and of each encoder layer."""
-    embeddings = {id(p) for name, p in net.base_model.named_parameters()
-                  if name.startswith("embeddings.")}
-    return embeddings, [{id(p) for p in layer.parameters()} for layer in encoder_layers(net)]
-
-
 def head_parameters(net: nn.Module) -> list[nn.Parameter]:
-    """The head: everything after the last encoder layer. For BERT that is the pooler and the
-    classifier (RoBERTa's ``classifier`` has the same dense + tanh + linear shape), for ViT the
-    final LayerNorm and the classifier."""
-    embeddings, layers = _body_ids(net)
-    body = embeddings.union(*layers)
-    return [p for p in net.parameters() if id(p) not in body]
+    """The task head: every parameter outside the pretrained base model (BERT, ViT:
+    ``classifier``; RoBERTa: ``classifier.dense`` + ``out_proj``), as peft's SEQ_CLS keeps it.
+
+    BERT's pooler stays frozen here: trained, it would add 148k released coordinates to
+    MiniLM's 770, and under DP every coordinate costs noise."""
+    base = {id(p) for p in net.base_model.parameters()}
+    return [p for p in net.parameters() if id(p) not in base]
 
 
 def _top_k_parameters(net: nn.Module, k: int) -> list[nn.Parameter]:
-    """The last k encoder layers and the head."""
-    embeddings, layers = _body_ids(net)
+    """The last k encoder layers, whatever follows the encoder (pooler, final LayerNorm) and
+    the head: everything but the embeddings and the first layers."""
+    layers = encoder_layers(net)
     if k > len(layers):
         raise ModelError(f"trainable-layers={k} is not allowed for this model; expected <= "
                          f"{len(layers)} (its encoder layers)")
-    frozen = embeddings.union(*layers[: len(layers) - k])
+    frozen = {id(p) for layer in layers[: len(layers) - k] for p in layer.parameters()}
+    frozen |= {id(p) for name, p in net.base_model.named_parameters()
+               if name.startswith("embeddings.")}
     return [p for p in net.parameters() if id(p) not in frozen]
 
 
