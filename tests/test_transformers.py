@@ -26,6 +26,7 @@ from plateau.models import (
 )
 from server_app.app import build_server_app, build_strategy
 from server_app.evaluation import CentralEvaluator
+from strategies import STRATEGIES
 from tests.helpers import FakeGrid, make_config
 
 needs_text = pytest.mark.skipif(
@@ -210,6 +211,28 @@ def test_only_trainable_tensors_appear_in_the_messages(trainable: str) -> None:
     reply = client_app(message, node)
     assert set(reply.content["update"]) == trained
     assert "buffers" not in reply.content.array_records
+
+
+@needs_text
+@pytest.mark.parametrize("algorithm", sorted(STRATEGIES))
+def test_every_algorithm_trains_only_the_adapters(algorithm: str) -> None:
+    config = make_config(algorithm=algorithm, dataset="rotten-tomatoes", model="tiny-bert",
+                         trainable="lora", sample_rate=1.0, local_steps=2, lr=0.5,
+                         min_available_clients=1, dp="central", clip_norm=1.0,
+                         noise_multiplier=0.1)
+    strategy = build_strategy(config)
+    before = {k: v.clone() for k, v in strategy.current.items()}
+    arrays = ArrayRecord({k: v.cpu() for k, v in before.items()})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([7, 8])))
+    replies = [client_app(m, Context(run_id=1, node_id=m.metadata.dst_node_id,
+                                     node_config={"partition-id": i, "num-partitions": 2},
+                                     state=RecordDict(), run_config={}))
+               for i, m in enumerate(messages)]
+    new_arrays, _ = strategy.aggregate_train(1, replies)
+    assert new_arrays is not None and set(new_arrays) == set(before)
+    after = new_arrays.to_torch_state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert any(not torch.equal(after[k], before[k]) for k in before)
 
 
 @needs_text
