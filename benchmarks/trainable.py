@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--cohorts", nargs="+", type=int, default=[10, 40])
     parser.add_argument("--clip", type=float, default=0.2,
                         help="C, near the median head update norm (about 0.2)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the non-private head run")
     parser.add_argument("--step-times", action="store_true",
                         help="only time one local step per mode")
     args = parser.parse_args()
@@ -97,7 +99,8 @@ def main() -> None:
     dp = {"dp": "central", "target-epsilon": args.epsilon}
     plan = [(mode, args.cohorts[0], dp) for mode in args.modes]
     plan += [("head", m, dp) for m in args.cohorts[1:]]
-    plan += [("head", args.cohorts[0], {})]
+    if not args.no_reference:
+        plan += [("head", args.cohorts[0], {})]
     print(f"{'trainable':9} {'m':>4} {'dp':>4} {'coords':>10} {'sigma':>6} {'noise':>8} "
           f"{'final':>6} {'best':>6} {'eps':>6}", flush=True)
     for mode, cohort, privacy in plan:
