@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
@@ -38,3 +40,24 @@ def reply(to: Message, update: dict[str, torch.Tensor], **metrics: float | int) 
         content=RecordDict({"update": ArrayRecord(update), "metrics": MetricRecord(values)}),
         reply_to=to,
     )
+
+
+def simulate(tmp_path: Path, nodes: int, **overrides: object) -> tuple[dict, list[dict]]:
+    """Run the ServerApp and ClientApp in-process for 2 rounds (unless overridden); return
+    summary.json and rounds.jsonl."""
+    from flwr.simulation import run_simulation
+
+    from client_app.app import app as client_app
+    from server_app.app import build_server_app
+
+    config = {"results-dir": str(tmp_path), "run-name": "sim", "num-server-rounds": 2,
+              **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    run_simulation(
+        server_app=build_server_app(config), client_app=client_app, num_supernodes=nodes,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": 2}},
+    )
+    folder = tmp_path / "sim"
+    summary = json.loads((folder / "summary.json").read_text())
+    rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
+    return summary, rounds

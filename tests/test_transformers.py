@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-from flwr.simulation import run_simulation
 
 from client_app.app import app as client_app
 from plateau import config as config_module
@@ -24,10 +22,10 @@ from plateau.models import (
     model_from_config,
     travelling_state,
 )
-from server_app.app import build_server_app, build_strategy
+from server_app.app import build_strategy
 from server_app.evaluation import CentralEvaluator
 from strategies import STRATEGIES
-from tests.helpers import FakeGrid, make_config
+from tests.helpers import FakeGrid, make_config, simulate
 
 needs_text = pytest.mark.skipif(
     bool(offline.missing("rotten-tomatoes") or offline.missing("20newsgroups")
@@ -294,19 +292,6 @@ def test_tiny_vit_reads_images_and_has_no_buffers() -> None:
 
 
 # ----- simulations -----------------------------------------------------------------------------
-
-def simulate(tmp_path: Path, nodes: int, **overrides: object) -> tuple[dict, list[dict]]:
-    config = {"results-dir": str(tmp_path), "run-name": "sim", "num-server-rounds": 2,
-              **{k.replace("_", "-"): v for k, v in overrides.items()}}
-    run_simulation(
-        server_app=build_server_app(config), client_app=client_app, num_supernodes=nodes,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2}},
-    )
-    folder = tmp_path / "sim"
-    rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
-    return json.loads((folder / "summary.json").read_text()), rounds
-
 
 @pytest.mark.simulation
 @pytest.mark.parametrize("algorithm", ["fedpgn", "fednsam"])
