@@ -10,7 +10,7 @@ GPUS_PER_CLIENT ?= 0
 CONFIG ?=
 TIMEOUT ?= 3600
 
-.PHONY: install data run test bench algorithms clean
+.PHONY: install data run test audit bench algorithms clean
 
 # the stamp names the torch build, so asking for another one reinstalls torch
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -39,12 +39,17 @@ test: install data
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+# the privacy audit: the real mechanism against canaries, and the broken ones it must flag
+audit: install
+	$(BIN)/python -m plateau.audit
+
 algorithms: install
 	$(BIN)/python -m server_app.algorithms
 
 bench: install
 	$(BIN)/python benchmarks/algorithms.py
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/noise.py
 
 clean:
 	rm -rf .flwr-home .pytest_cache .ruff_cache

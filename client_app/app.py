@@ -22,11 +22,11 @@ from plateau.models import (
     load_travelling,
     model_from_config,
 )
+from plateau.noise import secure_source, test_seed
 from plateau.privacy import (
     Tensors,
     flat_norm,
     mechanism_from_config,
-    noise_generator,
     random_support,
 )
 
@@ -73,11 +73,13 @@ def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> D
 
 def local_round(task: LocalTask, rule: str, cohort: float,
                 start_buffers: dict[str, torch.Tensor], mask_seed: int | None = None,
-                noise_stream: tuple[int, ...] = ()) -> RecordDict:
+                noise_labels: tuple[int, ...] = ()) -> RecordDict:
     """Run a local rule, privatise what it releases, and build the reply's records.
 
     ``mask_seed`` (FedSMP) restricts the release to the round's public random subset of
     coordinates: the update is sparsified, then clipped, then noised on that subset only.
+    ``noise_labels`` name the draw for the test-only seeded path (PLATEAU_TEST_SEED); otherwise
+    the noise is keyed by the operating system.
     """
     config = task.config
     state_rounds = int(task.state.pop(STATE_ROUNDS, {"n": torch.zeros(())})["n"])
@@ -96,14 +98,16 @@ def local_round(task: LocalTask, rule: str, cohort: float,
             released = {k: v * support[k] for k, v in released.items()}
         metrics |= diagnostics | {"update-norm": flat_norm(released)}
     else:
-        released, report = mechanism.release(released, cohort, noise_generator(
-            task.params[0].device, *noise_stream), support=support)
+        released, report = mechanism.release(
+            released, cohort, secure_source("client-noise", *noise_labels), support=support)
         # Under DP the data size is private (constant weight). Only in central placement, where
         # the server is trusted with the clipped updates anyway, does it also get diagnostics.
         metrics = {"num-examples": 1}
         if config.dp == "central":
             metrics |= diagnostics | {"update-norm": report.norm,
                                       "clipped": int(report.clipped), "clip-error": report.error}
+        if test_seed() is not None:  # this node's noise is predictable: the run claims no epsilon
+            metrics["test-seeded"] = 1
     content = RecordDict({
         "update": ArrayRecord({k: v.detach().cpu() for k, v in released.items()}),
         "metrics": MetricRecord(metrics),
@@ -179,7 +183,7 @@ def train(msg: Message, context: Context) -> Message:
     mask_seed = round_config.get("mask-seed")
     content = local_round(task, rule, cohort, start_buffers,
                           int(mask_seed) if mask_seed is not None else None,
-                          noise_stream=(server_round, pid))
+                          noise_labels=(server_round, pid))
     save_state(context, cfg.algorithm, task.state)
     return Message(content=content, reply_to=msg)
 

@@ -3,14 +3,21 @@
 One small interface over two well-kept libraries (Opacus' RDP analysis, and Google's
 ``dp-accounting``, which Flower's own accountant wraps): each round is one event, the Gaussian
 mechanism on the sum of flat-clipped client updates, subsampled the way the strategy really
-sampled its cohort:
+sampled its cohort. Neighbouring federations differ by **zero-out** (one client's data replaced by
+a null client that uploads zero; dp-accounting's ``REPLACE_SPECIAL``), so one client moves the
+clipped sum by at most C:
 
-* Poisson sampling (each of the N clients joins independently with probability q), add/remove-one
-  adjacency: the Poisson-subsampled Gaussian. RDP (Opacus) or PLD (dp-accounting, tightest).
-* Fixed-size sampling (m of N without replacement), replace-one adjacency:
-  ``SampledWithoutReplacementDpEvent(N, m, Gaussian(sigma / 2))``. Replacing one client moves the
-  clipped sum by up to 2C, so the noise multiplier relative to that sensitivity is sigma/2.
-  RDP only (the PLD accountant has no such event).
+* Poisson sampling (each of the N clients joins independently with probability q): the
+  Poisson-subsampled Gaussian, whose zero-out analysis is the add/remove one. RDP (Opacus) or
+  PLD (dp-accounting, tightest).
+* Fixed-size sampling (m of N without replacement):
+  ``SampledWithoutReplacementDpEvent(N, m, Gaussian(sigma))`` under dp-accounting's replace-one
+  analysis; zero-out pairs are replace-one pairs whose replacement is the null client, so the
+  base Gaussian's sensitivity is C and its multiplier sigma. RDP only (the PLD accountant has no
+  such event).
+
+``noise_multiplier`` is the multiplier the aggregate really carries (sigma, or sigma*sqrt(m) in
+local placement, where every one of the m uploads is noised with sigma*C).
 
 The accountant keeps a ledger of its events, so its state is a list of plain numbers that a
 checkpoint can store and replay.
@@ -84,20 +91,22 @@ class RoundEvent:
             return dp_accounting.PoissonSampledDpEvent(
                 self.sample_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier))
         return dp_accounting.SampledWithoutReplacementDpEvent(
-            self.population, self.cohort,
-            dp_accounting.GaussianDpEvent(self.noise_multiplier / 2))
+            self.population, self.cohort, dp_accounting.GaussianDpEvent(self.noise_multiplier))
 
 
 def neighbouring_relation(sampling: str) -> dp_accounting.NeighboringRelation:
-    """Add/remove-one for Poisson sampling, replace-one for fixed-size sampling."""
+    """Zero-out for Poisson sampling; for fixed-size sampling dp-accounting's replace-one
+    analysis, which covers zero-out pairs (the replacement being the null client)."""
     if sampling == "poisson":
-        return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+        return dp_accounting.NeighboringRelation.REPLACE_SPECIAL
     return dp_accounting.NeighboringRelation.REPLACE_ONE
 
 
 class _OpacusRdp:
     """RDP of the Poisson-subsampled Gaussian with Opacus' analysis, which evaluates fractional
-    orders close to 1 that dp-accounting gives up on (so it is the tighter RDP bound)."""
+    orders close to 1 that dp-accounting gives up on (so it is the tighter RDP bound). Its
+    add/remove analysis is the zero-out one: in both, the pair is (1-q)N(0, s^2) + qN(1, s^2)
+    against N(0, s^2)."""
 
     def __init__(self, orders: Sequence[float]) -> None:
         self.orders = np.asarray(orders, dtype=float)
@@ -253,6 +262,20 @@ def calibrate_noise(event_for: Callable[[float], RoundEvent], rounds: int,
     return float(sigma)
 
 
+DELTA_POPULATION_FACTOR = 0.01
+
+
 def default_delta(population: int) -> float:
-    """min(1e-5, 1/N): never weaker than the 1/N convention, never looser than 1e-5."""
-    return min(1e-5, 1.0 / max(population, 1))
+    """min(1e-5, 0.01/N): well below 1/N, so that even a mechanism that leaked each client
+    outright with probability delta would leak anyone at all with probability at most 1%."""
+    return min(1e-5, DELTA_POPULATION_FACTOR / max(population, 1))
+
+
+def epsilon_per_client(noise_multiplier: float, releases: int, delta: float) -> float:
+    """Epsilon of ``releases`` Gaussian releases at ``noise_multiplier`` without any
+    amplification: a client's protection against a server that knows when it was sampled."""
+    if releases <= 0:
+        return 0.0
+    accountant = PrivacyAccountant("rdp", "poisson")
+    accountant.compose(RoundEvent(noise_multiplier, "poisson", 1, 1.0), releases)
+    return accountant.epsilon(delta)

@@ -144,7 +144,7 @@ class RunConfig:
     model_width: int = key(0, "Base channel width, even (GroupNorm uses 2 groups); 0 = the "
                            "model's default (cnn 32, resnet 64).", min=0, max=4096)
     seed: int = key(0, "Seed of the data split, model init, client sampling and batches "
-                    "(never of DP noise).", min=0, max=2**32 - 1)
+                    "(never of DP noise or of DP sampling).", min=0, max=2**32 - 1)
     weighting: str = key(
         "equal", "Weights of the client average; 'num-examples' is refused with DP.",
         choices=("equal", "num-examples"),
@@ -153,12 +153,13 @@ class RunConfig:
     clip_norm: float = key(1.0, "C: flat L2 bound on each client's released update.", min=0,
                            min_exclusive=True)
     noise_multiplier: float = key(1.0, "sigma: noise std on the sum is sigma * C.", min=0)
-    target_delta: float = key(0.0, "delta of the (epsilon, delta) guarantee; 0 = min(1e-5, 1/N).",
-                              min=0, max=1, max_exclusive=True)
+    target_delta: float = key(0.0, "delta of the (epsilon, delta) guarantee; 0 = min(1e-5, "
+                              "0.01/N), well below 1/N.", min=0, max=1, max_exclusive=True)
     sampling: str = key(
         "auto", "Client sampling: 'poisson' (each client joins with probability sample-rate; "
-        "the accountant's assumption), 'fixed' (floor(q*N) without replacement, replace-one "
-        "accounting), 'auto' = poisson with DP, fixed without.",
+        "central DP only), 'fixed' (floor(q*N) without replacement), 'auto' = poisson with "
+        "dp='central', fixed otherwise (distributed and local noise shares would reveal a "
+        "Poisson cohort's size).",
         choices=("auto", "poisson", "fixed"),
     )
     population_size: int = key(
@@ -170,7 +171,8 @@ class RunConfig:
                           choices=("rdp", "pld"))
     target_epsilon: float = key(
         0.0, "If > 0, calibrate noise-multiplier to the smallest value keeping epsilon <= this "
-        "after num-server-rounds rounds (replaces noise-multiplier).", min=0,
+        "after num-server-rounds rounds (replaces noise-multiplier); also a cap: the run stops "
+        "before a round that would exceed it, even when resumed with more rounds.", min=0,
     )
     max_epsilon: float = key(0.0, "If > 0, stop the run before a round that would take epsilon "
                              "above this budget.", min=0)
@@ -297,10 +299,18 @@ class RunConfig:
                 f"weighting={self.weighting!r} with dp={self.dp!r}: client-level DP needs equal "
                 "weights (sample-count weights break the sensitivity bound); allowed: 'equal'"
             )
-        if self.accountant == "pld" and self.sampling == "fixed":
-            raise ConfigError("accountant='pld' with sampling='fixed': PLD accounting covers "
-                              "Poisson sampling only; allowed: accountant='rdp' or "
-                              "sampling='poisson'")
+        if (self.sampling == "poisson" and self.dp in ("distributed", "local")
+                and self.dp_clip_mode == "flat"):
+            raise ConfigError(
+                f"sampling='poisson' with dp={self.dp!r}: the number of noise shares in the "
+                "aggregate would reveal how many clients took part, which Poisson amplification "
+                "assumes hidden; allowed: sampling='fixed' or 'auto', or dp='central'")
+        if (self.accountant == "pld" and self.dp_enabled and self.dp_clip_mode == "flat"
+                and self.sampling_method == "fixed"):
+            raise ConfigError(f"accountant='pld' with sampling={self.sampling!r} and dp="
+                              f"{self.dp!r} (fixed-size cohorts): PLD accounting covers Poisson "
+                              "sampling only; allowed: accountant='rdp', or dp='central' with "
+                              "sampling='poisson' or 'auto'")
         for name, value in (("target-epsilon", self.target_epsilon),
                             ("max-epsilon", self.max_epsilon)):
             if value > 0 and (self.dp == "off" or self.dp_clip_mode != "flat"):
@@ -343,9 +353,9 @@ class RunConfig:
 
     @property
     def sampling_method(self) -> str:
-        """'poisson' or 'fixed', with 'auto' resolved (Poisson exactly when DP is on)."""
+        """'poisson' or 'fixed', with 'auto' resolved (Poisson exactly with central DP)."""
         if self.sampling == "auto":
-            return "poisson" if self.dp_enabled else "fixed"
+            return "poisson" if self.dp == "central" else "fixed"
         return self.sampling
 
     @property

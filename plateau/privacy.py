@@ -2,27 +2,28 @@
 
 Client-level DP protects a whole client's data: each client releases one vector v_i (its model
 update, or whatever its algorithm says is private), flat-clipped to L2 norm <= C over all released
-tensors together. The noisy sum ``sum_i v_i + N(0, (sigma*C)^2 I)`` then has sensitivity C and
-noise multiplier sigma, whichever party adds the noise:
+tensors together. Neighbouring federations differ by **zero-out**: one client's data replaced by a
+null client that releases a zero vector; the client's node still takes part, is sampled, replies
+and adds its noise share, so every count is the same in both worlds. The noisy sum
+``sum_i v_i + N(0, V)`` then has sensitivity C, whichever party adds the noise:
 
-* ``central``: the server adds N(0, (sigma*C)^2) to the sum (it sees clipped individual updates);
-* ``distributed``: each client adds N(0, (sigma*C)^2 / m), m the expected cohort; the server tops
-  up whatever variance missing clients did not add, so the sum always carries (sigma*C)^2;
-* ``local``: each client adds the full N(0, (sigma*C)^2), so every upload is private on its own.
+* ``central``: the server adds all of V = (sigma*C)^2 to the sum (it sees clipped updates);
+* ``distributed``: each of the m clients of a fixed-size cohort adds V/m; the server tops up the
+  shares of clients that failed or were rejected, so the sum always carries exactly V;
+* ``local``: each client adds (sigma*C)^2, so every upload is private on its own; the server tops
+  the sum up to m*(sigma*C)^2, so the aggregate's noise is the same whoever replied.
 
-The mean divides by the *expected* cohort (q*N with Poisson sampling, m with fixed-size sampling:
-public numbers), never by the number that replied, so a missing or rejected client cannot change
-the scale of the noise relative to the sensitivity.
+The aggregate's noise never depends on how many clients took part, and the mean divides by a
+public number (q*N, or m), so the released models do not reveal the count. Where the server cannot
+check that uploads carry their share (too few released coordinates for a norm test), it counts no
+client share and adds V plus the missing shares itself: the total is 2V, again constant.
 
-Noise is drawn with torch on the tensors' device from a generator seeded by the operating system,
-never from the run's public ``seed`` (a known seed would let anyone subtract the noise).
+Noise comes from :mod:`plateau.noise` (ChaCha20 keyed by the OS per release, float64 Gaussians).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import secrets
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,14 +31,16 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .device import derive_seed
+from .noise import NoiseSource, add_noise_all
 
 if TYPE_CHECKING:
     from .config import RunConfig
 
 Tensors = dict[str, torch.Tensor]
 PLACEMENTS = ("central", "distributed", "local")
-TEST_SEED_ENV = "PLATEAU_TEST_SEED"
+# Laurent-Massart tail exponent of the upload norm tests: an honest upload fails one with
+# probability below exp(-40) = 4e-18.
+NORM_TEST_EXPONENT = 40.0
 
 
 def flat_norm(tensors: Mapping[str, torch.Tensor]) -> float:
@@ -54,41 +57,6 @@ def clip_flat(tensors: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[Te
     norm = flat_norm(tensors)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: t * scale if scale < 1.0 else t.clone() for k, t in tensors.items()}, norm
-
-
-def noise_generator(device: torch.device | str = "cpu", *stream: int) -> torch.Generator:
-    """A torch generator on ``device`` seeded from the OS entropy pool.
-
-    Only for tests of exact reproducibility (crash-resume): with ``PLATEAU_TEST_SEED`` set, the
-    seed derives from it and ``stream`` instead. The run then logs that its noise is predictable.
-    """
-    generator = torch.Generator(device=device)
-    test_seed = test_seed_override()
-    generator.manual_seed(derive_seed(test_seed, 1, *stream) if test_seed is not None
-                          else secrets.randbits(63))
-    return generator
-
-
-def test_seed_override() -> int | None:
-    """The PLATEAU_TEST_SEED environment variable, if set (testing only: NOT private)."""
-    value = os.environ.get(TEST_SEED_ENV)
-    return int(value) if value else None
-
-
-def add_gaussian(
-    tensors: Mapping[str, torch.Tensor], std: float, generator: torch.Generator,
-    support: Mapping[str, torch.Tensor] | None = None,
-) -> Tensors:
-    """Add i.i.d. N(0, std^2) to every coordinate (or only where ``support`` is 1), drawn on
-    each tensor's own device."""
-    if std == 0:
-        return dict(tensors)
-    noised = {}
-    for k, t in tensors.items():
-        noise = torch.normal(0.0, std, t.shape, generator=generator, device=t.device,
-                             dtype=t.dtype)
-        noised[k] = t + (noise if support is None else noise * support[k])
-    return noised
 
 
 def random_support(template: Mapping[str, torch.Tensor], keep: float, seed: int
@@ -110,38 +78,48 @@ class ClipReport:
 
 
 class PrivacyMechanism(Protocol):
-    """Client side: ``release``; server side: ``accepts_norm``, ``aggregate``."""
+    """Client side: ``release``; server side: ``screen``, ``aggregate``."""
 
     placement: str
     formally_dp: bool
 
     def release(
-        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator,
+        self, update: Mapping[str, torch.Tensor], cohort: float, source: NoiseSource,
         support: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[Tensors, ClipReport]:
         """Clip one client's released vector and add its share of the noise."""
         ...
 
-    def accepts_norm(self, norm: float, dim: int, cohort: float) -> bool:
-        """Whether an upload of this norm (over ``dim`` coordinates) can be honest."""
+    def screen(self, norm: float, dim: int, cohort: float) -> str | None:
+        """Why an upload of this norm (over ``dim`` noised coordinates) cannot be honest, or
+        None when it can."""
         ...
 
     def aggregate(
         self, updates: Sequence[Mapping[str, torch.Tensor]], cohort: float,
-        template: Mapping[str, torch.Tensor], generator: torch.Generator,
+        template: Mapping[str, torch.Tensor], source: NoiseSource,
         support: Mapping[str, torch.Tensor] | None = None,
     ) -> Tensors:
-        """Noisy sum of the uploads divided by the expected cohort."""
+        """Noisy sum of the uploads divided by the public cohort size."""
         ...
 
-    def effective_noise_multiplier(self, cohort: float, num_aggregated: int) -> float | None:
+    def effective_noise_multiplier(self, cohort: float, dim: int) -> float | None:
         """Noise std on the round's sum over C; None when there is no guarantee."""
+        ...
+
+    def accounted_noise_multiplier(self, cohort: float) -> float | None:
+        """The multiplier the accountant is told: never above the effective one."""
         ...
 
 
 @dataclass(frozen=True)
 class GaussianClientDP:
-    """Flat clipping to ``clip_norm`` and Gaussian noise with multiplier ``noise_multiplier``."""
+    """Flat clipping to ``clip_norm`` and Gaussian noise with multiplier ``noise_multiplier``.
+
+    ``cohort`` is the public cohort size: q*N under Poisson sampling (central placement only), m
+    under fixed-size sampling (required by distributed and local placement, whose noise shares
+    must not reveal how many clients took part).
+    """
 
     clip_norm: float
     noise_multiplier: float
@@ -154,6 +132,12 @@ class GaussianClientDP:
         if not self.clip_norm > 0 or self.noise_multiplier < 0:
             raise ValueError("clip_norm must be > 0 and noise_multiplier >= 0")
 
+    def accounted_noise_multiplier(self, cohort: float) -> float:
+        """sigma, or sigma*sqrt(m) in local placement, whose aggregate carries m shares."""
+        if self.placement == "local":
+            return self.noise_multiplier * math.sqrt(max(cohort, 1.0))
+        return self.noise_multiplier
+
     def client_noise_std(self, cohort: float) -> float:
         """Per-coordinate std each client adds before upload (0 in central placement)."""
         if self.placement == "central":
@@ -162,20 +146,36 @@ class GaussianClientDP:
             return self.noise_multiplier * self.clip_norm / math.sqrt(max(cohort, 1.0))
         return self.noise_multiplier * self.clip_norm
 
-    def server_noise_std(self, cohort: float, num_aggregated: int) -> float:
-        """What the server adds so the sum carries sigma*C however many clients replied.
+    def share_floor(self, dim: int, cohort: float) -> float:
+        """Smallest norm an honest noised upload has except with probability exp(-40):
+        ||clip(v) + z|| >= ||z|| - C, and ||z||^2 >= s^2 (d - 2 sqrt(40 d)) (Laurent-Massart)."""
+        std = self.client_noise_std(cohort)
+        chi2_low = dim - 2.0 * math.sqrt(NORM_TEST_EXPONENT * dim)
+        return std * math.sqrt(max(0.0, chi2_low)) - self.clip_norm
 
-        Central: all of it. Distributed: the variance of the shares that missing clients did not
-        add (none when the expected cohort replied). Local: nothing (each upload is noised).
+    def verifies_shares(self, dim: int, cohort: float) -> bool:
+        """Whether the norm test can tell an upload without its noise share (norm <= C) from
+        an honest one; it cannot when few coordinates are released or the share is small."""
+        return self.client_noise_std(cohort) > 0 and self.share_floor(dim, cohort) > self.clip_norm
+
+    def server_noise_std(self, cohort: float, num_aggregated: int, dim: int) -> float:
+        """What the server adds so the sum's noise is the same however many uploads it sums.
+
+        Central: all of it. Distributed and local, with verifiable shares: the shares of the
+        m - n clients whose upload is missing. Without verifiable shares: the whole target
+        variance plus the missing shares, so no client share is trusted and the total is
+        still constant.
         """
-        if self.placement == "local":
-            return 0.0
-        target = (self.noise_multiplier * self.clip_norm) ** 2
-        added = num_aggregated * self.client_noise_std(cohort) ** 2
-        return math.sqrt(max(0.0, target - added))
+        target = (self.accounted_noise_multiplier(cohort) * self.clip_norm) ** 2
+        if self.placement == "central":
+            return math.sqrt(target)
+        missing = max(0.0, cohort - num_aggregated) * self.client_noise_std(cohort) ** 2
+        if self.verifies_shares(dim, cohort):
+            return math.sqrt(missing)
+        return math.sqrt(target + missing)
 
     def release(
-        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator,
+        self, update: Mapping[str, torch.Tensor], cohort: float, source: NoiseSource,
         support: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[Tensors, ClipReport]:
         """Client side: clip the update flat to C, then add this client's share of the noise
@@ -183,42 +183,51 @@ class GaussianClientDP:
         if support is not None:
             update = {k: t * support[k] for k, t in update.items()}
         clipped, norm = clip_flat(update, self.clip_norm)
-        noised = add_gaussian(clipped, self.client_noise_std(cohort), generator, support)
+        noised = add_noise_all(clipped, self.client_noise_std(cohort), source, support)
         report = ClipReport(norm=norm, clipped=norm > self.clip_norm,
                             error=max(0.0, norm - self.clip_norm))
         return noised, report
 
-    def accepts_norm(self, norm: float, dim: int, cohort: float) -> bool:
-        """Server side: whether an upload can be a clipped update plus this client's noise.
+    def screen(self, norm: float, dim: int, cohort: float) -> str | None:
+        """Server side: whether an upload can be a clipped update plus this client's share.
 
-        Un-noised (central) uploads must have norm <= C. A noised one is at most C plus the
-        norm of d-dimensional Gaussian noise, which concentrates at std*sqrt(d) with spread
-        std/sqrt(2): C + std*(sqrt(d) + 10) rejects an honest client with negligible probability
-        and still stops an oversized upload from moving the model.
+        Un-noised (central) uploads must have norm <= C. A noised one lies within
+        ||z|| -/+ C of its noise norm, which concentrates at s*sqrt(d) (Laurent-Massart bounds
+        at exp(-40) either side): above the upper bound it could move the model too far, below
+        the floor it is missing (part of) the share it owes, and the server tops that share up
+        as if the client had failed.
         """
-        bound = self.clip_norm + self.client_noise_std(cohort) * (math.sqrt(dim) + 10)
-        return norm <= bound * (1 + 1e-5) + 1e-9
+        std = self.client_noise_std(cohort)
+        x = NORM_TEST_EXPONENT
+        upper = self.clip_norm + std * math.sqrt(dim + 2.0 * math.sqrt(x * dim) + 2.0 * x)
+        if norm > upper * (1 + 1e-5) + 1e-9:
+            return "norm-exceeds-bound"
+        if self.verifies_shares(dim, cohort) and norm < self.share_floor(dim, cohort):
+            return "noise-share-missing"
+        return None
 
     def aggregate(
         self, updates: Sequence[Mapping[str, torch.Tensor]], cohort: float,
-        template: Mapping[str, torch.Tensor], generator: torch.Generator,
+        template: Mapping[str, torch.Tensor], source: NoiseSource,
         support: Mapping[str, torch.Tensor] | None = None,
     ) -> Tensors:
-        """Server side: (sum of uploads + the server's share of the noise) / expected cohort."""
+        """Server side: (sum of uploads + the server's noise) / public cohort size."""
         total = sum_updates(updates, template)
         if support is not None:
             total = {k: t * support[k] for k, t in total.items()}
-        noised = add_gaussian(total, self.server_noise_std(cohort, len(updates)), generator,
-                              support)
+        dim = released_dim(template, support)
+        noised = add_noise_all(total, self.server_noise_std(cohort, len(updates), dim), source,
+                               support)
         return {k: t / cohort for k, t in noised.items()}
 
-    def effective_noise_multiplier(self, cohort: float, num_aggregated: int) -> float:
-        """Noise std on the round's sum over C: never below sigma (central noise, or client
-        shares topped up by the server); above it when more clients than expected added shares
-        or, in local placement, when several clients each added sigma*C."""
-        shares = num_aggregated * self.client_noise_std(cohort) ** 2
-        total = self.server_noise_std(cohort, num_aggregated) ** 2 + shares
-        return math.sqrt(total) / self.clip_norm
+    def effective_noise_multiplier(self, cohort: float, dim: int) -> float:
+        """Noise std on the round's sum over C (the same whoever replied): sigma in central and
+        distributed placement, sigma*sqrt(m) in local, times sqrt(2) where shares are not
+        verifiable."""
+        accounted = self.accounted_noise_multiplier(cohort)
+        if self.placement == "central" or self.verifies_shares(dim, cohort):
+            return accounted
+        return accounted * math.sqrt(2.0)
 
 
 @dataclass(frozen=True)
@@ -235,7 +244,7 @@ class PerTensorMedianClip:
     formally_dp: bool = False
 
     def release(
-        self, update: Mapping[str, torch.Tensor], cohort: float, generator: torch.Generator,
+        self, update: Mapping[str, torch.Tensor], cohort: float, source: NoiseSource,
         support: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[Tensors, ClipReport]:
         """Per-tensor clip at the median tensor norm, then per-client noise sigma*C_i/sqrt(m)."""
@@ -250,23 +259,35 @@ class PerTensorMedianClip:
         error = flat_norm({k: update[k] - clipped[k] for k in update})
         std = self.noise_multiplier * threshold / math.sqrt(max(cohort, 1.0))
         report = ClipReport(norm=flat_norm(update), clipped=error > 0, error=error)
-        return add_gaussian(clipped, std, generator, support), report
+        return add_noise_all(clipped, std, source, support), report
 
-    def accepts_norm(self, norm: float, dim: int, cohort: float) -> bool:
+    def screen(self, norm: float, dim: int, cohort: float) -> str | None:
         """The threshold is the client's own, so no bound can be checked."""
-        return True
+        return None
 
     def aggregate(
         self, updates: Sequence[Mapping[str, torch.Tensor]], cohort: float,
-        template: Mapping[str, torch.Tensor], generator: torch.Generator,
+        template: Mapping[str, torch.Tensor], source: NoiseSource,
         support: Mapping[str, torch.Tensor] | None = None,
     ) -> Tensors:
         """Sum of the noised uploads over the expected cohort."""
         return {k: t / cohort for k, t in sum_updates(updates, template).items()}
 
-    def effective_noise_multiplier(self, cohort: float, num_aggregated: int) -> float | None:
-        """No guarantee, so no multiplier to account."""
+    def effective_noise_multiplier(self, cohort: float, dim: int) -> float | None:
+        """No guarantee, so no multiplier to report."""
         return None
+
+    def accounted_noise_multiplier(self, cohort: float) -> float | None:
+        """No guarantee, so nothing to account."""
+        return None
+
+
+def released_dim(template: Mapping[str, torch.Tensor],
+                 support: Mapping[str, torch.Tensor] | None = None) -> int:
+    """How many coordinates are released (and noised): all, or the support's ones."""
+    if support is None:
+        return sum(t.numel() for t in template.values())
+    return int(sum(float(m.sum()) for m in support.values()))
 
 
 def mechanism_from_config(config: RunConfig) -> PrivacyMechanism | None:

@@ -8,22 +8,23 @@ The population N is the set of clients the accounting is about, not just the nod
 be connected: a sampled slot without a connected node is a client that cannot reply (a dropout),
 so connected clients are never sampled more often than the accountant assumes.
 
-Under DP the coins come from a generator seeded by the operating system: amplification by
-sampling only holds if nobody can predict who was sampled. Without DP they come from the run's
-seed and the round number, so runs are reproducible.
+Under DP the coins come from a fresh ChaCha20 keystream keyed by the operating system for every
+round (:mod:`plateau.noise`): amplification by sampling only holds if nobody can predict or
+reconstruct who was sampled, so no sampler state exists to be stored or restored. Without DP they
+come from the run's seed and the round number, so runs are reproducible.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .device import derive_seed
-from .privacy import test_seed_override
+from .noise import secure_source
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class ClientSampler:
     sample_rate : float
         q, the probability (Poisson) or fraction (fixed) of clients per round.
     secret : bool
-        Draw from an OS-seeded generator (DP runs) instead of ``seed`` and the round.
+        Draw from a fresh OS-keyed keystream each round (DP runs) instead of ``seed`` and the
+        round.
     seed : int
         Seed of the reproducible (non-secret) draws.
     """
@@ -55,19 +57,8 @@ class ClientSampler:
             raise ValueError(f"sampling={method!r}; expected 'poisson' or 'fixed'")
         self.method = method
         self.sample_rate = sample_rate
+        self.secret = secret
         self.seed = seed
-        test_seed = test_seed_override()
-        entropy = derive_seed(test_seed, 2) if test_seed is not None else secrets.randbits(128)
-        self.secret_rng = np.random.default_rng(entropy) if secret else None
-
-    def state(self) -> dict | None:
-        """The secret generator's state (for checkpoints); None when draws are seeded."""
-        return self.secret_rng.bit_generator.state if self.secret_rng is not None else None
-
-    def restore(self, state: dict | None) -> None:
-        """Continue the secret generator from a checkpoint."""
-        if self.secret_rng is not None and state is not None:
-            self.secret_rng.bit_generator.state = state
 
     def cohort_size(self, population: int) -> int:
         """m for fixed-size sampling."""
@@ -84,13 +75,21 @@ class ClientSampler:
         if len(nodes) > population:
             raise ValueError(f"{len(nodes)} nodes are connected but the population is "
                              f"{population}: set population-size to at least {len(nodes)}")
-        rng = self.secret_rng or np.random.default_rng(derive_seed(self.seed, server_round))
         ordered = sorted(nodes)
         if self.method == "poisson":
-            joined = rng.random(len(ordered)) < self.sample_rate
+            joined = self._uniforms(len(ordered), server_round) < self.sample_rate
             picked = [node for node, coin in zip(ordered, joined, strict=True) if coin]
         else:
-            slots = rng.choice(population, size=self.cohort_size(population), replace=False)
+            # m smallest of N uniform keys: a uniformly random m-subset of the N slots
+            keys = self._uniforms(population, server_round)
+            slots = np.argsort(keys, kind="stable")[:self.cohort_size(population)]
             picked = [ordered[int(i)] for i in sorted(slots) if i < len(ordered)]
         return Cohort(nodes=picked, expected=self.expected_cohort(population),
                       population=population)
+
+    def _uniforms(self, count: int, server_round: int) -> np.ndarray:
+        """``count`` uniforms in (0, 1): secret (a fresh keystream) or from the seed and round."""
+        if self.secret:
+            return secure_source("sampling", server_round).uniform_(
+                torch.empty(count, dtype=torch.float64)).numpy()
+        return np.random.default_rng(derive_seed(self.seed, server_round)).random(count)

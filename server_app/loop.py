@@ -22,7 +22,8 @@ from flwr.supercore import log
 from plateau.accounting import PrivacyAccountant
 from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
-from plateau.privacy import mechanism_from_config, test_seed_override
+from plateau.noise import TEST_SEED_ENV, test_seed
+from plateau.privacy import mechanism_from_config
 from strategies import PlateauStrategy
 from strategies.base import short_reason
 
@@ -37,6 +38,28 @@ from .results import RunRecorder, default_run_name
 
 class RunFailed(RuntimeError):
     """A run that cannot go on (too many failed rounds in a row)."""
+
+
+ADJACENCY = ("zero-out: one client's data replaced by a null client that releases a zero "
+             "update; its node still takes part, so every count is the same in both worlds")
+EPSILON_COVERS = ("the sequence of global models, and what is computed from them and public "
+                  "data alone (broadcast server state, central test accuracy and loss, "
+                  "global_update_norm, flatness probes)")
+# operator telemetry: computed from what clients reported or from who was sampled; it stays
+# inside the trust boundary (the server's operator) and no epsilon covers sharing it
+OUTSIDE_EPSILON = {
+    "rounds.jsonl": ["train_loss", "mean_update_norm", "clip_fraction", "mean_clip_error",
+                     "num_sampled", "num_clients", "num_failed", "num_rejected", "rejected",
+                     "mean_state_rounds", "epsilon_against_server", "wall_s"],
+    "prometheus": ["plateau_train_loss", "plateau_clip_fraction", "plateau_update_norm",
+                   "plateau_clients_sampled_total", "plateau_clients_replied_total",
+                   "plateau_clients_failed_total", "plateau_clients_rejected_total",
+                   "plateau_bytes_sent_total", "plateau_bytes_received_total",
+                   "plateau_round_duration_seconds", "plateau_epsilon_against_server"],
+}
+NOISE_SOURCE = ("ChaCha20 keystream (OpenSSL) under a fresh 256-bit OS key per release; "
+                "float64 Box-Muller Gaussians from 53-bit uniforms with an untruncated tail, "
+                "added in float64 and rounded once; no generator state is stored")
 
 
 def round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float, loss: float,
@@ -70,21 +93,24 @@ def round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float,
     return record
 
 
-def privacy_statement(config: RunConfig, ledger: PrivacyLedger | None) -> dict[str, Any]:
-    """What the run's privacy claim is, in summary.json."""
+def privacy_statement(config: RunConfig, ledger: PrivacyLedger | None,
+                      void_reason: str | None = None,
+                      epsilon_against_server: float | None = None) -> dict[str, Any]:
+    """What the run's privacy claim is, and what it does not cover, in summary.json."""
     mechanism = mechanism_from_config(config)
     if mechanism is None:
         return {"dp": "off", "formally_dp": False}
     statement: dict[str, Any] = {
         "dp": config.dp,
         "clip_mode": config.dp_clip_mode,
-        "formally_dp": ledger is not None,
+        "formally_dp": ledger is not None and void_reason is None,
         "clip_norm": config.clip_norm,
         "noise_multiplier": config.noise_multiplier,
         "sampling": config.sampling_method,
+        "noise_source": NOISE_SOURCE,
     }
-    if test_seed_override() is not None:
-        statement["test_seeded"] = True
+    if void_reason is not None:
+        statement["epsilon_void_reason"] = void_reason
     if ledger is None:
         statement["note"] = ("the authors' per-tensor median clip is not differentially private"
                              if not mechanism.formally_dp else
@@ -95,10 +121,14 @@ def privacy_statement(config: RunConfig, ledger: PrivacyLedger | None) -> dict[s
         "population": ledger.population,
         "sample_rate": config.sample_rate,
         "expected_cohort": ledger.expected_cohort,
+        "accounted_noise_multiplier": ledger.event.noise_multiplier,
         "delta": ledger.delta,
-        "epsilon": ledger.epsilon,
-        "adjacency": "add/remove one client" if config.sampling_method == "poisson"
-        else "replace one client",
+        "epsilon": None if void_reason else ledger.epsilon,
+        "epsilon_budget": ledger.budget[0] if ledger.budget else None,
+        "adjacency": ADJACENCY,
+        "epsilon_covers": EPSILON_COVERS,
+        "outside_epsilon": OUTSIDE_EPSILON,
+        "epsilon_against_server": None if void_reason else epsilon_against_server,
     }
 
 
@@ -124,9 +154,11 @@ class RunLoop:
         run_name = config.run_name or default_run_name(config)
         folder = Path(config.checkpoint_dir or Path(config.results_dir) / run_name / "checkpoint")
         self.checkpointer = Checkpointer(folder) if config.checkpoint or config.resume else None
-        if test_seed_override() is not None:
-            log(WARNING, "PLATEAU_TEST_SEED is set: noise and sampling are reproducible and "
-                "therefore NOT private against anyone who knows the seed (testing only)")
+        self.void_reason: str | None = None
+        if test_seed() is not None:
+            self.void_reason = (f"{TEST_SEED_ENV} is set on the server: its noise and sampling "
+                                "are reproducible, hence not private")
+            log(WARNING, "%s; no epsilon is reported (testing only)", self.void_reason)
         population = self.strategy.determine_population(grid)
         self.start_round, records, events = 1, [], None
         if config.resume:
@@ -143,6 +175,10 @@ class RunLoop:
             if self.strategy.client_state:
                 log(WARNING, "%s keeps per-client state (%s) on the SuperNodes; a resumed run "
                     "starts it afresh", config.algorithm, self.strategy.client_state)
+        if self.void_reason is None and (earlier := next(
+                (r["epsilon_void_reason"] for r in records if r.get("epsilon_void_reason")),
+                None)) is not None:
+            self.void_reason = f"the run this one resumes claims none: {earlier}"
         config, self.ledger = plan_privacy(config, population, calibrate=not config.resume)
         if self.ledger is not None and events is not None:
             self.ledger.accountant = PrivacyAccountant.from_state(
@@ -178,27 +214,50 @@ class RunLoop:
             raise
         finally:
             if self.ledger is not None:
-                outcome |= {"epsilon": self.ledger.epsilon, "delta": self.ledger.delta}
+                outcome |= {"epsilon": None if self.void_reason else self.ledger.epsilon,
+                            "delta": self.ledger.delta}
+                if self.void_reason:
+                    outcome["epsilon_void_reason"] = self.void_reason
             summary = self.recorder.write_summary(
-                status, privacy=privacy_statement(config, self.ledger), **outcome)
+                status, privacy=privacy_statement(config, self.ledger, self.void_reason,
+                                                  self.epsilon_against_server()), **outcome)
             self.metrics.close()
         log(INFO, "finished (%s): final accuracy %s, best %s (round %s)%s, %.1f s", status,
             _fmt(summary["final_accuracy"]), _fmt(summary["best_accuracy"]),
-            summary["best_round"],
-            f", epsilon {self.ledger.epsilon:.4f} at delta {self.ledger.delta:g}"
-            if self.ledger else "", summary["total_time_s"])
+            summary["best_round"], self.epsilon_phrase(), summary["total_time_s"])
         return summary
+
+    def epsilon_phrase(self) -> str:
+        """', epsilon E at delta D' for the console, or why there is none."""
+        if self.ledger is None:
+            return ""
+        if self.void_reason is not None:
+            return f", no epsilon ({self.void_reason})"
+        return f", epsilon {self.ledger.epsilon:.4f} at delta {self.ledger.delta:g}"
+
+    def epsilon_against_server(self) -> float | None:
+        """The most-sampled client's epsilon against the server (local, distributed)."""
+        if self.ledger is None or self.void_reason is not None:
+            return None
+        return self.ledger.epsilon_against_server(self.strategy.max_participations())
+
+    def void_epsilon(self, reason: str) -> None:
+        """From now on, and for every round already recorded, the run claims no epsilon."""
+        if self.void_reason is None:
+            self.void_reason = reason
+            log(WARNING, "no epsilon is reported: %s", reason)
+            self.recorder.void_epsilon(reason)
 
     def over_budget(self, server_round: int) -> str | None:
         """Why the run must stop before this round, if it must."""
         if self.ledger is None:
             return None
         fits, after = self.ledger.next_round_fits()
-        if fits:
+        if fits or self.ledger.budget is None:
             return None
+        budget, key = self.ledger.budget
         return (f"privacy budget: round {server_round} would take epsilon from "
-                f"{self.ledger.epsilon:.4f} to {after:.4f} > max-epsilon="
-                f"{self.config.max_epsilon:g}")
+                f"{self.ledger.epsilon:.4f} to {after:.4f} > {key}={budget:g}")
 
     def one_round(self, server_round: int) -> None:
         config, strategy = self.config, self.strategy
@@ -214,6 +273,12 @@ class RunLoop:
                 self.checkpointer.save_ledger(server_round, self.settings,
                                               self.ledger.accountant.state())
         stats = strategy.last_stats
+        if stats.test_seeded_nodes and self.ledger is not None:
+            self.void_epsilon(f"{stats.test_seeded_nodes} SuperNode(s) drew their noise from "
+                              f"{TEST_SEED_ENV} in round {server_round}: predictable, hence "
+                              "not private")
+        if self.void_reason is not None:
+            epsilon = None
         self.check_failures(server_round, replies)
         result = self.evaluator(strategy.current)
         wall_s = time.monotonic() - started
@@ -223,6 +288,10 @@ class RunLoop:
                               strategy.learning_rate(server_round), wall_s, config.dp_enabled,
                               flatness, stats.rejected)
         record["epsilon"] = epsilon
+        if self.ledger is not None:
+            record["epsilon_against_server"] = self.epsilon_against_server()
+            if self.void_reason is not None:
+                record["epsilon_void_reason"] = self.void_reason
         self.recorder.record_round(record)
         failed = {"error": stats.failed, "no-reply": stats.missing}
         self.metrics.observe_round(record, stats.norms, stats.rejected,
@@ -261,7 +330,8 @@ class RunLoop:
         """The console's one line per round (plus the flatness line when measured)."""
         clipping = (f" | clipped {_fmt(record['clip_fraction'])}, clip error "
                     f"{_fmt(record['mean_clip_error'])}" if self.config.dp_enabled else "")
-        epsilon = "" if record["epsilon"] is None else f" | epsilon {record['epsilon']:.4f}"
+        epsilon = ("" if self.ledger is None else " | epsilon n/a (not private)"
+                   if record["epsilon"] is None else f" | epsilon {record['epsilon']:.4f}")
         log(INFO, "[round %d/%d] test accuracy %.4f, loss %.4f | train loss %s | clients %d/%d | "
             "update norm %s, global %s%s%s | %.2f s", record["round"],
             self.config.num_server_rounds, record["test_accuracy"], record["test_loss"],

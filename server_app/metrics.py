@@ -5,6 +5,11 @@ the run's own (not the process-global one), so several runs in one process never
 ServerApp lives for one run, so the endpoint disappears with it: ``metrics-linger`` keeps it up
 for a last scrape, and ``metrics-pushgateway`` pushes after every round for dashboards that span
 runs. Clients run no HTTP servers; what they report comes back through the strategy.
+
+Under DP, epsilon covers the sequence of models and what is computed from them (accuracy, loss,
+global update norm, flatness); the metrics whose help text says "operator telemetry" come from
+what clients reported or from who was sampled and are not covered by it: they stay with the
+operator.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from plateau.config import RunConfig
 NORM_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 DURATION_BUCKETS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 LABELS = ("run", "algorithm")
+TELEMETRY = " (operator telemetry: not covered by epsilon)"
 
 
 class RunMetrics:
@@ -46,27 +52,36 @@ class RunMetrics:
                                           "Unix time the last round completed")
         self.accuracy = gauge("test_accuracy", "Central test accuracy of the global model")
         self.test_loss = gauge("test_loss", "Central test loss of the global model")
-        self.train_loss = gauge("train_loss", "Mean training loss the clients reported")
-        self.epsilon = gauge("epsilon_spent", "Epsilon spent so far at the run's delta")
-        self.epsilon_budget = gauge("epsilon_budget",
-                                    "max-epsilon (or target-epsilon) of the run; 0 = none")
-        self.clip_fraction = gauge("clip_fraction", "Fraction of client updates clipped")
+        self.train_loss = gauge("train_loss", "Mean training loss the clients reported" + TELEMETRY)
+        self.epsilon = gauge("epsilon_spent", "Epsilon spent so far at the run's delta (NaN when "
+                             "the run claims none, e.g. test-seeded noise)")
+        self.epsilon_budget = gauge("epsilon_budget", "The smaller of target-epsilon and "
+                                    "max-epsilon among those set; 0 = none")
+        self.epsilon_server = gauge("epsilon_against_server", "Epsilon of the most-sampled "
+                                    "client against the server (local, distributed)" + TELEMETRY)
+        self.clip_fraction = gauge("clip_fraction", "Fraction of client updates clipped"
+                                   + TELEMETRY)
         self.global_update_norm = gauge("global_update_norm", "|x_{t+1} - x_t|")
         self.sharpness = gauge("sharpness", "SAM sharpness of the global model")
         self.hessian = gauge("hessian_top_eigenvalue", "Top Hessian eigenvalue")
-        self.sampled = counter("clients_sampled", "Clients sampled")
-        self.replied = counter("clients_replied", "Replies accepted into the aggregate")
-        self.failed = counter("clients_failed", "Clients that replied with an error or not at all",
-                              ("reason",))
-        self.rejected = counter("clients_rejected", "Replies dropped by screening", ("reason",))
-        self.bytes_sent = counter("bytes_sent", "Array bytes sent to clients")
-        self.bytes_received = counter("bytes_received", "Array bytes received from clients")
-        self.update_norm = Histogram("plateau_update_norm", "Pre-clip client update norms",
-                                     LABELS, buckets=NORM_BUCKETS, registry=self.registry)
-        self.round_duration = Histogram("plateau_round_duration_seconds", "Round wall time",
-                                        LABELS, buckets=DURATION_BUCKETS, registry=self.registry)
+        self.sampled = counter("clients_sampled", "Clients sampled" + TELEMETRY)
+        self.replied = counter("clients_replied", "Replies accepted into the aggregate" + TELEMETRY)
+        self.failed = counter("clients_failed", "Clients that replied with an error or not at all"
+                              + TELEMETRY, ("reason",))
+        self.rejected = counter("clients_rejected", "Replies dropped by screening" + TELEMETRY,
+                                ("reason",))
+        self.bytes_sent = counter("bytes_sent", "Array bytes sent to clients" + TELEMETRY)
+        self.bytes_received = counter("bytes_received", "Array bytes received from clients"
+                                      + TELEMETRY)
+        self.update_norm = Histogram("plateau_update_norm", "Pre-clip client update norms"
+                                     + TELEMETRY, LABELS, buckets=NORM_BUCKETS,
+                                     registry=self.registry)
+        self.round_duration = Histogram("plateau_round_duration_seconds", "Round wall time"
+                                        + TELEMETRY, LABELS, buckets=DURATION_BUCKETS,
+                                        registry=self.registry)
         self.rounds_planned.labels(**self.labels).set(config.num_server_rounds)
-        self.epsilon_budget.labels(**self.labels).set(config.max_epsilon or config.target_epsilon)
+        caps = [c for c in (config.target_epsilon, config.max_epsilon) if c > 0]
+        self.epsilon_budget.labels(**self.labels).set(min(caps, default=0.0))
 
     def serve(self) -> None:
         """Start the HTTP endpoint if ``metrics-port`` is set."""
@@ -92,9 +107,13 @@ class RunMetrics:
             value = record.get(key)
             if isinstance(value, int | float):
                 metric.labels(**labels).set(value)
-        epsilon = record.get("epsilon")
-        if isinstance(epsilon, int | float):
-            self.epsilon.labels(**labels).set(epsilon)
+        if "epsilon" in record:  # a DP run: a number, or NaN when it claims none
+            epsilon = record["epsilon"]
+            self.epsilon.labels(**labels).set(
+                epsilon if isinstance(epsilon, int | float) else float("nan"))
+        against_server = record.get("epsilon_against_server")
+        if isinstance(against_server, int | float):
+            self.epsilon_server.labels(**labels).set(against_server)
         self.round_completed_time.labels(**labels).set(time.time())
         self.sampled.labels(**labels).inc(record.get("num_sampled") or 0)
         self.replied.labels(**labels).inc(record.get("num_clients") or 0)

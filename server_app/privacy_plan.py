@@ -1,9 +1,10 @@
 """The run's privacy plan and ledger: calibration before round 1, epsilon after every round, and
 the budget stop before a round that would overspend.
 
-Every round is accounted as the event the strategy really ran (its sampling, population, noise
-multiplier) and composed *before* the round's results are recorded, so no released model is ever
-missing from the epsilon.
+Every round is accounted as the event the strategy really ran (its sampling, population, the
+noise multiplier its aggregate carries) and composed *before* the round's results are recorded,
+so no released model is ever missing from the epsilon. ``target-epsilon`` is a cap as well as a
+calibration target: a run (also a resumed one) never ends above it.
 """
 
 from __future__ import annotations
@@ -14,16 +15,24 @@ from logging import INFO, WARNING
 
 from flwr.supercore import log
 
-from plateau.accounting import PrivacyAccountant, RoundEvent, calibrate_noise, default_delta
+from plateau.accounting import (
+    DELTA_POPULATION_FACTOR,
+    PrivacyAccountant,
+    RoundEvent,
+    calibrate_noise,
+    default_delta,
+    epsilon_per_client,
+)
 from plateau.config import RunConfig
-from plateau.privacy import mechanism_from_config
+from plateau.privacy import GaussianClientDP, mechanism_from_config
 from plateau.sampling import ClientSampler
 
 TRUST = {
     "central": "the server sees every clipped update and adds all the noise (trusted server)",
-    "distributed": "each client adds sigma*C/sqrt(expected cohort) and the server tops up missing "
-                   "shares; the aggregate is as private as central, individual uploads only "
-                   "carry their share (secure aggregation would be needed to hide them)",
+    "distributed": "each of the m sampled clients adds sigma*C/sqrt(m) and the server tops up "
+                   "missing or rejected shares; the aggregate is as private as central, "
+                   "individual uploads only carry their share (secure aggregation would be "
+                   "needed to hide them)",
     "local": "each client adds sigma*C itself: every upload is private on its own (nothing is "
              "trusted but the run config; SuperNodes can enforce floors in their node config)",
 }
@@ -46,11 +55,31 @@ class PrivacyLedger:
         """Spent so far, at the run's delta."""
         return self.accountant.epsilon(self.delta)
 
+    @property
+    def budget(self) -> tuple[float, str] | None:
+        """The epsilon no round may exceed and the key that sets it: the smaller of
+        target-epsilon and max-epsilon among those set."""
+        caps = [(value, name) for value, name in ((self.config.target_epsilon, "target-epsilon"),
+                                                  (self.config.max_epsilon, "max-epsilon"))
+                if value > 0]
+        return min(caps) if caps else None
+
     def next_round_fits(self) -> tuple[bool, float]:
-        """Whether one more round stays within max-epsilon, and the epsilon it would bring."""
+        """Whether one more round stays within the budget, and the epsilon it would bring."""
         after = self.accountant.epsilon_after(self.event, self.delta)
-        budget = self.config.max_epsilon
-        return (budget <= 0 or after <= budget), after
+        return (self.budget is None or after <= self.budget[0]), after
+
+    def epsilon_against_server(self, releases: int) -> float | None:
+        """Epsilon of one client that handed the server ``releases`` uploads, against the
+        server (which knows when it sampled it, so no amplification): local placement's point,
+        and what distributed placement gives without secure aggregation. None in central
+        placement, where the server sees clipped updates."""
+        mechanism = mechanism_from_config(self.config)
+        if not isinstance(mechanism, GaussianClientDP) or mechanism.placement == "central":
+            return None
+        per_upload = (mechanism.client_noise_std(self.expected_cohort)
+                      / mechanism.clip_norm)
+        return epsilon_per_client(per_upload, releases, self.delta)
 
     def commit_round(self) -> float:
         """Account for a round whose noisy aggregate now exists; epsilon after it."""
@@ -64,9 +93,12 @@ class PrivacyLedger:
 
 
 def event_for(config: RunConfig, population: int, noise_multiplier: float) -> RoundEvent:
-    """The round event of this config (sampling, q, N, m) at a given noise multiplier."""
+    """The round event of this config (sampling, q, N, m) at a given noise multiplier sigma:
+    the aggregate carries sigma (central, distributed) or sigma*sqrt(m) (local)."""
     sampler = ClientSampler(config.sampling_method, config.sample_rate, secret=False)
-    return RoundEvent(noise_multiplier=noise_multiplier, sampling=config.sampling_method,
+    placement = GaussianClientDP(config.clip_norm, noise_multiplier, placement=config.dp)
+    carried = placement.accounted_noise_multiplier(sampler.expected_cohort(population))
+    return RoundEvent(noise_multiplier=carried, sampling=config.sampling_method,
                       population=population, sample_rate=config.sample_rate,
                       cohort=sampler.cohort_size(population))
 
@@ -94,18 +126,19 @@ def plan_privacy(config: RunConfig, population: int, *, calibrate: bool = True
             config.num_server_rounds)
         config = dataclasses.replace(config, noise_multiplier=sigma)
     ledger = PrivacyLedger(config, population)
-    if delta > 1.0 / population:
-        log(WARNING, "target-delta=%g is above 1/N = %g: such a delta allows outright leaks of "
-            "some clients", delta, 1.0 / population)
+    if delta > DELTA_POPULATION_FACTOR / population:
+        log(WARNING, "target-delta=%g is above %g/N = %g: delta*N is the chance that a "
+            "mechanism failing with probability delta leaks someone outright", delta,
+            DELTA_POPULATION_FACTOR, DELTA_POPULATION_FACTOR / population)
     cohort = ledger.expected_cohort
     planned = ledger.planned_epsilon()
     log(INFO, "privacy plan: N=%d clients, q=%g (%s sampling, expected cohort %.1f), sigma=%.4f, "
         "C=%g, %d rounds, accountant %s, delta=%g (%s), planned epsilon=%s", population,
         config.sample_rate, config.sampling_method, cohort, config.noise_multiplier,
         config.clip_norm, config.num_server_rounds, config.accountant, delta,
-        "target-delta" if config.target_delta else "min(1e-5, 1/N)",
+        "target-delta" if config.target_delta else "min(1e-5, 0.01/N)",
         f"{planned:.4f}" if math.isfinite(planned) else "inf (no noise)")
-    if config.max_epsilon > 0:
-        log(INFO, "budget: the run stops before any round that would take epsilon above %g",
-            config.max_epsilon)
+    if ledger.budget is not None:
+        log(INFO, "budget: the run stops before any round that would take epsilon above %g "
+            "(%s)", *ledger.budget)
     return config, ledger

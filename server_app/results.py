@@ -47,6 +47,18 @@ class RunRecorder:
         self.rounds_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self.started = time.monotonic()
 
+    def void_epsilon(self, reason: str) -> None:
+        """Null the epsilon of every record already written (rewritten atomically): a run whose
+        noise turned out predictable claims no epsilon for any round."""
+        for record in self.records:
+            for key in ("epsilon", "epsilon_against_server"):
+                if key in record:
+                    record[key] = None
+            record["epsilon_void_reason"] = reason
+        tmp = self.rounds_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        tmp.replace(self.rounds_path)
+
     def record_round(self, record: dict[str, Any]) -> None:
         """Append one round's record and flush it, so a crash loses at most the current round."""
         record = {k: _clean(v) for k, v in record.items()}

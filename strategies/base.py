@@ -26,11 +26,12 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from plateau.config import RunConfig
+from plateau.noise import secure_source
 from plateau.privacy import (
     PrivacyMechanism,
     Tensors,
     flat_norm,
-    noise_generator,
+    released_dim,
     sum_updates,
     weighted_mean,
 )
@@ -68,6 +69,7 @@ class ClientUpload:
     clipped: bool | None
     clip_error: float | None
     state_rounds: float | None
+    test_seeded: bool = False
 
 
 @dataclass
@@ -82,6 +84,7 @@ class RoundStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     norms: list[float] = field(default_factory=list)
+    test_seeded_nodes: int = 0  # replies whose node drew its noise from PLATEAU_TEST_SEED
 
 
 def short_reason(reason: str) -> str:
@@ -150,9 +153,12 @@ class PlateauStrategy(FedAvg):
         self.population = 0
         self.cohort = Cohort(nodes=[], expected=1.0, population=0)
         self.mean_denominator = 0.0
+        self.released_dim = 0  # coordinates each client releases (and noises) this round
         self.bytes_sent = 0
         self.last_stats = RoundStats()
-        self._noise_generator = noise_generator(self.device, 0) if privacy is not None else None
+        # uploads each node has handed the server: its own epsilon against the server
+        self.participations: Counter[int] = Counter()
+        self.prior_participations = 0  # the most any node had in the run this one resumes
 
     # ----- what an algorithm specialises ------------------------------------------------------
 
@@ -236,6 +242,7 @@ class PlateauStrategy(FedAvg):
         }
         population = self.determine_population(grid)
         self.cohort = self.sampler.sample(self.connected_nodes(grid), population, server_round)
+        self.released_dim = released_dim(self.release_template(), self.support(server_round))
         round_config = ConfigRecord({
             **config,
             **self.config.to_dict(),
@@ -285,9 +292,9 @@ class PlateauStrategy(FedAvg):
         if not isinstance(num_examples, int) or num_examples <= 0:
             return "bad-metrics"
         norm = flat_norm(update)
-        if self.privacy is not None and not self.privacy.accepts_norm(
-                norm, sum(t.numel() for t in update.values()), self.cohort.expected):
-            return "norm-exceeds-bound"
+        if self.privacy is not None and (reason := self.privacy.screen(
+                norm, self.released_dim, self.cohort.expected)) is not None:
+            return reason
         loss, pre_clip, clipped, error, state_rounds = (metrics.get(k) for k in (
             "train-loss", "update-norm", "clipped", "clip-error", "state-rounds"))
         return ClientUpload(
@@ -302,6 +309,7 @@ class PlateauStrategy(FedAvg):
             clipped=bool(clipped) if isinstance(clipped, int | float) else None,
             clip_error=float(error) if isinstance(error, int | float) else None,
             state_rounds=float(state_rounds) if isinstance(state_rounds, int | float) else None,
+            test_seeded=bool(metrics.get("test-seeded", 0)),
         )
 
     def _tensors(self, record: ArrayRecord, template: Tensors) -> Tensors:
@@ -343,6 +351,11 @@ class PlateauStrategy(FedAvg):
             node_id = msg.metadata.src_node_id
             if not msg.has_error():
                 stats.bytes_received += array_bytes(msg.content)
+                if node_id in sampled and node_id not in seen:
+                    self.participations[node_id] += 1
+                metrics = msg.content.metric_records.get(METRICS_KEY)
+                if metrics is not None and metrics.get("test-seeded"):
+                    stats.test_seeded_nodes += 1
             if node_id in seen:
                 verdict: ClientUpload | str = "duplicate"
             elif node_id not in sampled:
@@ -386,25 +399,28 @@ class PlateauStrategy(FedAvg):
     # ----- checkpoints ------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything the server knows besides the model: algorithm state, population, the
-        sampler's and the noise generator's states."""
+        """Everything the server knows besides the model: algorithm state, population, and the
+        most uploads any node has handed it. Never a generator or sampler state: a resumed run
+        draws fresh noise and fresh cohorts."""
         return {
             "tensors": {name: {k: v.cpu() for k, v in getattr(self, name).items()}
                         for name in self.state_attributes},
             "population": self.population,
-            "sampler": self.sampler.state(),
-            "noise": (self._noise_generator.get_state()
-                      if self._noise_generator is not None else None),
+            "max_participations": self.max_participations(),
         }
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
-        """Load what ``checkpoint_state`` saved."""
+        """Load what ``checkpoint_state`` saved (secret state in an old checkpoint is ignored)."""
         for name, tensors in state["tensors"].items():
             setattr(self, name, {k: v.to(self.device) for k, v in tensors.items()})
         self.population = int(state["population"])
-        self.sampler.restore(state["sampler"])
-        if self._noise_generator is not None and state["noise"] is not None:
-            self._noise_generator.set_state(state["noise"])
+        self.prior_participations = int(state.get("max_participations", 0))
+
+    def max_participations(self) -> int:
+        """An upper bound on the uploads any one client has handed the server in this run
+        (node ids may change on resume, so the earlier maximum is added, not merged)."""
+        current = max(self.participations.values(), default=0)
+        return self.prior_participations + current
 
     # ----- aggregation ------------------------------------------------------------------------
 
@@ -422,7 +438,7 @@ class PlateauStrategy(FedAvg):
         if self.privacy is not None:
             mean_update = self.privacy.aggregate(
                 [u.update for u in uploads], self.cohort.expected, template,
-                self._noise_generator, support=self.support(server_round),
+                secure_source("server-noise", server_round), support=self.support(server_round),
             )
         else:
             weights = [
@@ -469,7 +485,7 @@ class PlateauStrategy(FedAvg):
                 metrics[name] = float(np.mean(known))
         if self.privacy is not None:
             multiplier = self.privacy.effective_noise_multiplier(self.cohort.expected,
-                                                                 stats.accepted)
+                                                                 self.released_dim)
             if multiplier is not None:
                 metrics["effective-noise-multiplier"] = multiplier
         return MetricRecord(metrics)

@@ -17,6 +17,7 @@ from plateau.accounting import (
     RoundEvent,
     calibrate_noise,
     default_delta,
+    epsilon_per_client,
 )
 from server_app.privacy_plan import PrivacyLedger, plan_privacy
 from tests.helpers import make_config
@@ -75,16 +76,48 @@ def test_reference_points_of_the_dp_fedsam_accountant(rounds: int, at_1e5: float
     assert accountant.epsilon(2e-3) == pytest.approx(at_2e3, abs=0.01)
 
 
-def test_fixed_size_sampling_uses_replace_one_with_double_sensitivity() -> None:
-    """With m = N every round is the full Gaussian mechanism; replacing a client moves the sum
-    by 2C, so its RDP is alpha * T / (2 (sigma/2)^2), converted here independently."""
+def test_fixed_size_sampling_under_zero_out_has_sensitivity_c() -> None:
+    """With m = N every round is the full Gaussian mechanism; zeroing one client's data moves
+    the sum by at most C, so its RDP is alpha * T / (2 sigma^2), converted here independently."""
     sigma, rounds, delta = 3.0, 20, 1e-5
     accountant = PrivacyAccountant("rdp", "fixed")
     accountant.compose(RoundEvent(sigma, "fixed", 50, 1.0, cohort=50), rounds)
     orders = np.array(RDP_ORDERS, dtype=float)
-    rdp = orders * rounds / (2 * (sigma / 2) ** 2)
+    rdp = orders * rounds / (2 * sigma ** 2)
     expected = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
     assert accountant.epsilon(delta) == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize(("sigma", "q"), [(0.8, 0.1), (1.0, 0.5), (2.0, 1.0)])
+def test_poisson_accounting_is_the_zero_out_relation(sigma: float, q: float) -> None:
+    """Zero-out (dp-accounting's REPLACE_SPECIAL) is the relation stated: for the
+    Poisson-subsampled Gaussian its numbers equal add/remove's, in both RDP and PLD."""
+    for accountant_class, kwargs in ((RdpAccountant, {"orders": INTEGER_ORDERS}),
+                                     (dp_accounting.pld.PLDAccountant, {})):
+        values = []
+        for relation in (dp_accounting.NeighboringRelation.REPLACE_SPECIAL,
+                         dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE):
+            reference = accountant_class(neighboring_relation=relation, **kwargs)
+            reference.compose(dp_accounting.PoissonSampledDpEvent(
+                q, dp_accounting.GaussianDpEvent(sigma)), 50)
+            values.append(reference.get_epsilon(1e-5))
+        assert values[0] == pytest.approx(values[1], rel=1e-9)
+    ours = PrivacyAccountant("pld", "poisson")
+    ours.compose(poisson(sigma, q), 50)
+    reference = dp_accounting.pld.PLDAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL,
+        value_discretization_interval=1e-3)
+    reference.compose(dp_accounting.PoissonSampledDpEvent(
+        q, dp_accounting.GaussianDpEvent(sigma)), 50)
+    assert ours.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_a_clients_epsilon_against_the_server_has_no_amplification() -> None:
+    """k uploads at multiplier s: the Gaussian mechanism composed k times, RDP k*alpha/(2 s^2)."""
+    orders = np.array(RDP_ORDERS, dtype=float)
+    expected = get_privacy_spent(orders=orders, rdp=orders * 7 / (2 * 1.5 ** 2), delta=1e-5)[0]
+    assert epsilon_per_client(1.5, 7, 1e-5) == pytest.approx(expected, rel=1e-6)
+    assert epsilon_per_client(1.5, 0, 1e-5) == 0.0
 
 
 def test_pld_refuses_fixed_size_sampling() -> None:
@@ -147,8 +180,29 @@ def test_budget_stop_stops_before_the_round_that_would_overspend() -> None:
     assert ledger.epsilon <= 3.0 < ledger.next_round_fits()[1]
 
 
-def test_default_delta_is_at_most_one_over_n() -> None:
-    assert default_delta(50) == 1e-5 and default_delta(10**6) == 1e-6
+def test_target_epsilon_is_a_cap_even_with_more_rounds_than_calibrated() -> None:
+    """A run calibrated to epsilon 3 for 10 rounds, then resumed with 20: it stops at 3."""
+    planned = make_config(dp="central", target_epsilon=3.0, num_server_rounds=10,
+                          sample_rate=0.5)
+    calibrated, ledger = plan_privacy(planned, population=20)
+    extended = make_config(dp="central", target_epsilon=3.0, num_server_rounds=20,
+                           sample_rate=0.5, noise_multiplier=calibrated.noise_multiplier)
+    ledger = PrivacyLedger(extended, population=20)
+    completed = 0
+    while ledger.next_round_fits()[0]:
+        ledger.commit_round()
+        completed += 1
+    assert completed == 10 and ledger.epsilon <= 3.0
+    assert ledger.budget == (3.0, "target-epsilon")
+    both = make_config(dp="central", target_epsilon=3.0, max_epsilon=5.0)
+    assert PrivacyLedger(both, population=20).budget == (3.0, "target-epsilon")
+
+
+def test_default_delta_is_well_below_one_over_n() -> None:
+    assert default_delta(50) == 1e-5 and default_delta(1000) == 1e-5
+    assert default_delta(10**4) == pytest.approx(1e-6) and default_delta(10**6) == 1e-8
+    for population in (10, 100, 10**3, 10**5, 10**7):
+        assert default_delta(population) * population <= 0.01
 
 
 def test_no_claim_without_a_formal_mechanism() -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from client_app.training import LOCAL_RULES
+from plateau.noise import ChaChaSource
 from plateau.privacy import flat_norm, mechanism_from_config
 from strategies import STRATEGIES
 from strategies.smoothing import laplacian_smooth
@@ -225,7 +226,7 @@ def test_code_clip_mode_clips_each_tensor_at_the_median_norm() -> None:
     assert mechanism is not None and not mechanism.formally_dp
     update = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([0.0, 2.0]),
               "c": torch.tensor([4.0, 0.0])}
-    released, report = mechanism.release(update, 4, torch.Generator())
+    released, report = mechanism.release(update, 4, ChaChaSource.from_os())
     close(released["a"], np.array([1.0, 0.0]))
     close(released["b"], np.array([0.0, 2.0]))
     close(released["c"], np.array([2.0, 0.0]))  # median of (1, 2, 4) is 2

@@ -7,14 +7,17 @@ import math
 import pytest
 import torch
 
+from plateau.noise import ChaChaSource, add_noise
 from plateau.privacy import (
     GaussianClientDP,
-    add_gaussian,
     clip_flat,
     flat_norm,
-    noise_generator,
     weighted_mean,
 )
+
+
+def source() -> ChaChaSource:
+    return ChaChaSource.from_os()
 
 
 def test_flat_norm_is_one_norm_over_all_tensors() -> None:
@@ -51,11 +54,11 @@ def test_clipped_norm_never_exceeds_c(scale: float) -> None:
 def aggregate_noise(placement: str, sigma: float, clip: float, cohort: int, dim: int
                     ) -> torch.Tensor:
     """Run `cohort` all-zero updates through the mechanism; what comes out is pure noise (on the
-    sum, i.e. multiplied back by the number sampled)."""
+    sum, i.e. multiplied back by the cohort size)."""
     mechanism = GaussianClientDP(clip, sigma, placement=placement)
     zeros = {"w": torch.zeros(dim)}
-    uploads = [mechanism.release(zeros, cohort, noise_generator())[0] for _ in range(cohort)]
-    mean = mechanism.aggregate(uploads, cohort, zeros, noise_generator())
+    uploads = [mechanism.release(zeros, cohort, source())[0] for _ in range(cohort)]
+    mean = mechanism.aggregate(uploads, cohort, zeros, source())
     return mean["w"] * cohort
 
 
@@ -73,36 +76,55 @@ def test_noise_std_matches_each_placement(placement: str, expected_std_on_sum: f
 def test_noise_std_on_the_mean_is_sigma_c_over_m() -> None:
     mechanism = GaussianClientDP(1.0, 0.8, placement="central")
     zeros = {"w": torch.zeros(100_000)}
-    mean = mechanism.aggregate([zeros] * 10, 10, zeros, noise_generator())
+    mean = mechanism.aggregate([zeros] * 10, 10, zeros, source())
     assert mean["w"].std().item() == pytest.approx(0.8 * 1.0 / 10, rel=0.02)
 
 
 def test_client_noise_shares_and_the_server_top_up() -> None:
+    dim = 100_000  # enough coordinates for the norm test to verify shares
     mechanism = GaussianClientDP(2.0, 0.5, placement="distributed")
     assert mechanism.client_noise_std(4) == pytest.approx(0.5 * 2.0 / 2)
-    assert mechanism.server_noise_std(4, 4) == 0.0  # the full cohort added its shares
+    assert mechanism.verifies_shares(dim, 4)
+    assert mechanism.server_noise_std(4, 4, dim) == 0.0  # the full cohort added its shares
     # one of four shares missing: the server adds the missing variance (sigma C)^2 / 4
-    assert mechanism.server_noise_std(4, 3) == pytest.approx(math.sqrt(1.0 / 4))
-    assert mechanism.server_noise_std(4, 6) == 0.0
+    assert mechanism.server_noise_std(4, 3, dim) == pytest.approx(math.sqrt(1.0 / 4))
     central = GaussianClientDP(2.0, 0.5, placement="central")
     assert central.client_noise_std(4) == 0.0
-    assert central.server_noise_std(4, 4) == pytest.approx(1.0)
+    assert central.server_noise_std(4, 4, dim) == pytest.approx(1.0)
     local = GaussianClientDP(2.0, 0.5, placement="local")
-    assert local.client_noise_std(4) == pytest.approx(1.0) and local.server_noise_std(4, 0) == 0
+    assert local.client_noise_std(4) == pytest.approx(1.0)
+    assert local.server_noise_std(4, 4, dim) == 0
+    # two of four local uploads missing: the sum is topped up to 4 shares of (sigma C)^2
+    assert local.server_noise_std(4, 2, dim) == pytest.approx(math.sqrt(2 * 1.0))
 
 
-@pytest.mark.parametrize("placement", ["central", "distributed"])
-def test_a_failed_client_does_not_change_the_noise_on_the_sum(placement: str) -> None:
+def test_unverifiable_shares_are_not_trusted() -> None:
+    """With few released coordinates an upload without its share cannot be told apart, so the
+    server adds the whole target itself plus the missing shares: a constant 2 (sigma C)^2."""
+    mechanism = GaussianClientDP(1.0, 1.0, placement="distributed")
+    assert not mechanism.verifies_shares(50, 10)
+    assert mechanism.server_noise_std(10, 10, 50) == pytest.approx(1.0)
+    assert mechanism.server_noise_std(10, 6, 50) ** 2 == pytest.approx(1.0 + 4 * 0.1)
+    assert mechanism.effective_noise_multiplier(10, 50) == pytest.approx(math.sqrt(2))
+
+
+@pytest.mark.parametrize(("placement", "std_on_sum"),
+                         [("central", 0.6 * 1.5), ("distributed", 0.6 * 1.5),
+                          ("local", 0.6 * 1.5 * math.sqrt(5))])
+def test_a_failed_client_does_not_change_the_noise_on_the_sum(placement: str,
+                                                              std_on_sum: float) -> None:
+    """The aggregate's noise is the same however many of the m clients replied: the count
+    cannot be read from the model."""
     mechanism = GaussianClientDP(1.5, 0.6, placement=placement)
     zeros = {"w": torch.zeros(200_000)}
-    uploads = [mechanism.release(zeros, 5, noise_generator())[0] for _ in range(3)]  # 2 of 5 fail
-    total = mechanism.aggregate(uploads, 5, zeros, noise_generator())["w"] * 5
-    assert total.std().item() == pytest.approx(0.6 * 1.5, rel=0.02)
+    uploads = [mechanism.release(zeros, 5, source())[0] for _ in range(3)]  # 2 of 5 fail
+    total = mechanism.aggregate(uploads, 5, zeros, source())["w"] * 5
+    assert total.std().item() == pytest.approx(std_on_sum, rel=0.02)
 
 
 def test_release_clips_before_noising_and_reports_the_pre_clip_norm() -> None:
     mechanism = GaussianClientDP(1.0, 0.0, placement="local")
-    released, report = mechanism.release({"w": torch.tensor([6.0, 8.0])}, 5, noise_generator())
+    released, report = mechanism.release({"w": torch.tensor([6.0, 8.0])}, 5, source())
     assert report.norm == pytest.approx(10.0) and report.clipped
     assert torch.allclose(released["w"], torch.tensor([0.6, 0.8]))
 
@@ -112,7 +134,7 @@ def test_dp_mean_divides_by_the_expected_cohort_not_the_replies() -> None:
     template = {"w": torch.zeros(2)}
     uploads = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}]
     mean = mechanism.aggregate(uploads, cohort=2.5, template=template,
-                               generator=noise_generator())
+                               source=source())
     assert torch.allclose(mean["w"], torch.tensor([1.6, 2.4]))  # (1+3)/2.5, (2+4)/2.5
 
 
@@ -125,7 +147,8 @@ def test_equal_and_weighted_means() -> None:
 
 def test_server_accepts_only_clipped_uploads_in_central_placement() -> None:
     central = GaussianClientDP(1.0, 1.0, placement="central")
-    assert central.accepts_norm(1.0, 100, 4) and not central.accepts_norm(1.001, 100, 4)
+    assert central.screen(1.0, 100, 4) is None
+    assert central.screen(1.001, 100, 4) == "norm-exceeds-bound"
 
 
 @pytest.mark.parametrize("placement", ["distributed", "local"])
@@ -134,40 +157,57 @@ def test_noised_uploads_are_bounded_by_c_plus_their_noise(placement: str) -> Non
     dim, cohort = 10_000, 4
     for _ in range(20):  # honest uploads: clipped update plus the client's noise
         update = {"w": torch.randn(dim) * 5}
-        released, _ = mechanism.release(update, cohort, noise_generator())
-        assert mechanism.accepts_norm(flat_norm(released), dim, cohort)
+        released, _ = mechanism.release(update, cohort, source())
+        assert mechanism.screen(flat_norm(released), dim, cohort) is None
     noise_norm = mechanism.client_noise_std(cohort) * math.sqrt(dim)
-    assert not mechanism.accepts_norm(1.0 + noise_norm * 1.5, dim, cohort)
-    assert not mechanism.accepts_norm(1e30, dim, cohort)
+    assert mechanism.screen(1.0 + noise_norm * 1.5, dim, cohort) == "norm-exceeds-bound"
+    assert mechanism.screen(1e30, dim, cohort) == "norm-exceeds-bound"
 
 
-def test_effective_noise_multiplier_never_falls_below_sigma() -> None:
+@pytest.mark.parametrize("placement", ["distributed", "local"])
+@pytest.mark.parametrize("share", [0.0, 0.5, 0.8])
+def test_uploads_missing_their_noise_share_are_rejected(placement: str, share: float) -> None:
+    """A lazy client (no noise, or part of its share) would leave the aggregate with less noise
+    than accounted: its upload is rejected and the server tops the share up instead."""
+    mechanism = GaussianClientDP(1.0, 1.0, placement=placement)
+    dim, cohort = 10_000, 20
+    update = {"w": torch.randn(dim)}
+    lazy = GaussianClientDP(1.0, share, placement=placement)
+    released, _ = lazy.release(update, cohort, source())
+    assert mechanism.screen(flat_norm(released), dim, cohort) == "noise-share-missing"
+    honest, _ = mechanism.release(update, cohort, source())
+    assert mechanism.screen(flat_norm(honest), dim, cohort) is None
+
+
+def test_effective_noise_multiplier_does_not_depend_on_who_replied() -> None:
+    dim = 100_000
     distributed = GaussianClientDP(1.0, 1.2, placement="distributed")
-    assert distributed.effective_noise_multiplier(10, 10) == pytest.approx(1.2)
-    assert distributed.effective_noise_multiplier(10, 5) == pytest.approx(1.2)  # topped up
-    assert distributed.effective_noise_multiplier(10, 20) == pytest.approx(1.2 * math.sqrt(2))
-    assert GaussianClientDP(1.0, 1.2).effective_noise_multiplier(10, 5) == pytest.approx(1.2)
+    assert distributed.effective_noise_multiplier(10, dim) == pytest.approx(1.2)
+    assert GaussianClientDP(1.0, 1.2).effective_noise_multiplier(10, dim) == pytest.approx(1.2)
     local = GaussianClientDP(1.0, 1.2, placement="local")
-    assert local.effective_noise_multiplier(10, 4) == pytest.approx(1.2 * 2)
+    assert local.effective_noise_multiplier(4, dim) == pytest.approx(1.2 * 2)
+    assert local.accounted_noise_multiplier(4) == pytest.approx(1.2 * 2)
 
 
 def test_noise_is_not_reproducible_from_any_public_seed() -> None:
     torch.manual_seed(0)
-    first = add_gaussian({"w": torch.zeros(1000)}, 1.0, noise_generator())["w"]
+    first = add_noise(torch.zeros(1000), 1.0, source())
     torch.manual_seed(0)
-    second = add_gaussian({"w": torch.zeros(1000)}, 1.0, noise_generator())["w"]
+    second = add_noise(torch.zeros(1000), 1.0, source())
     assert not torch.equal(first, second)
 
 
 def test_noise_is_drawn_on_the_tensor_device_and_dtype() -> None:
-    out = add_gaussian({"w": torch.zeros(3, dtype=torch.float64)}, 1.0, noise_generator("cpu"))
-    assert out["w"].dtype == torch.float64 and out["w"].device.type == "cpu"
+    out = add_noise(torch.zeros(3, dtype=torch.float64), 1.0, source())
+    assert out.dtype == torch.float64 and out.device.type == "cpu"
+    out32 = add_noise(torch.zeros(3), 1.0, source())
+    assert out32.dtype == torch.float32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_noise_is_generated_on_cuda() -> None:
-    out = add_gaussian({"w": torch.zeros(3, device="cuda")}, 1.0, noise_generator("cuda"))
-    assert out["w"].device.type == "cuda"
+    out = add_noise(torch.zeros(3, device="cuda"), 1.0, source())
+    assert out.device.type == "cuda"
 
 
 def test_invalid_mechanism_is_refused() -> None:

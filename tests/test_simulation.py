@@ -27,23 +27,39 @@ def test_fedavg_two_rounds_learns(tmp_path: Path) -> None:
 
 
 @pytest.mark.simulation
-def test_central_dp_two_rounds_reports_clipping(tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PLATEAU_TEST_SEED", "3")  # a fixed cohort draw: no empty Poisson round
-    summary, rounds = simulate(tmp_path, nodes=5, sample_rate=0.8, dp="central",
+def test_central_dp_two_rounds_reports_clipping(tmp_path: Path) -> None:
+    summary, rounds = simulate(tmp_path, nodes=5, sample_rate=1.0, dp="central",
                                noise_multiplier=0.5, clip_norm=0.1)
     assert summary["status"] == "completed"
-    for record in rounds:  # Poisson sampling (the default with DP): the cohort size varies
-        assert record["population"] == 5 and record["expected_cohort"] == pytest.approx(4.0)
-        assert record["num_clients"] == record["num_sampled"]
+    for record in rounds:  # Poisson sampling (the default with central DP), q = 1
+        assert record["population"] == 5 and record["expected_cohort"] == pytest.approx(5.0)
+        assert record["num_clients"] == record["num_sampled"] == 5
         assert 0.0 <= record["clip_fraction"] <= 1.0
         assert record["mean_update_norm"] > 0
         assert record["effective_noise_multiplier"] == 0.5
     assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] == summary["epsilon"]
-    assert summary["privacy"]["delta"] == 1e-5 and summary["privacy"]["accountant"] == "rdp"
+    privacy = summary["privacy"]
+    assert privacy["delta"] == 1e-5 and privacy["accountant"] == "rdp"
+    assert privacy["adjacency"].startswith("zero-out") and privacy["formally_dp"] is True
+    assert "num_sampled" in privacy["outside_epsilon"]["rounds.jsonl"]
+    assert privacy["epsilon_against_server"] is None  # central: the server sees clipped updates
     # with C = 0.1 every client's update is clipped at this learning rate
     assert rounds[0]["clip_fraction"] == 1.0
 
+
+@pytest.mark.simulation
+def test_a_test_seeded_run_reports_no_epsilon_anywhere(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """PLATEAU_TEST_SEED makes noise predictable: every output says null, with the reason."""
+    monkeypatch.setenv("PLATEAU_TEST_SEED", "3")
+    summary, rounds = simulate(tmp_path, nodes=4, sample_rate=1.0, dp="local",
+                               noise_multiplier=0.5)
+    assert summary["status"] == "completed"
+    assert summary["epsilon"] is None and "PLATEAU_TEST_SEED" in summary["epsilon_void_reason"]
+    assert summary["privacy"]["epsilon"] is None and summary["privacy"]["formally_dp"] is False
+    assert summary["privacy"]["epsilon_against_server"] is None
+    assert all(r["epsilon"] is None and r["epsilon_against_server"] is None
+               and r["epsilon_void_reason"] for r in rounds)
 
 @pytest.mark.simulation
 @pytest.mark.parametrize(

@@ -1,0 +1,133 @@
+"""The audit's attacks on real runs, as regressions: nothing secret in a checkpoint, a replayed
+round draws fresh noise, counts cannot be read from the model, a test-seeded node voids epsilon."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+from client_app.app import local_round
+from client_app.training import LocalTask
+from plateau.config import ConfigError
+from plateau.data import Tensors as DataTensors
+from plateau.privacy import GaussianClientDP
+from strategies import FedAvg
+from tests.helpers import FakeGrid, make_config, reply
+
+NODES = [11, 12, 13, 14]
+
+
+def dp_strategy(**config_kw: object) -> FedAvg:
+    config = make_config(dp="central", noise_multiplier=1.0, clip_norm=1.0, **config_kw)
+    return FedAvg(config, parameter_names=["weight"], buffer_names=[],
+                  privacy=GaussianClientDP(config.clip_norm, config.noise_multiplier,
+                                           placement=config.dp))
+
+
+def one_round(strategy: FedAvg, server_round: int = 1) -> torch.Tensor:
+    """A round whose sampled clients all upload the same clipped update."""
+    arrays = ArrayRecord({"weight": torch.zeros(8, 8)})
+    messages = strategy.configure_train(server_round, arrays, ConfigRecord(), FakeGrid(NODES))
+    replies = [reply(m, {"weight": torch.full((8, 8), 0.1)}) for m in messages]
+    new, _ = strategy.aggregate_train(server_round, replies)
+    return torch.from_numpy(new["weight"].numpy().copy())
+
+
+def walk(value: object) -> list[object]:
+    """Every leaf of a nested checkpoint structure, with the keys on the way."""
+    if isinstance(value, dict):
+        return [*value.keys(), *[leaf for v in value.values() for leaf in walk(v)]]
+    if isinstance(value, list | tuple):
+        return [leaf for v in value for leaf in walk(v)]
+    return [value]
+
+
+def test_a_checkpoint_holds_no_generator_or_sampler_state() -> None:
+    """The old checkpoint held torch's generator state (hence its seed) and the secret
+    sampler's PCG64 state: enough to regenerate every round's noise and past cohorts."""
+    strategy = dp_strategy(sample_rate=0.5)
+    one_round(strategy)
+    leaves = walk(strategy.checkpoint_state())
+    assert not {"noise", "sampler", "state", "generator"} & {x for x in leaves
+                                                             if isinstance(x, str)}
+    assert not any(isinstance(x, torch.Tensor) and x.dtype == torch.uint8 for x in leaves)
+    assert not any(isinstance(x, torch.Generator) for x in leaves)
+
+
+def test_a_round_rerun_after_resume_draws_fresh_noise() -> None:
+    """Resume restored both generators, so a rerun round repeated its noise exactly and the
+    difference of the two releases isolated a client's update; now it is independent."""
+    first = dp_strategy(sample_rate=1.0)
+    released = one_round(first, server_round=3)
+    resumed = dp_strategy(sample_rate=1.0)
+    resumed.restore_state(first.checkpoint_state())
+    rerun = one_round(resumed, server_round=3)
+    difference = (released - rerun).std().item()
+    # two independent draws of N(0, (sigma C / m)^2): the difference has std sqrt(2)/4
+    assert difference == pytest.approx(math.sqrt(2) / len(NODES), rel=0.3)
+
+
+def test_the_cohort_of_a_dp_round_is_fresh_on_every_draw() -> None:
+    strategy = dp_strategy(sample_rate=0.5)
+    arrays = ArrayRecord({"weight": torch.zeros(8, 8)})
+    grid = FakeGrid(range(100, 164))
+    cohorts = {tuple(m.metadata.dst_node_id for m in strategy.configure_train(
+        1, arrays, ConfigRecord(), grid)) for _ in range(4)}
+    assert len(cohorts) == 4  # the same round, four independent secret draws
+
+
+@pytest.mark.parametrize("placement", ["distributed", "local"])
+def test_poisson_sampling_is_refused_where_noise_shares_count_clients(placement: str) -> None:
+    with pytest.raises(ConfigError, match="reveal how many clients took part"):
+        make_config(dp=placement, sampling="poisson")
+    assert make_config(dp=placement).sampling_method == "fixed"
+    assert make_config(dp="central").sampling_method == "poisson"
+
+
+@pytest.mark.parametrize("placement", ["distributed", "local"])
+def test_the_aggregate_noise_is_the_same_whoever_replied(placement: str) -> None:
+    """Under zero-out, a count must not be readable from the model: the noise on the sum is
+    the same with all m uploads, with one, and with none."""
+    mechanism = GaussianClientDP(1.0, 1.0, placement=placement)
+    dim, cohort = 50_000, 5
+    zeros = {"w": torch.zeros(dim)}
+    from plateau.noise import ChaChaSource
+
+    stds = []
+    for replied in (5, 1, 0):
+        uploads = [mechanism.release(zeros, cohort, ChaChaSource.from_os())[0]
+                   for _ in range(replied)]
+        total = mechanism.aggregate(uploads, cohort, zeros, ChaChaSource.from_os())["w"] * cohort
+        stds.append(total.std().item())
+    assert stds == pytest.approx([stds[0]] * 3, rel=0.03)
+
+
+def test_a_test_seeded_node_says_so_in_its_reply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SuperNode with PLATEAU_TEST_SEED draws predictable noise: its reply carries the flag
+    (the server then voids epsilon for the whole run)."""
+    config = make_config(dp="local", local_steps=1, batch_size=2)
+    model = torch.nn.Linear(4, 2)
+    data = DataTensors(torch.randn(6, 4), torch.tensor([0, 1, 0, 1, 0, 1]))
+
+    def reply_metrics() -> dict:
+        task = LocalTask(model=model, data=data, config=config, lr=0.1,
+                         generator=torch.Generator().manual_seed(0))
+        return dict(local_round(task, "sgd", 2.0, {})["metrics"])
+
+    monkeypatch.delenv("PLATEAU_TEST_SEED", raising=False)
+    assert "test-seeded" not in reply_metrics()
+    monkeypatch.setenv("PLATEAU_TEST_SEED", "1")
+    assert reply_metrics()["test-seeded"] == 1
+
+
+def test_the_server_counts_test_seeded_replies() -> None:
+    strategy = dp_strategy(sample_rate=1.0)
+    arrays = ArrayRecord({"weight": torch.zeros(8, 8)})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES)))
+    replies = [reply(m, {"weight": torch.zeros(8, 8)}, test_seeded=int(i == 0))
+               for i, m in enumerate(messages)]
+    strategy.aggregate_train(1, replies)
+    assert strategy.last_stats.test_seeded_nodes == 1
