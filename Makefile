@@ -10,7 +10,7 @@ GPUS_PER_CLIENT ?= 0
 CONFIG ?=
 TIMEOUT ?= 3600
 
-.PHONY: install data run test audit bench algorithms clean
+.PHONY: install data run test test-containers audit bench algorithms clean
 
 # the stamp names the torch build, so asking for another one reinstalls torch
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -37,7 +37,12 @@ run: install
 
 test: install data
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not containers"
+
+# the container tier: images built and the Compose and Kubernetes deployments run with podman,
+# as root (tests/test_containers.py; .ci/run installs podman, runc, debootstrap and the rest)
+test-containers: install
+	$(BIN)/python -m pytest -q -m containers tests/test_containers.py
 
 # the privacy audit: the real mechanism against canaries, and the broken ones it must flag
 audit: install

@@ -1,0 +1,507 @@
+"""The container tier (`make test-containers`; deselected from `make test`): the images built and
+the deployments run for real with podman, the steps of deploy/README.md sections 3-5.
+
+- images: a Debian base made with debootstrap (no registry is reachable here), the app image on it
+  with the host's extra CA certificates and its CPU torch wheel as build inputs, built cold and
+  again warm; Prometheus from Debian's package;
+- Compose (podman-compose): SuperLink with TLS and SuperNode authentication, two SuperNodes with
+  their ClientApp SuperExecs, the ServerApp SuperExec, Prometheus; keys registered, two rounds of
+  DP-FedPGN with central DP, epsilon in the results volume, `plateau_round` from Prometheus's HTTP
+  API, every Grafana dashboard query evaluated by the live Prometheus; the insecure quick start;
+- Kubernetes: the kustomize overlay `local` rendered and played with `podman kube play`
+  (deploy/k8s/podman-play.py substitutes what podman 4.3 cannot play), a SuperLink pod and two
+  SuperNode pods connected over TLS, one round to completion;
+- afterwards no container, pod, volume, network, secret or process of the tier is left, and the
+  tier's image store is deleted.
+
+Podman runs as root with its own storage, configuration and network folder under a temporary
+directory (PLATEAU_CONTAINERS_DIR keeps them, and so the layer cache, between runs). Where podman
+cannot run the tier skips and says why; with PLATEAU_CONTAINERS_REQUIRED=1 (CI) it fails instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from server_app.launcher import free_port
+
+pytestmark = pytest.mark.containers
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+APP_IMAGE = "localhost/plateau-app:0.1.0"
+BASE_IMAGE = "localhost/debian-python:bookworm"
+PROMETHEUS_IMAGE = "localhost/prometheus-debian:2.42"
+DASHBOARD = ROOT / "deploy" / "monitoring" / "grafana-dashboard.json"
+MEASURED: dict[str, object] = {}
+
+
+def unavailable(reason: str) -> None:
+    if os.environ.get("PLATEAU_CONTAINERS_REQUIRED") == "1":
+        pytest.fail(f"container tier required but cannot run: {reason}")
+    pytest.skip(reason)
+
+
+def wait_until(check, timeout: float, what: str, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} (after {timeout:.0f} s)")
+        time.sleep(every)
+
+
+def live_pids() -> set[int]:
+    """PIDs of processes that are not zombies."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.add(int(entry.name))
+    return pids
+
+
+def command_line(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return ""
+
+
+class Podman:
+    """podman and podman-compose with this tier's own storage, configuration and networks."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        hard_nofile = int(subprocess.run(["sh", "-c", "ulimit -Hn"], capture_output=True,
+                                         text=True, check=True).stdout.strip())
+        (root / "networks").mkdir(parents=True, exist_ok=True)
+        # crun fails on this kernel's hybrid cgroup layout; default ulimits must not exceed ours
+        (root / "containers.conf").write_text(
+            "[containers]\n"
+            f'default_ulimits = ["nofile={hard_nofile}:{hard_nofile}", "nproc=32768:32768"]\n'
+            'log_driver = "k8s-file"\n'
+            "[network]\n"
+            'network_backend = "netavark"\n'
+            f'network_config_dir = "{root / "networks"}"\n'
+            "[engine]\n"
+            'runtime = "runc"\n'
+            f'tmp_dir = "{root / "tmp"}"\n')
+        (root / "storage.conf").write_text(
+            '[storage]\ndriver = "overlay"\n'
+            f'graphroot = "{root / "storage"}"\nrunroot = "{root / "run"}"\n')
+        self.env = {**os.environ, "CONTAINERS_CONF": str(root / "containers.conf"),
+                    "CONTAINERS_STORAGE_CONF": str(root / "storage.conf"),
+                    "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(self, *args: str, timeout: float = 300, check: bool = True, cwd: Path | None = None,
+            env: dict | None = None, program: str = "podman") -> subprocess.CompletedProcess:
+        result = subprocess.run([program, *args], capture_output=True, text=True, check=False,
+                                timeout=timeout, cwd=cwd, env={**self.env, **(env or {})})
+        if check and result.returncode != 0:
+            raise AssertionError(f"{program} {' '.join(args)} exited {result.returncode}:\n"
+                                 f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        return result
+
+    def lines(self, *args: str) -> list[str]:
+        return [line for line in self.run(*args).stdout.splitlines() if line.strip()]
+
+    def leftovers(self) -> dict[str, list[str]]:
+        return {"containers": self.lines("ps", "-a", "--format", "{{.Names}}"),
+                "pods": self.lines("pod", "ps", "--format", "{{.Name}}"),
+                "volumes": self.lines("volume", "ls", "--format", "{{.Name}}"),
+                "networks": [n for n in self.lines("network", "ls", "--format", "{{.Name}}")
+                             if n != "podman"],
+                "secrets": self.lines("secret", "ls", "--format", "{{.Name}}")}
+
+    def image_size(self, image: str) -> int:
+        return int(self.run("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
+
+
+class Cli:
+    """The flwr CLI on the host, with its own FLWR_HOME and one SuperLink connection."""
+
+    def __init__(self, home: Path, connection: str, address: str, ca: Path | None) -> None:
+        home.mkdir(parents=True, exist_ok=True)
+        security = f'root-certificates = "{ca}"' if ca else "insecure = true"
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n'
+            f'address = "{address}"\n{security}\n')
+        self.connection = connection
+        self.env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+                    "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+
+    def __call__(self, *args: str, cwd: Path | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], capture_output=True, text=True,
+                              check=False, timeout=timeout, cwd=cwd, env=self.env)
+
+    def register(self, key: Path, name: str) -> None:
+        result = self("supernode", "register", str(key), self.connection, "--name", name)
+        assert result.returncode == 0 and "registered successfully" in result.stdout, \
+            result.stdout + result.stderr
+
+    def online(self) -> int:
+        return self("supernode", "list", self.connection).stdout.count("online")
+
+    def submit(self, app: Path, config: str) -> str:
+        result = self("run", str(app), self.connection, "--run-config", config,
+                      "--format", "json", cwd=app)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return str(json.loads(result.stdout[result.stdout.index("{"):])["run-id"])
+
+    def status(self, run_id: str) -> str:
+        listing = self("ls", self.connection, "--run-id", run_id, "--format", "json").stdout
+        with contextlib.suppress(ValueError):
+            runs = json.loads(listing[listing.index("{"):]).get("runs", [])
+            if runs:
+                return runs[0]["status"]
+        return "unknown"
+
+
+def healthy(port: int, ca: Path | None) -> bool:
+    """The SuperLink's /health answers, over TLS verified against `ca` when given."""
+    scheme = "https" if ca else "http"
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    try:
+        with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=3,
+                                    context=context) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def prometheus(port: int, path: str, **params: str) -> dict:
+    url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+@pytest.fixture(scope="module")
+def podman(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Podman that can run containers here, with its own state; removed afterwards."""
+    if "containers" not in (request.config.getoption("-m") or ""):
+        pytest.skip("the container tier runs only when selected: make test-containers "
+                    "(pytest -m containers)")
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        unavailable("rootful podman needed: run as root on Linux")
+    for tool in ("podman", "debootstrap"):
+        if shutil.which(tool) is None:
+            unavailable(f"{tool} is not installed (apt-get install podman buildah runc "
+                        "debootstrap catatonit netavark aardvark-dns; .ci/run does)")
+    for tool in ("podman-compose", "kubectl"):
+        if not (BIN / tool).exists():
+            unavailable(f"{tool} is missing from the venv: `make install` installs the test extras")
+    kept = os.environ.get("PLATEAU_CONTAINERS_DIR")
+    root = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="plateau-containers-"))
+    root.mkdir(parents=True, exist_ok=True)
+    before = live_pids()
+    engine = Podman(root)
+    info = engine.run("info", "--format", "{{.Host.OCIRuntime.Name}} {{.Store.GraphDriverName}}",
+                      check=False)
+    if info.returncode != 0:
+        unavailable(f"podman cannot run here: {info.stderr.strip()[-500:]}")
+    try:
+        yield engine
+    finally:
+        left = engine.leftovers()
+        for pod in left["pods"]:
+            engine.run("pod", "rm", "--force", pod, check=False)
+        for container in left["containers"]:
+            engine.run("rm", "--force", container, check=False)
+        for volume in left["volumes"]:
+            engine.run("volume", "rm", "--force", volume, check=False)
+        for network in left["networks"]:
+            engine.run("network", "rm", "--force", network, check=False)
+        if not kept:
+            engine.run("rmi", "--all", "--force", check=False, timeout=600)
+            engine.run("system", "reset", "--force", check=False, timeout=600)
+            shutil.rmtree(root, ignore_errors=True)
+
+        def started_here() -> list[str]:
+            return [f"{pid} {command_line(pid)[:120]}" for pid in live_pids() - before
+                    if any(word in command_line(pid) for word in
+                           ("conmon", "aardvark-dns", "netavark", "catatonit", "podman",
+                            "flower-", "flwr-", str(root)))]
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: not started_here(), 30, "processes exit")
+        assert not any(left.values()), f"left behind (now removed): {left}"
+        assert not started_here(), f"processes left behind: {started_here()}"
+
+
+@pytest.fixture(scope="module")
+def images(podman: Podman, request: pytest.FixtureRequest):
+    """The build context (a copy of the repository plus the build inputs) with every image built.
+
+    The app image is built twice: cold (empty layer cache) and warm (every layer cached)."""
+    context = podman.root / "src"
+    shutil.rmtree(context, ignore_errors=True)
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        if (ROOT / name).is_file():
+            (context / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, context / name)
+    # build inputs of deploy/README.md "Without a registry": the proxy's CA, the CPU torch wheel
+    for cert in Path("/usr/local/share/ca-certificates").glob("**/*.crt"):
+        shutil.copy(cert, context / "docker" / "ca-certificates" / cert.name)
+    version = importlib.metadata.version("torch").split("+")[0]
+    wheel = subprocess.run([str(BIN / "python"), "-m", "pip", "download", "--quiet", "--no-deps",
+                            "--dest", str(context / "docker" / "wheels"), f"torch=={version}+cpu"],
+                           capture_output=True, text=True, check=False, timeout=600)
+    assert wheel.returncode == 0, f"no CPU torch wheel for {version}: {wheel.stderr[-2000:]}"
+
+    exists = podman.run("image", "exists", BASE_IMAGE, check=False).returncode == 0
+    started = time.monotonic()
+    if not exists:
+        podman.run(str(context / "docker" / "debian-base.sh"), BASE_IMAGE, program="bash",
+                   timeout=900)
+        MEASURED["base image (debootstrap + import)"] = f"{time.monotonic() - started:.0f} s"
+
+    def build(*args: str) -> tuple[float, str]:
+        began = time.monotonic()
+        result = podman.run("build", *args, cwd=context, timeout=1500)
+        return time.monotonic() - began, result.stdout + result.stderr
+
+    cold_s, cold_log = build("-f", "docker/Dockerfile", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+                             "-t", APP_IMAGE, ".")
+    warm_s, warm_log = build("-f", "docker/Dockerfile", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}",
+                             "-t", APP_IMAGE, ".")
+    steps = len(re.findall(r"^STEP \d+/\d+: (?:RUN|COPY)", warm_log, re.MULTILINE))
+    assert steps >= 8 and warm_log.count("Using cache") >= steps, warm_log[-3000:]
+    prom_s, _ = build("-f", "docker/prometheus/Dockerfile", "--build-arg",
+                      f"BASE_IMAGE={BASE_IMAGE}", "-t", PROMETHEUS_IMAGE, "docker/prometheus")
+    cached = "" if "Using cache" not in cold_log else " (partly cached: PLATEAU_CONTAINERS_DIR)"
+    MEASURED["app image build, cold" + cached] = f"{cold_s:.0f} s"
+    MEASURED["app image build, warm (all layers cached)"] = f"{warm_s:.1f} s"
+    MEASURED["Prometheus image build"] = f"{prom_s:.0f} s"
+    for image in (BASE_IMAGE, APP_IMAGE, PROMETHEUS_IMAGE):
+        MEASURED[f"size {image}"] = f"{podman.image_size(image) / 1e9:.2f} GB"
+    yield context
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print("\ncontainer tier measurements:")
+        for key, value in MEASURED.items():
+            print(f"  {key}: {value}")
+
+
+def test_app_image_runs_every_role_unprivileged_without_the_build_inputs(
+        podman: Podman, images: Path) -> None:
+    probe = ("import os, flwr, torch, shutil; "
+             "print(os.getuid(), flwr.__version__, torch.__version__, "
+             "all(shutil.which(c) for c in ('flower-superlink', 'flower-supernode', "
+             "'flower-superexec', 'flwr-serverapp', 'flwr-clientapp', 'flwr')), "
+             "os.environ['FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION'], "
+             "sorted(os.listdir('/usr/local/share/ca-certificates')), "
+             "os.access('/app/results', os.W_OK), os.access('/var/lib/flwr', os.W_OK))")
+    out = podman.run("run", "--rm", APP_IMAGE, "python", "-c", probe).stdout.split()
+    assert out[:5] == ["49999", "1.42.0", "2.13.0+cpu", "True", "1"], out
+    assert out[5:] == ["[]", "True", "True"], out
+    # the build trusted the host's extra CA certificates; the image's trust store does not
+    bundle = podman.run("run", "--rm", APP_IMAGE, "cat",
+                        "/etc/ssl/certs/ca-certificates.crt").stdout
+    for cert in (images / "docker" / "ca-certificates").glob("*.crt"):
+        body = "".join(cert.read_text().split("-----")[2].split())
+        assert body[:64] not in "".join(bundle.split()), cert.name
+    # Ray is for simulations only and stays out of the image
+    assert podman.run("run", "--rm", APP_IMAGE, "python", "-c", "import ray",
+                      check=False).returncode != 0
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"]
+            for target in panel.get("targets", []) if target.get("expr")]
+
+
+def test_compose_stack_tls_auth_two_dp_rounds_epsilon_and_prometheus(
+        podman: Podman, images: Path, tmp_path: Path) -> None:
+    docker = images / "docker"
+    subprocess.run(["bash", str(docker / "generate-certs.sh"), str(docker / "certs")],
+                   env={**os.environ, "NODES": "2"}, check=True, capture_output=True)
+    for secret in ("server.key", "keys/supernode-1", "keys/supernode-2"):
+        os.chown(docker / "certs" / secret, 49999, 49999)  # the containers run as uid 49999
+    ports = {"SUPERLINK_PORT": free_port(), "METRICS_PORT": free_port(),
+             "PROMETHEUS_PORT": free_port()}
+    env = {**{k: str(v) for k, v in ports.items()}, "PROMETHEUS_IMAGE": PROMETHEUS_IMAGE}
+    # the GPU override merges (its CUDA image cannot be built or run here)
+    merged = podman.run("-f", "docker/compose.yml", "-f", "docker/compose.gpu.yml", "config",
+                        program=str(BIN / "podman-compose"), cwd=images, env=env).stdout
+    assert "TORCH_VARIANT: cu126" in merged and "plateau-app:0.1.0-cuda" in merged, merged
+
+    def compose(*args: str) -> str:
+        return podman.run("-f", "docker/compose.yml", *args, program=str(BIN / "podman-compose"),
+                          cwd=images, env=env, timeout=300).stdout
+
+    cli = Cli(tmp_path / "cli", "plateau-docker", f"127.0.0.1:{ports['SUPERLINK_PORT']}",
+              docker / "certs" / "ca.crt")
+    ca = docker / "certs" / "ca.crt"
+    started = time.monotonic()
+    try:
+        compose("up", "-d", "superlink")
+        wait_until(lambda: healthy(ports["SUPERLINK_PORT"], ca), 60, "SuperLink healthy over TLS")
+        cli.register(docker / "certs" / "keys" / "supernode-1.pub", "node1")
+        cli.register(docker / "certs" / "keys" / "supernode-2.pub", "node2")
+        compose("up", "-d")
+        running = podman.lines("ps", "--format", "{{.Names}}")
+        assert len(running) == 7 and not any("grafana" in n for n in running), running
+        wait_until(lambda: cli.online() >= 2, 120, "two SuperNodes online")
+        config = ("algorithm='fedpgn' dp='central' num-server-rounds=2 sample-rate=1.0 "
+                  "sharpness-every=1 metrics-addr='0.0.0.0' metrics-port=9464 "
+                  "metrics-linger=12 run-name='compose'")
+        submitted = time.time()
+        run_id = cli.submit(images, config)
+        results = Path(podman.run("volume", "inspect", "--format", "{{.Mountpoint}}",
+                                  "plateau_results").stdout.strip()) / "compose"
+
+        def first_round() -> bool:
+            with contextlib.suppress(OSError):
+                return bool((results / "rounds.jsonl").read_text().strip())
+            return False
+
+        wait_until(first_round, 300, "round 1 in the results volume", every=0.5)
+        MEASURED["Compose: stack start (up superlink) to round 1 done"] = \
+            f"{time.monotonic() - started:.0f} s"
+        # Prometheus scrapes the lingering endpoint after round 2 (scrape interval 5 s)
+        prom = ports["PROMETHEUS_PORT"]
+
+        def scraped_round() -> float:
+            query = 'max_over_time(plateau_round{run="compose"}[15m])'
+            result = prometheus(prom, "query", query=query)["result"]
+            return float(result[0]["value"][1]) if result else 0.0
+
+        assert wait_until(lambda: scraped_round() >= 2, 120, "round 2 scraped") == 2.0
+        metadata = prometheus(prom, "metadata")
+        wait_until(lambda: cli.status(run_id).startswith("finished"), 180, "run finished")
+        status = cli.status(run_id)
+        assert status == "finished:completed", status + compose("logs", "superlink")[-3000:]
+        rounds = [json.loads(x) for x in (results / "rounds.jsonl").read_text().splitlines()]
+        summary = json.loads((results / "summary.json").read_text())
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] == summary["epsilon"]
+        assert summary["status"] == "completed" and summary["privacy"]["dp"] == "central"
+        assert all(r["num_clients"] == 2 and r["sharpness"] is not None for r in rounds)
+        MEASURED["Compose: round wall times (rounds.jsonl)"] = [r["wall_s"] for r in rounds]
+
+        # every dashboard query, as Grafana would send it for this run, over the run's span
+        known = set(metadata)
+        span = {"start": f"{submitted - 60:.0f}", "end": f"{time.time():.0f}", "step": "5"}
+        runs = prometheus(prom, "label/run/values", **{"match[]": "plateau_round"},
+                          start=span["start"], end=span["end"])
+        assert "compose" in runs  # the dashboard's `run` variable: label_values(plateau_round, run)
+        quiet = {"plateau_clients_failed_total": sum(r["num_failed"] for r in rounds),
+                 "plateau_clients_rejected_total": sum(r["num_rejected"] for r in rounds)}
+        empty_panels, panels = set(), {}
+        for title, expr in dashboard_queries():
+            names = set(re.findall(r"\bplateau_[a-z_]+", expr))
+            bases = {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in names}
+            assert bases <= known or names <= known, (title, expr, sorted(known))
+            result = prometheus(prom, "query_range", query=expr.replace("$run", "compose"),
+                                **span)["result"]
+            panels.setdefault(title, []).append(bool(result))
+            if not result:
+                empty_panels.add(title)
+                assert names <= set(quiet) and not any(quiet[n] for n in names), (title, expr)
+        assert all(any(v) for t, v in panels.items() if t not in empty_panels)
+        assert len(panels) - len(empty_panels) >= len(panels) - 1, empty_panels
+        MEASURED["dashboard panels with data / queried"] = \
+            f"{len(panels) - len(empty_panels)}/{len(panels)} (empty: {sorted(empty_panels)})"
+    finally:
+        logs = podman.run("-f", "docker/compose.yml", "logs", program=str(BIN / "podman-compose"),
+                          cwd=images, env=env, check=False).stdout
+        (tmp_path / "compose.log").write_text(logs)
+        compose("down", "-v")
+    assert not any(podman.leftovers().values()), podman.leftovers()
+
+
+def test_compose_insecure_quickstart_runs_a_round(podman: Podman, images: Path,
+                                                  tmp_path: Path) -> None:
+    port = free_port()
+    env = {"SUPERLINK_PORT": str(port)}
+
+    def compose(*args: str) -> str:
+        return podman.run("-f", "docker/compose.quickstart-insecure.yml", *args,
+                          program=str(BIN / "podman-compose"), cwd=images, env=env,
+                          timeout=300).stdout
+
+    cli = Cli(tmp_path / "cli", "plateau-quickstart", f"127.0.0.1:{port}", None)
+    try:
+        compose("up", "-d")
+        wait_until(lambda: healthy(port, None), 60, "SuperLink healthy")
+        wait_until(lambda: cli.online() >= 2, 120, "two SuperNodes online")
+        run_id = cli.submit(images, "num-server-rounds=1 sample-rate=1.0 run-name='quickstart'")
+        wait_until(lambda: cli.status(run_id).startswith("finished"), 300, "run finished")
+        assert cli.status(run_id) == "finished:completed"
+    finally:
+        compose("down", "-v")
+    assert not any(podman.leftovers().values()), podman.leftovers()
+
+
+def test_kubernetes_manifests_play_with_podman_tls_and_a_run(
+        podman: Podman, images: Path, tmp_path: Path) -> None:
+    k8s = images / "deploy" / "k8s"
+    subprocess.run(["bash", str(images / "docker" / "generate-certs.sh"),
+                    str(k8s / "base" / "certs")],
+                   env={**os.environ, "NODES": "2"}, check=True, capture_output=True)
+    rendered = subprocess.run([str(BIN / "kubectl"), "kustomize", str(k8s / "overlays" / "local")],
+                              capture_output=True, text=True, check=True).stdout
+    (tmp_path / "plateau.yaml").write_text(rendered)
+    port = free_port()
+    workdir = tmp_path / "play"
+    play = [str(BIN / "python"), str(k8s / "podman-play.py")]
+    cli = Cli(tmp_path / "cli", "cluster", f"127.0.0.1:{port}", k8s / "base" / "certs" / "ca.crt")
+    started = time.monotonic()
+    try:
+        out = podman.run(*play[1:], "up", str(tmp_path / "plateau.yaml"), "--workdir",
+                         str(workdir), "--network", "plateau-k8s", "--publish",
+                         f"superlink=127.0.0.1:{port}", program=play[0], timeout=300,
+                         cwd=images).stdout
+        for substituted in ("Namespace plateau dropped", "Service superlink -> DNS alias",
+                            "StatefulSet superlink -> 1 Pod(s)",
+                            "StatefulSet supernode -> 2 Pod(s)",
+                            "Secret plateau-supernode-keys -> hostPath",
+                            "PersistentVolumeClaim state-superlink-0"):
+            assert substituted in out, out
+        pods = podman.lines("pod", "ps", "--format", "{{.Name}}")
+        assert sorted(pods) == ["superexec-serverapp-pod-0", "superlink-0", "supernode-0",
+                                "supernode-1"], pods
+        wait_until(lambda: healthy(port, k8s / "base" / "certs" / "ca.crt"), 60,
+                   "SuperLink pod healthy over TLS")
+        for i in (1, 2):
+            cli.register(k8s / "base" / "certs" / "keys" / f"supernode-{i}.pub", f"node{i}")
+        wait_until(lambda: cli.online() >= 2, 180, "both SuperNode pods online over TLS")
+        run_id = cli.submit(images, "algorithm='fedpgn' dp='central' num-server-rounds=1 "
+                                    "sample-rate=1.0 population-size=2 run-name='k8s'")
+        wait_until(lambda: cli.status(run_id).startswith("finished"), 300, "run finished")
+        assert cli.status(run_id) == "finished:completed"
+        MEASURED["podman kube play: play to one round completed"] = \
+            f"{time.monotonic() - started:.0f} s"
+        link_log = podman.run("logs", "superlink-0-superlink").stderr + \
+            podman.run("logs", "superlink-0-superlink").stdout
+        assert "Uvicorn running on https://0.0.0.0:8000" in link_log
+    finally:
+        podman.run(*play[1:], "down", "--workdir", str(workdir), "--volumes", program=play[0],
+                   timeout=300, check=False)
+    assert not any(podman.leftovers().values()), podman.leftovers()
