@@ -61,9 +61,11 @@ def test_a_round_rerun_after_resume_draws_fresh_noise() -> None:
     """Resume restored both generators, so a rerun round repeated its noise exactly and the
     difference of the two releases isolated a client's update; now it is independent."""
     first = dp_strategy(sample_rate=1.0)
-    released = one_round(first, server_round=3)
+    one_round(first, server_round=2)
+    checkpoint = first.checkpoint_state()  # after round 2
+    released = one_round(first, server_round=3)  # its ledger entry is written, then a crash
     resumed = dp_strategy(sample_rate=1.0)
-    resumed.restore_state(first.checkpoint_state())
+    resumed.restore_state(checkpoint)
     rerun = one_round(resumed, server_round=3)
     difference = (released - rerun).std().item()
     # two independent draws of N(0, (sigma C / m)^2): the difference has std sqrt(2)/4
