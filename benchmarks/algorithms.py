@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.app import local_round
@@ -35,13 +35,20 @@ ALGORITHMS = [("fedavg", {}), ("fedpgn", {}), ("fednsam", {}),
 
 
 class Nodes:
-    """A Grid stand-in: N connected nodes, node i holds partition i."""
+    """A Grid stand-in: N connected nodes, node i holds partition i - 1 (and says so when the
+    server asks)."""
 
     def __init__(self, count: int) -> None:
         self.ids = list(range(1, count + 1))
 
     def get_node_ids(self) -> list[int]:
         return self.ids
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None
+                         ) -> list[Message]:
+        return [Message(RecordDict({"identity": MetricRecord(
+            {"partition-id": m.metadata.dst_node_id - 1, "num-partitions": len(self.ids)})}),
+            reply_to=m) for m in messages]
 
 
 def one_round(strategy: PlateauStrategy, config: RunConfig, server_round: int,

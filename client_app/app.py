@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
@@ -34,6 +34,7 @@ from .training import LOCAL_RULES, LocalTask
 
 app = ClientApp()
 STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
+DECLINE_KEY = "decline"  # a reply that trains nothing, with its reason
 
 
 class NodeConfigError(ValueError):
@@ -147,6 +148,16 @@ def enforce_node_policy(config: RunConfig, node_config: Mapping[str, object]) ->
                               "SuperNode requires a formal guarantee")
 
 
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds: it samples and sums by partition, not
+    by the random node ids Flower assigns, so a seeded run repeats."""
+    pid, num = partition_of(context)
+    return Message(RecordDict({"identity": MetricRecord({"partition-id": pid,
+                                                         "num-partitions": num})}),
+                   reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run the local rule the server asked for and reply with the released update."""
@@ -165,6 +176,9 @@ def train(msg: Message, context: Context) -> Message:
     if expected != digest:
         raise ValueError(f"this node's frozen weights (digest {digest}) differ from the "
                          f"server's ({expected}): same model files and library versions needed")
+    data = _partition_on(cfg, pid, num, device)
+    if len(data) == 0:
+        return decline(msg, "no-data")
     load_travelling(model, msg.content["arrays"].to_torch_state_dict())
     state = model.state_dict()
     start_buffers = {name: state[name].detach().clone() for name in float_buffer_names(model)}
@@ -173,7 +187,7 @@ def train(msg: Message, context: Context) -> Message:
         for name, record in msg.content.array_records.items() if name != "arrays"
     }
     task = LocalTask(
-        model=model, data=_partition_on(cfg, pid, num, device), config=cfg, lr=lr,
+        model=model, data=data, config=cfg, lr=lr,
         broadcast=broadcast, generator=seeded_generator(cfg.seed, server_round, pid),
         state=load_state(context, cfg.algorithm, device),
     )
@@ -186,6 +200,13 @@ def train(msg: Message, context: Context) -> Message:
                           noise_labels=(server_round, pid))
     save_state(context, cfg.algorithm, task.state)
     return Message(content=content, reply_to=msg)
+
+
+def decline(msg: Message, reason: str) -> Message:
+    """A reply that takes no part in the round (e.g. a partition without examples): counted by
+    the server as declined, never as a malformed reply; under DP its noise share is topped up
+    like a dropout's."""
+    return Message(RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason})}), reply_to=msg)
 
 
 def load_state(context: Context, algorithm: str, device: torch.device) -> dict[str, Tensors]:

@@ -10,11 +10,12 @@ clipped sum by at most C:
 * Poisson sampling (each of the N clients joins independently with probability q): the
   Poisson-subsampled Gaussian, whose zero-out analysis is the add/remove one. RDP (Opacus) or
   PLD (dp-accounting, tightest).
-* Fixed-size sampling (m of N without replacement):
-  ``SampledWithoutReplacementDpEvent(N, m, Gaussian(sigma))`` under dp-accounting's replace-one
-  analysis; zero-out pairs are replace-one pairs whose replacement is the null client, so the
-  base Gaussian's sensitivity is C and its multiplier sigma. RDP only (the PLD accountant has no
-  such event).
+* Fixed-size sampling (m of N without replacement): dp-accounting's
+  ``SampledWithoutReplacementDpEvent(N, m, Gaussian(sigma / 2))`` under its replace-one analysis.
+  The cohort size is fixed, so the canary's place in a cohort is another client's in the
+  neighbouring world: the two cohorts' sums differ by one client against another, up to 2C
+  (a canary at +C among clients at -C), hence sigma/2. RDP only (the PLD accountant has no such
+  event). With m = N nobody is left out and a round is the plain Gaussian at sigma.
 
 ``noise_multiplier`` is the multiplier the aggregate really carries (sigma, or sigma*sqrt(m) in
 local placement, where every one of the m uploads is noised with sigma*C).
@@ -90,13 +91,16 @@ class RoundEvent:
         if self.sampling == "poisson":
             return dp_accounting.PoissonSampledDpEvent(
                 self.sample_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier))
+        if self.cohort >= self.population:  # everyone, every round: no sampling to exploit
+            return dp_accounting.GaussianDpEvent(self.noise_multiplier)
         return dp_accounting.SampledWithoutReplacementDpEvent(
-            self.population, self.cohort, dp_accounting.GaussianDpEvent(self.noise_multiplier))
+            self.population, self.cohort,
+            dp_accounting.GaussianDpEvent(self.noise_multiplier / 2))
 
 
 def neighbouring_relation(sampling: str) -> dp_accounting.NeighboringRelation:
     """Zero-out for Poisson sampling; for fixed-size sampling dp-accounting's replace-one
-    analysis, which covers zero-out pairs (the replacement being the null client)."""
+    analysis at sensitivity 2C (see the module docstring)."""
     if sampling == "poisson":
         return dp_accounting.NeighboringRelation.REPLACE_SPECIAL
     return dp_accounting.NeighboringRelation.REPLACE_ONE

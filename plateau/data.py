@@ -1,18 +1,22 @@
-"""Datasets, their split among clients, and the per-process cache that keeps both in memory.
+"""Datasets, their split among clients, and the caches that make both cheap to reach.
 
-Images are loaded once per process as uint8/float arrays, the training split is divided with a
-flwr-datasets partitioner (run on the label column only), and a client's partition is turned into
-normalised torch tensors once. A ClientApp call in a long-lived Ray worker therefore reuses them
-every round instead of redoing the split.
+The training split is divided once per (dataset, partitioner, N, seed, ...) with a flwr-datasets
+partitioner (run on the label column only): the launcher or the ServerApp computes it before the
+first round, where a split that cannot be made is a one-line error, and stores it on disk
+(``<data dir>/partitions``). Image arrays are stored decoded next to it (``<data dir>/arrays``).
+Every process then memory-maps both, so a fresh ClientApp process or a Ray worker reads only its
+own partition's rows, and turns them into normalised torch tensors once per process.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
+import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -235,20 +239,61 @@ def _load_20newsgroups() -> tuple[Split, Split]:
     return split(train), split(test)
 
 
+CACHE_FORMAT = 1  # bump when what the caches hold changes
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    """np.save to ``path`` through a temporary file and a rename: readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npy")
+    os.close(handle)
+    try:
+        np.save(tmp, array)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _array_cache_dir(name: str, test_fraction: float, seed: int) -> Path:
+    # only digits draws its held-out split from (test-fraction, seed); the others are official
+    tag = f"{name}-{test_fraction:g}-{seed}" if name == "digits" else name
+    return offline.data_dir() / "arrays" / f"v{CACHE_FORMAT}" / tag
+
+
+def _cached_splits(name: str, test_fraction: float, seed: int,
+                   load: object) -> tuple[Split, Split]:
+    """Image splits memory-mapped from their decoded copy on disk, made on first use."""
+    folder = _array_cache_dir(name, test_fraction, seed)
+    names = [f"{split}-{part}.npy" for split in ("train", "test")
+             for part in ("inputs", "labels")]
+    if not all((folder / n).is_file() for n in names):
+        train, test = load()  # type: ignore[operator]
+        for split, data in (("train", train), ("test", test)):
+            _atomic_save(folder / f"{split}-inputs.npy", np.ascontiguousarray(data.inputs))
+            _atomic_save(folder / f"{split}-labels.npy", np.asarray(data.labels, np.int64))
+    arrays = [np.load(folder / n, mmap_mode="r") for n in names]
+    return Split(arrays[0], arrays[1]), Split(arrays[2], arrays[3])
+
+
 @functools.lru_cache(maxsize=4)
 def load_splits(name: str, test_fraction: float, seed: int) -> tuple[Split, Split]:
-    """Train and test split of a dataset, cached for the life of the process."""
+    """Train and test split of a dataset, cached for the life of the process (images also on
+    disk, decoded and memory-mapped)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    if name == "digits":
-        return _load_digits(test_fraction, seed)
     if name == "rotten-tomatoes":
         return _load_rotten_tomatoes(test_fraction, seed)
     if name == "20newsgroups":
         return _load_20newsgroups()
+    if DATASETS[name].kind == "text":
+        return _load_hub(DATASETS[name])
+    if name == "digits":
+        return _cached_splits(name, test_fraction, seed,
+                              lambda: _load_digits(test_fraction, seed))
     if name == "fashion-mnist" and (folder := fashion_mnist_dir()) is not None:
-        return _load_fashion_mnist_files(folder)
-    return _load_hub(DATASETS[name])
+        return _cached_splits(name, test_fraction, seed,
+                              lambda: _load_fashion_mnist_files(folder))
+    return _cached_splits(name, test_fraction, seed, lambda: _load_hub(DATASETS[name]))
 
 
 def partition_indices(
@@ -295,18 +340,20 @@ def partition_indices(
                 np.asarray(part.load_partition(i)["index"], dtype=np.int64)
                 for i in range(num_partitions)
             ]
-    except ValueError as err:
+    except (ValueError, IndexError) as err:  # IndexError: iid with more partitions than rows
         raise DataError(
             f"partitioner={partitioner!r} cannot split {len(labels)} samples into "
-            f"{num_partitions} partitions: {err}"
+            f"{num_partitions} partitions ({err}); allowed: fewer clients, a larger "
+            "dirichlet-alpha, or partitioner='iid'"
         ) from None
 
 
 def to_tensors(split: Split, info: DatasetInfo, index: np.ndarray | None = None) -> Tensors:
     """Normalise (fixed public constants) and convert NHWC images to NCHW float32 tensors."""
-    images = split.inputs if index is None else split.inputs[index]
-    labels = split.labels if index is None else split.labels[index]
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    # a copy: the split may be a read-only memory map
+    images = np.array(split.inputs if index is None else split.inputs[index])
+    labels = np.array(split.labels if index is None else split.labels[index])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     if images.dtype == np.uint8:
         x = x / 255.0
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
@@ -351,18 +398,54 @@ def prepare(split: Split, info: DatasetInfo, spec: InputSpec,
     return to_tensors(split, info, index)
 
 
+@dataclass(frozen=True)
+class PartitionSpec:
+    """Everything a split of the training data among N clients depends on."""
+
+    name: str
+    test_fraction: float
+    seed: int
+    num_partitions: int
+    partitioner: str
+    alpha: float
+    classes_per_client: int
+
+    def folder(self) -> Path:
+        """Where the split is stored: one folder per spec (and flwr-datasets version)."""
+        from flwr_datasets import __version__ as flwr_datasets_version
+
+        digest = hashlib.sha256(repr((astuple(self), flwr_datasets_version,
+                                      CACHE_FORMAT)).encode()).hexdigest()[:16]
+        return (offline.data_dir() / "partitions" /
+                f"{self.name}-{self.partitioner}-n{self.num_partitions}-{digest}")
+
+
+def ensure_partitions(spec: PartitionSpec) -> Path:
+    """Compute the split once and store it (concatenated indices and N + 1 offsets); later
+    calls, in any process, find it on disk. A split that cannot be made raises DataError."""
+    folder = spec.folder()
+    if (folder / "offsets.npy").is_file():
+        return folder
+    train, _ = load_splits(spec.name, spec.test_fraction, spec.seed)
+    parts = partition_indices(train.labels, spec.num_partitions, spec.partitioner,
+                              alpha=spec.alpha, classes_per_client=spec.classes_per_client,
+                              seed=spec.seed)
+    offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+    indices = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    _atomic_save(folder / "indices.npy", indices)
+    _atomic_save(folder / "offsets.npy", offsets)  # written last: it marks the split complete
+    return folder
+
+
 @functools.lru_cache(maxsize=8)
-def _all_partitions(
-    name: str, test_fraction: float, seed: int, num_partitions: int, partitioner: str,
-    alpha: float, classes_per_client: int,
-) -> tuple[np.ndarray, ...]:
-    train, _ = load_splits(name, test_fraction, seed)
-    return tuple(
-        partition_indices(
-            train.labels, num_partitions, partitioner, alpha=alpha,
-            classes_per_client=classes_per_client, seed=seed,
-        )
-    )
+def _partition_table(spec: PartitionSpec) -> tuple[np.ndarray, np.ndarray]:
+    folder = ensure_partitions(spec)
+    return np.load(folder / "indices.npy", mmap_mode="r"), np.load(folder / "offsets.npy")
+
+
+def partition_sizes(spec: PartitionSpec) -> np.ndarray:
+    """Examples per partition (public metadata of the split)."""
+    return np.diff(_partition_table(spec)[1])
 
 
 @functools.lru_cache(maxsize=512)
@@ -370,15 +453,15 @@ def client_partition(
     name: str, *, test_fraction: float, seed: int, num_partitions: int, partition_id: int,
     partitioner: str, alpha: float, classes_per_client: int, spec: InputSpec = InputSpec(),
 ) -> Tensors:
-    """One client's training tensors (tokenised once for text), computed once per process and
-    reused every round."""
+    """One client's training tensors (tokenised once for text): its rows of the stored split,
+    computed once per process and reused every round."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id={partition_id} is outside 0..{num_partitions - 1}")
-    indices = _all_partitions(
-        name, test_fraction, seed, num_partitions, partitioner, alpha, classes_per_client
-    )
+    indices, offsets = _partition_table(PartitionSpec(
+        name, test_fraction, seed, num_partitions, partitioner, alpha, classes_per_client))
     train, _ = load_splits(name, test_fraction, seed)
-    return prepare(train, DATASETS[name], spec, indices[partition_id])
+    rows = np.asarray(indices[offsets[partition_id]:offsets[partition_id + 1]])
+    return prepare(train, DATASETS[name], spec, rows)
 
 
 @functools.lru_cache(maxsize=4)

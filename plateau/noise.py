@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 TEST_SEED_ENV = "PLATEAU_TEST_SEED"
 KEY_BYTES = 32  # ChaCha20's 256-bit key
 CHUNK = 1 << 18  # values generated at a time: buffers stay in cache, memory stays bounded
-MAX_STREAM_BYTES = 1 << 38  # far below ChaCha20's 2^32-block counter period under one key
+MAX_STREAM_BYTES = 1 << 37  # half of ChaCha20's 2^32 64-byte blocks under one key and nonce
 _MANTISSA = (1 << 52) - 1
 _ONE_BITS = 0x3FF0000000000000  # float64 exponent bits of 1.0
 _HALF_ULP = 2.0 ** -53
@@ -94,7 +94,7 @@ class ChaChaSource:
         """XOR the next keystream bytes onto ``buffer`` (zeros in, keystream out)."""
         self._used += buffer.nbytes
         if self._used > MAX_STREAM_BYTES:
-            raise RuntimeError("a noise source was asked for more than 256 GiB; use a fresh one")
+            raise RuntimeError("a noise source was asked for more than 128 GiB; use a fresh one")
         self._encryptor.update_into(buffer, buffer)
 
     def uniform_(self, out: torch.Tensor) -> torch.Tensor:

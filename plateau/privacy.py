@@ -14,9 +14,11 @@ and adds its noise share, so every count is the same in both worlds. The noisy s
   the sum up to m*(sigma*C)^2, so the aggregate's noise is the same whoever replied.
 
 The aggregate's noise never depends on how many clients took part, and the mean divides by a
-public number (q*N, or m), so the released models do not reveal the count. Where the server cannot
-check that uploads carry their share (too few released coordinates for a norm test), it counts no
-client share and adds V plus the missing shares itself: the total is 2V, again constant.
+public number (q*N, or m), so the released models do not reveal the count. A client share counts
+only for what its upload's norm proves (``credited_share``); the server adds the rest for every
+slot, so a client that adds part of its share cannot thin the aggregate's noise. Where the norm
+test cannot tell (too few released coordinates) nothing is credited: the total is then 2V.
+Noise shaped to pass the norm test (e.g. all in a few coordinates) is not detected.
 
 Noise comes from :mod:`plateau.noise` (ChaCha20 keyed by the OS per release, float64 Gaussians).
 """
@@ -158,21 +160,35 @@ class GaussianClientDP:
         an honest one; it cannot when few coordinates are released or the share is small."""
         return self.client_noise_std(cohort) > 0 and self.share_floor(dim, cohort) > self.clip_norm
 
+    def credited_share(self, dim: int, cohort: float) -> float:
+        """The noise variance an accepted upload is credited with: what passing the floor
+        proves. Its noise norm is at least floor - C, and isotropic Gaussian noise of std s_i
+        has norm at most s_i sqrt(d + 2 sqrt(40 d) + 80) (Laurent-Massart, exp(-40)), so
+        s_i >= (floor - C) / sqrt(d + 2 sqrt(40 d) + 80). A client adding only part of its
+        share gets no more credit than an honest one, and the server adds the difference."""
+        if not self.verifies_shares(dim, cohort):
+            return 0.0
+        x = NORM_TEST_EXPONENT
+        proven = ((self.share_floor(dim, cohort) - self.clip_norm)
+                  / math.sqrt(dim + 2.0 * math.sqrt(x * dim) + 2.0 * x))
+        return min(proven, self.client_noise_std(cohort)) ** 2
+
     def server_noise_std(self, cohort: float, num_aggregated: int, dim: int) -> float:
         """What the server adds so the sum's noise is the same however many uploads it sums.
 
-        Central: all of it. Distributed and local, with verifiable shares: the shares of the
-        m - n clients whose upload is missing. Without verifiable shares: the whole target
-        variance plus the missing shares, so no client share is trusted and the total is
-        still constant.
+        Central: all of it. Distributed and local: the shares of the m - n clients whose upload
+        is missing, plus, for each of the m slots, what an accepted share is not credited with
+        (``credited_share``): the noise a client is trusted to add is only what its upload
+        proves, and the total is a constant that never depends on who replied. Without
+        verifiable shares nothing is credited.
         """
         target = (self.accounted_noise_multiplier(cohort) * self.clip_norm) ** 2
         if self.placement == "central":
             return math.sqrt(target)
-        missing = max(0.0, cohort - num_aggregated) * self.client_noise_std(cohort) ** 2
-        if self.verifies_shares(dim, cohort):
-            return math.sqrt(missing)
-        return math.sqrt(target + missing)
+        share = self.client_noise_std(cohort) ** 2
+        missing = max(0.0, cohort - num_aggregated) * share
+        uncredited = cohort * (share - self.credited_share(dim, cohort))
+        return math.sqrt(missing + uncredited)
 
     def release(
         self, update: Mapping[str, torch.Tensor], cohort: float, source: NoiseSource,
@@ -221,13 +237,15 @@ class GaussianClientDP:
         return {k: t / cohort for k, t in noised.items()}
 
     def effective_noise_multiplier(self, cohort: float, dim: int) -> float:
-        """Noise std on the round's sum over C (the same whoever replied): sigma in central and
-        distributed placement, sigma*sqrt(m) in local, times sqrt(2) where shares are not
-        verifiable."""
+        """Noise std on the round's sum over C when every client is honest (the same whoever
+        replied): sigma in central placement, sigma*sqrt(m) in local; in distributed and local
+        placement times sqrt(2 - credited/share), the server's extra for uncredited noise
+        (sqrt(2) where shares are not verifiable)."""
         accounted = self.accounted_noise_multiplier(cohort)
-        if self.placement == "central" or self.verifies_shares(dim, cohort):
+        if self.placement == "central":
             return accounted
-        return accounted * math.sqrt(2.0)
+        credited = self.credited_share(dim, cohort) / self.client_noise_std(cohort) ** 2
+        return accounted * math.sqrt(2.0 - credited)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@
 * ``fixed``: max(1, floor(q*N)) of the N population slots uniformly without replacement.
 
 The population N is the set of clients the accounting is about, not just the nodes that happen to
-be connected: a sampled slot without a connected node is a client that cannot reply (a dropout),
-so connected clients are never sampled more often than the accountant assumes.
+be connected: each partition id 0..N-1 is a slot, and a sampled slot without a connected node is a
+client that cannot reply (a dropout), so connected clients are never sampled more often than the
+accountant assumes.
 
 Under DP the coins come from a fresh ChaCha20 keystream keyed by the operating system for every
 round (:mod:`plateau.noise`): amplification by sampling only holds if nobody can predict or
@@ -17,7 +18,7 @@ come from the run's seed and the round number, so runs are reproducible.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,20 +71,22 @@ class ClientSampler:
             return self.sample_rate * population
         return float(self.cohort_size(population))
 
-    def sample(self, nodes: Sequence[int], population: int, server_round: int) -> Cohort:
-        """Sample a round's cohort from the connected ``nodes`` of a population of N."""
-        if len(nodes) > population:
-            raise ValueError(f"{len(nodes)} nodes are connected but the population is "
-                             f"{population}: set population-size to at least {len(nodes)}")
-        ordered = sorted(nodes)
+    def sample(self, slots: Mapping[int, int], population: int, server_round: int) -> Cohort:
+        """Sample a round's cohort from a population of N slots (partition ids 0..N-1);
+        ``slots`` maps the slots with a connected node to that node. A sampled slot without
+        one is a dropout. Coins go by slot, so a seeded run samples the same partitions
+        whatever node ids the nodes got."""
+        if len(slots) > population or any(not 0 <= slot < population for slot in slots):
+            raise ValueError(f"{len(slots)} nodes hold partitions {min(slots, default=0)}.."
+                             f"{max(slots, default=0)} but the population is {population}: set "
+                             "population-size to cover every partition")
+        keys = self._uniforms(population, server_round)
         if self.method == "poisson":
-            joined = self._uniforms(len(ordered), server_round) < self.sample_rate
-            picked = [node for node, coin in zip(ordered, joined, strict=True) if coin]
+            chosen = np.flatnonzero(keys < self.sample_rate)
         else:
-            # m smallest of N uniform keys: a uniformly random m-subset of the N slots
-            keys = self._uniforms(population, server_round)
-            slots = np.argsort(keys, kind="stable")[:self.cohort_size(population)]
-            picked = [ordered[int(i)] for i in sorted(slots) if i < len(ordered)]
+            # the m smallest of N uniform keys: a uniformly random m-subset of the N slots
+            chosen = np.sort(np.argsort(keys, kind="stable")[:self.cohort_size(population)])
+        picked = [slots[int(slot)] for slot in chosen if int(slot) in slots]
         return Cohort(nodes=picked, expected=self.expected_cohort(population),
                       population=population)
 

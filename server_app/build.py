@@ -8,7 +8,7 @@ from logging import INFO, WARNING
 from flwr.supercore import log
 
 from plateau.config import ConfigError, ConfigValue, RunConfig
-from plateau.data import DATASETS
+from plateau.data import DATASETS, DataError, PartitionSpec, ensure_partitions
 from plateau.device import resolve_device
 from plateau.models import float_buffer_names, frozen_digest, model_from_config, travelling_state
 from plateau.privacy import mechanism_from_config
@@ -30,6 +30,19 @@ def load_config(raw: Mapping[str, ConfigValue]) -> RunConfig:
             f"dataset={config.dataset!r}; expected <= {classes}"
         )
     return config
+
+
+def prepare_partitions(config: RunConfig, num_partitions: int) -> None:
+    """Split the training data among ``num_partitions`` clients once, before any of them asks
+    for it (stored on disk; every later process reads it): a split that cannot be made, or a
+    dataset that cannot be loaded, is a one-line config error here, not a failure per client."""
+    try:
+        ensure_partitions(PartitionSpec(
+            config.dataset, config.test_fraction, config.seed, num_partitions,
+            config.partitioner, config.dirichlet_alpha, config.classes_per_client))
+    except DataError as err:
+        raise ConfigError(f"dataset={config.dataset!r}, partitioner={config.partitioner!r}, "
+                          f"{num_partitions} clients: {err}") from None
 
 
 def build_strategy(config: RunConfig) -> PlateauStrategy:

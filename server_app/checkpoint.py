@@ -2,15 +2,18 @@
 
 Two files in the checkpoint folder, each written atomically (write, fsync, rename):
 
-* ``ledger.json``: the accountant's events, written right after a round's noisy aggregate exists
-  and before anything of the round is released, so a resumed run can never undercount epsilon;
+* ``ledger.json``: the accountant's events, the uploads each client has handed the server and the
+  epsilon budget, written right after a round's noisy aggregate exists and before anything of
+  the round is released, so a resumed run can never undercount epsilon;
 * ``checkpoint.pt``: the global model, the strategy's state (momentum, global direction, control
-  variates, ...), the sampler's and the noise generator's states, the round records, the resolved
-  config and the privacy-relevant settings, after each completed round.
+  variates, ...), the round records, the resolved config and the privacy-relevant settings,
+  after each completed round. No generator or sampler state: nothing in it lets anyone replay or
+  predict noise or cohorts, and a resumed run draws fresh ones. (The records hold operator
+  telemetry, which epsilon does not cover: the folder is the operator's.)
 
 ``resume = true`` continues from them: the privacy-relevant settings must be unchanged (a changed
-noise multiplier or sampling would make the epsilon of the continued run wrong), and a DP run
-without its ledger is refused.
+noise multiplier or sampling would make the epsilon of the continued run wrong), a DP run
+without its ledger is refused, and so is one that would drop the budget the run had.
 """
 
 from __future__ import annotations
@@ -55,17 +58,22 @@ class Checkpointer:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def save_ledger(self, server_round: int, settings: dict[str, Any],
-                    events: list[dict[str, Any]]) -> None:
-        """The accountant's events after ``server_round`` (before its results are released)."""
-        payload = json.dumps({"round": server_round, "privacy": settings, "events": events})
+                    events: list[dict[str, Any]], participations: dict[int, int] | None = None,
+                    budget: float = 0.0) -> None:
+        """The accountant's events after ``server_round``, the uploads per client (partition)
+        and the epsilon budget (before the round's results are released)."""
+        payload = json.dumps({"round": server_round, "privacy": settings, "events": events,
+                              "participations": {str(k): v for k, v in
+                                                 (participations or {}).items()},
+                              "budget": budget})
         _atomic_write(self.folder / LEDGER, lambda h: h.write(payload.encode()))
 
     def save(self, state: dict[str, Any]) -> None:
         """The whole server state after a completed round."""
         _atomic_write(self.folder / CHECKPOINT, lambda h: torch.save(state, h))
 
-    def load(self, config: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
-        """The checkpoint and the ledger's events, after checking they may be continued."""
+    def load(self, config: RunConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The checkpoint and the ledger, after checking they may be continued."""
         path = self.folder / CHECKPOINT
         if not path.is_file():
             raise ConfigError(f"resume=true but there is no checkpoint at {path}")
@@ -77,14 +85,18 @@ class Checkpointer:
             raise ConfigError(f"resume refused: privacy-relevant settings changed ({diffs}); "
                               "they must match the checkpoint")
         ledger_path = self.folder / LEDGER
-        events = None
+        ledger = None
         if ledger_path.is_file():
             ledger = json.loads(ledger_path.read_text())
-            events = ledger["events"]
             if ledger["round"] < state["round"]:
                 raise ConfigError(f"the ledger ({ledger['round']} rounds) is older than the "
                                   f"checkpoint ({state['round']} rounds); refusing to undercount")
-        if config.dp_enabled and events is None:
+            budget = float(ledger.get("budget", 0.0))
+            if budget > 0 and config.target_epsilon <= 0 and config.max_epsilon <= 0:
+                raise ConfigError(f"resume refused: the run was capped at epsilon={budget:g}; "
+                                  "set target-epsilon or max-epsilon (raising it is how a "
+                                  "budget is extended)")
+        if config.dp_enabled and ledger is None:
             raise ConfigError(f"resume refused: {ledger_path} (the accountant's state) is "
                               "missing, so the epsilon spent so far is unknown")
-        return state, events
+        return state, ledger

@@ -61,13 +61,20 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
 
 
 def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue], clients: int) -> None:
-    """Validate defaults + overrides before anything starts (the ServerApp checks again)."""
+    """Validate defaults + overrides before anything starts (the ServerApp checks again),
+    including what would only fail later: the dataset loads and splits among the clients (the
+    split is stored, so no client computes it again)."""
     from server_app.app import load_config
+    from server_app.build import prepare_partitions
 
     config = load_config({**app_defaults(app_dir), **overrides})
     if clients < config.min_available_clients:
         raise ConfigError(f"CLIENTS={clients} is below min-available-clients="
                           f"{config.min_available_clients}: the first round would never start")
+    if config.population_size and clients > config.population_size:
+        raise ConfigError(f"CLIENTS={clients} is above population-size="
+                          f"{config.population_size}: every client must be in the population")
+    prepare_partitions(config, clients)
 
 
 def free_port() -> int:

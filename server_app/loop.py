@@ -27,7 +27,7 @@ from plateau.privacy import mechanism_from_config
 from strategies import PlateauStrategy
 from strategies.base import short_reason
 
-from .build import build_strategy, load_config
+from .build import build_strategy, load_config, prepare_partitions
 from .checkpoint import Checkpointer, privacy_settings
 from .evaluation import CentralEvaluator
 from .flatness import Flatness, FlatnessProbe
@@ -50,10 +50,12 @@ EPSILON_COVERS = ("the sequence of global models, and what is computed from them
 OUTSIDE_EPSILON = {
     "rounds.jsonl": ["train_loss", "mean_update_norm", "clip_fraction", "mean_clip_error",
                      "num_sampled", "num_clients", "num_failed", "num_rejected", "rejected",
+                     "num_declined", "declined",
                      "mean_state_rounds", "epsilon_against_server", "wall_s"],
     "prometheus": ["plateau_train_loss", "plateau_clip_fraction", "plateau_update_norm",
                    "plateau_clients_sampled_total", "plateau_clients_replied_total",
                    "plateau_clients_failed_total", "plateau_clients_rejected_total",
+                   "plateau_clients_declined_total",
                    "plateau_bytes_sent_total", "plateau_bytes_received_total",
                    "plateau_round_duration_seconds", "plateau_epsilon_against_server"],
 }
@@ -64,7 +66,8 @@ NOISE_SOURCE = ("ChaCha20 keystream (OpenSSL) under a fresh 256-bit OS key per r
 
 def round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float, loss: float,
                  lr: float, wall_s: float, dp: bool, flatness: Flatness | None,
-                 rejected: Mapping[str, int]) -> dict[str, Any]:
+                 rejected: Mapping[str, int],
+                 declined: Mapping[str, int] | None = None) -> dict[str, Any]:
     """One line of rounds.jsonl."""
     record: dict[str, Any] = {
         "round": server_round,
@@ -76,6 +79,8 @@ def round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float,
         "num_failed": metrics.get("num-failed"),
         "num_rejected": metrics.get("num-rejected"),
         "rejected": dict(rejected),
+        "num_declined": metrics.get("num-declined", 0),
+        "declined": dict(declined or {}),
         "lr": lr,
         "global_update_norm": metrics.get("global-update-norm"),
         "mean_update_norm": metrics.get("mean-update-norm"),
@@ -160,10 +165,16 @@ class RunLoop:
                                 "are reproducible, hence not private")
             log(WARNING, "%s; no epsilon is reported (testing only)", self.void_reason)
         population = self.strategy.determine_population(grid)
-        self.start_round, records, events = 1, [], None
+        try:
+            for num_partitions in self.strategy.identified_partition_counts(grid):
+                prepare_partitions(config, num_partitions)
+        except (ConfigError, RuntimeError) as err:
+            log(ERROR, "cannot start the run: %s", err)
+            raise
+        self.start_round, records, ledger = 1, [], None
         if config.resume:
             assert self.checkpointer is not None
-            saved, events = self.checkpointer.load(config)
+            saved, ledger = self.checkpointer.load(config)
             config = dataclasses.replace(config, noise_multiplier=float(
                 saved["config"]["noise-multiplier"]))
             self.strategy.current = {k: v.to(self.strategy.device)
@@ -180,9 +191,11 @@ class RunLoop:
                 None)) is not None:
             self.void_reason = f"the run this one resumes claims none: {earlier}"
         config, self.ledger = plan_privacy(config, population, calibrate=not config.resume)
-        if self.ledger is not None and events is not None:
+        if self.ledger is not None and ledger is not None:
             self.ledger.accountant = PrivacyAccountant.from_state(
-                config.accountant, config.sampling_method, events)
+                config.accountant, config.sampling_method, ledger["events"])
+            self.strategy.participations.update(
+                {int(k): int(v) for k, v in ledger.get("participations", {}).items()})
             log(INFO, "epsilon already spent: %.4f", self.ledger.epsilon)
         self.strategy.config, self.strategy.privacy = config, mechanism_from_config(config)
         self.config = dataclasses.replace(config, run_name=run_name)
@@ -270,8 +283,10 @@ class RunLoop:
         if self.ledger is not None:
             epsilon = self.ledger.commit_round()
             if self.checkpointer is not None:
-                self.checkpointer.save_ledger(server_round, self.settings,
-                                              self.ledger.accountant.state())
+                self.checkpointer.save_ledger(
+                    server_round, self.settings, self.ledger.accountant.state(),
+                    dict(strategy.participations),
+                    self.ledger.budget[0] if self.ledger.budget else 0.0)
         stats = strategy.last_stats
         if stats.test_seeded_nodes and self.ledger is not None:
             self.void_epsilon(f"{stats.test_seeded_nodes} SuperNode(s) drew their noise from "
@@ -286,7 +301,7 @@ class RunLoop:
                     if self.probe is not None and self.probe.due(server_round) else None)
         record = round_record(server_round, metrics or {}, result.accuracy, result.loss,
                               strategy.learning_rate(server_round), wall_s, config.dp_enabled,
-                              flatness, stats.rejected)
+                              flatness, stats.rejected, stats.declined)
         record["epsilon"] = epsilon
         if self.ledger is not None:
             record["epsilon_against_server"] = self.epsilon_against_server()
@@ -310,8 +325,10 @@ class RunLoop:
         """Count a round with fewer than min-replies accepted replies as failed; stop after
         max-failed-rounds of them in a row."""
         stats, config = self.strategy.last_stats, self.config
-        required = min(config.min_replies, stats.sampled)
-        if stats.sampled == 0 or stats.accepted >= required:
+        # a client that declined (no data) is not a failure
+        willing = stats.sampled - sum(stats.declined.values())
+        required = min(config.min_replies, willing)
+        if willing <= 0 or stats.accepted >= required:
             self.failed_in_a_row = 0
             return
         self.failed_in_a_row += 1

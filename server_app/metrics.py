@@ -70,6 +70,8 @@ class RunMetrics:
                               + TELEMETRY, ("reason",))
         self.rejected = counter("clients_rejected", "Replies dropped by screening" + TELEMETRY,
                                 ("reason",))
+        self.declined = counter("clients_declined", "Sampled clients that declined the round "
+                                "(e.g. no data)" + TELEMETRY, ("reason",))
         self.bytes_sent = counter("bytes_sent", "Array bytes sent to clients" + TELEMETRY)
         self.bytes_received = counter("bytes_received", "Array bytes received from clients"
                                       + TELEMETRY)
@@ -111,9 +113,10 @@ class RunMetrics:
             epsilon = record["epsilon"]
             self.epsilon.labels(**labels).set(
                 epsilon if isinstance(epsilon, int | float) else float("nan"))
-        against_server = record.get("epsilon_against_server")
-        if isinstance(against_server, int | float):
-            self.epsilon_server.labels(**labels).set(against_server)
+        if "epsilon_against_server" in record:  # a number, or NaN when the run claims none
+            against_server = record["epsilon_against_server"]
+            self.epsilon_server.labels(**labels).set(
+                against_server if isinstance(against_server, int | float) else float("nan"))
         self.round_completed_time.labels(**labels).set(time.time())
         self.sampled.labels(**labels).inc(record.get("num_sampled") or 0)
         self.replied.labels(**labels).inc(record.get("num_clients") or 0)
@@ -121,6 +124,8 @@ class RunMetrics:
             self.failed.labels(**labels, reason=reason).inc(count)
         for reason, count in rejected.items():
             self.rejected.labels(**labels, reason=reason).inc(count)
+        for reason, count in (record.get("declined") or {}).items():
+            self.declined.labels(**labels, reason=reason).inc(count)
         for norm in norms:
             self.update_norm.labels(**labels).observe(norm)
         self.round_duration.labels(**labels).observe(record.get("wall_s") or 0.0)

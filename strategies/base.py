@@ -38,6 +38,8 @@ from plateau.privacy import (
 from plateau.sampling import ClientSampler, Cohort
 
 UPDATE_KEY = "update"
+IDENTITY_KEY = "identity"  # a node's answer to the partition query: partition-id, num-partitions
+DECLINE_KEY = "decline"  # a client that takes no part in a round, with its reason
 POPULATION_SETTLE_S = 1.0
 BUFFERS_KEY = "buffers"
 METRICS_KEY = "metrics"
@@ -81,6 +83,7 @@ class RoundStats:
     failed: int = 0
     missing: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    declined: Counter[str] = field(default_factory=Counter)
     bytes_sent: int = 0
     bytes_received: int = 0
     norms: list[float] = field(default_factory=list)
@@ -151,14 +154,18 @@ class PlateauStrategy(FedAvg):
         self.sampler = ClientSampler(config.sampling_method, config.sample_rate,
                                      secret=privacy is not None, seed=config.seed)
         self.population = 0
+        # node id -> partition id: Flower draws node ids at random, so sampling and summing go
+        # by partition, which is what makes a seeded run repeat exactly
+        self.partitions: dict[int, int] = {}
+        self.partition_counts: set[int] = set()  # num-partitions the nodes reported
         self.cohort = Cohort(nodes=[], expected=1.0, population=0)
         self.mean_denominator = 0.0
         self.released_dim = 0  # coordinates each client releases (and noises) this round
         self.bytes_sent = 0
         self.last_stats = RoundStats()
-        # uploads each node has handed the server: its own epsilon against the server
+        # uploads each partition's node has handed the server: its epsilon against the server
+        # (kept in the ledger, written before a round's results are released)
         self.participations: Counter[int] = Counter()
-        self.prior_participations = 0  # the most any node had in the run this one resumes
 
     # ----- what an algorithm specialises ------------------------------------------------------
 
@@ -233,6 +240,54 @@ class PlateauStrategy(FedAvg):
                 f"the {connected} nodes connected at the first round")
         return self.population
 
+    def identify(self, grid: Grid, nodes: Iterable[int]) -> None:
+        """Ask every node not yet known for its partition-id (one QUERY message each, once).
+
+        A node that does not answer, answers badly, or claims a partition outside the population
+        or one another node holds is left out of sampling (and logged): only partitions the
+        population accounts for can ever be sampled.
+        """
+        unknown = [node for node in nodes if node not in self.partitions]
+        if not unknown:
+            return
+        question = RecordDict({"config": ConfigRecord({"question": "partition-id"})})
+        messages = [Message(content=question, message_type=MessageType.QUERY, dst_node_id=node)
+                    for node in unknown]
+        taken = set(self.partitions.values())
+        for answer in grid.send_and_receive(messages, timeout=self.config.round_timeout):
+            node = answer.metadata.src_node_id
+            identity = (None if answer.has_error()
+                        else answer.content.metric_records.get(IDENTITY_KEY))
+            partition = identity.get("partition-id") if identity is not None else None
+            if not isinstance(partition, int) or not 0 <= partition < self.population:
+                log(WARNING, "node %d did not give a partition-id in 0..%d (%s): left out",
+                    node, self.population - 1, short_reason(answer.error.reason)
+                    if answer.has_error() else partition)
+            elif partition in taken:
+                log(WARNING, "node %d claims partition %d, which another node holds: left out",
+                    node, partition)
+            else:
+                self.partitions[node] = partition
+                taken.add(partition)
+                if isinstance(count := identity.get("num-partitions"), int) and count > 0:
+                    self.partition_counts.add(count)
+
+    def slots(self, grid: Grid) -> dict[int, int]:
+        """Partition id -> node id of the identified, connected nodes."""
+        connected = self.connected_nodes(grid)
+        self.identify(grid, connected)
+        slots = {self.partitions[node]: node for node in connected if node in self.partitions}
+        if not slots:
+            raise RuntimeError(f"none of the {len(connected)} connected nodes answered the "
+                               "partition query with a partition-id within round-timeout="
+                               f"{self.config.round_timeout:g} s")
+        return slots
+
+    def identified_partition_counts(self, grid: Grid) -> list[int]:
+        """Identify the connected nodes now; the num-partitions values they reported."""
+        self.slots(grid)
+        return sorted(self.partition_counts)
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -241,7 +296,7 @@ class PlateauStrategy(FedAvg):
             k: v.to(self.device) for k, v in arrays.to_torch_state_dict().items()
         }
         population = self.determine_population(grid)
-        self.cohort = self.sampler.sample(self.connected_nodes(grid), population, server_round)
+        self.cohort = self.sampler.sample(self.slots(grid), population, server_round)
         self.released_dim = released_dim(self.release_template(), self.support(server_round))
         round_config = ConfigRecord({
             **config,
@@ -270,6 +325,9 @@ class PlateauStrategy(FedAvg):
         if msg.has_error():
             return "client-error"
         content = msg.content
+        if set(content.keys()) == {DECLINE_KEY} and DECLINE_KEY in content.config_records:
+            reason = str(content.config_records[DECLINE_KEY].get("reason", "unknown"))
+            return "declined:" + (reason if reason.replace("-", "").isalnum() else "unknown")[:40]
         if UPDATE_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
             return "malformed"
         expected_arrays = {UPDATE_KEY, BUFFERS_KEY} if self.buffer_names else {UPDATE_KEY}
@@ -352,7 +410,7 @@ class PlateauStrategy(FedAvg):
             if not msg.has_error():
                 stats.bytes_received += array_bytes(msg.content)
                 if node_id in sampled and node_id not in seen:
-                    self.participations[node_id] += 1
+                    self.participations[self.partitions.get(node_id, -1 - node_id)] += 1
                 metrics = msg.content.metric_records.get(METRICS_KEY)
                 if metrics is not None and metrics.get("test-seeded"):
                     stats.test_seeded_nodes += 1
@@ -365,6 +423,8 @@ class PlateauStrategy(FedAvg):
             seen.add(node_id)
             if isinstance(verdict, ClientUpload):
                 uploads.append(verdict)
+            elif verdict.startswith("declined:"):
+                stats.declined[verdict.removeprefix("declined:")] += 1
             elif verdict == "client-error":
                 stats.failed += 1
                 log(WARNING, "node %d failed: %s", node_id, short_reason(msg.error.reason))
@@ -372,6 +432,8 @@ class PlateauStrategy(FedAvg):
                 stats.rejected[verdict] += 1
                 log(WARNING, "rejected the reply of node %d: %s", node_id, verdict)
         stats.missing = len(sampled - seen)
+        # summed in partition order: floating-point sums then repeat exactly, run after run
+        uploads.sort(key=lambda upload: self.partitions.get(upload.node_id, upload.node_id))
         uploads = self._drop_outliers(uploads, stats)
         stats.accepted = len(uploads)
         stats.norms = [u.update_norm for u in uploads if u.update_norm is not None]
@@ -399,14 +461,12 @@ class PlateauStrategy(FedAvg):
     # ----- checkpoints ------------------------------------------------------------------------
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """Everything the server knows besides the model: algorithm state, population, and the
-        most uploads any node has handed it. Never a generator or sampler state: a resumed run
-        draws fresh noise and fresh cohorts."""
+        """Everything the server knows besides the model: algorithm state and population. Never
+        a generator or sampler state: a resumed run draws fresh noise and fresh cohorts."""
         return {
             "tensors": {name: {k: v.cpu() for k, v in getattr(self, name).items()}
                         for name in self.state_attributes},
             "population": self.population,
-            "max_participations": self.max_participations(),
         }
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
@@ -414,13 +474,10 @@ class PlateauStrategy(FedAvg):
         for name, tensors in state["tensors"].items():
             setattr(self, name, {k: v.to(self.device) for k, v in tensors.items()})
         self.population = int(state["population"])
-        self.prior_participations = int(state.get("max_participations", 0))
 
     def max_participations(self) -> int:
-        """An upper bound on the uploads any one client has handed the server in this run
-        (node ids may change on resume, so the earlier maximum is added, not merged)."""
-        current = max(self.participations.values(), default=0)
-        return self.prior_participations + current
+        """The most uploads any one client (partition) has handed the server in this run."""
+        return max(self.participations.values(), default=0)
 
     # ----- aggregation ------------------------------------------------------------------------
 
@@ -469,6 +526,7 @@ class PlateauStrategy(FedAvg):
             "num-clients": stats.accepted,
             "num-failed": stats.failed,
             "num-rejected": sum(stats.rejected.values()),
+            "num-declined": sum(stats.declined.values()),
             "global-update-norm": flat_norm(global_update),
         }
         losses = [u.train_loss for u in uploads if u.train_loss is not None]

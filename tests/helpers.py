@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from plateau.config import RunConfig
 
@@ -18,7 +18,8 @@ def make_config(**overrides: object) -> RunConfig:
 
 
 class FakeGrid:
-    """Just enough of flwr's Grid for the strategies: a fixed set of connected nodes."""
+    """Just enough of flwr's Grid for the strategies: a fixed set of connected nodes, the i-th
+    of which holds partition i (it answers the server's partition query)."""
 
     def __init__(self, node_ids: Iterable[int]) -> None:
         self.node_ids = list(node_ids)
@@ -29,8 +30,17 @@ class FakeGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
+        messages = list(messages)
         self.sent.extend(messages)
-        return []
+        return [identity_reply(m, self.node_ids.index(m.metadata.dst_node_id),
+                               len(self.node_ids))
+                for m in messages if m.metadata.message_type == MessageType.QUERY]
+
+
+def identity_reply(to: Message, partition_id: int, num_partitions: int) -> Message:
+    """A node's answer to the partition query."""
+    return Message(content=RecordDict({"identity": MetricRecord(
+        {"partition-id": partition_id, "num-partitions": num_partitions})}), reply_to=to)
 
 
 def reply(to: Message, update: dict[str, torch.Tensor], **metrics: float | int) -> Message:

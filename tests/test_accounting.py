@@ -76,9 +76,9 @@ def test_reference_points_of_the_dp_fedsam_accountant(rounds: int, at_1e5: float
     assert accountant.epsilon(2e-3) == pytest.approx(at_2e3, abs=0.01)
 
 
-def test_fixed_size_sampling_under_zero_out_has_sensitivity_c() -> None:
-    """With m = N every round is the full Gaussian mechanism; zeroing one client's data moves
-    the sum by at most C, so its RDP is alpha * T / (2 sigma^2), converted here independently."""
+def test_everyone_every_round_is_the_plain_gaussian_at_sigma() -> None:
+    """With m = N every round is the full Gaussian mechanism on a sum that zeroing one client
+    moves by at most C: RDP alpha * T / (2 sigma^2), converted here independently."""
     sigma, rounds, delta = 3.0, 20, 1e-5
     accountant = PrivacyAccountant("rdp", "fixed")
     accountant.compose(RoundEvent(sigma, "fixed", 50, 1.0, cohort=50), rounds)
@@ -86,6 +86,20 @@ def test_fixed_size_sampling_under_zero_out_has_sensitivity_c() -> None:
     rdp = orders * rounds / (2 * sigma ** 2)
     expected = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0]
     assert accountant.epsilon(delta) == pytest.approx(expected, rel=0.02)
+
+
+def test_fixed_size_cohorts_are_accounted_at_sensitivity_2c() -> None:
+    """N = 10, m = 1, sigma = 1: a canary at +C among clients at -C gives the pair
+    0.1 N(2) + 0.9 N(0) against 0.1 N(1) + 0.9 N(0), whose exact epsilon at 1e-5 is at least
+    3.75 (a review computed it by PLD); accounting at sensitivity C printed 2.28."""
+    accountant = PrivacyAccountant("rdp", "fixed")
+    accountant.compose(RoundEvent(1.0, "fixed", 10, 0.1, cohort=1))
+    assert accountant.epsilon(1e-5) >= 3.75
+    reference = RdpAccountant(orders=list(RDP_ORDERS),
+                              neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    reference.compose(dp_accounting.SampledWithoutReplacementDpEvent(
+        10, 1, dp_accounting.GaussianDpEvent(0.5)))
+    assert accountant.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
 
 
 @pytest.mark.parametrize(("sigma", "q"), [(0.8, 0.1), (1.0, 0.5), (2.0, 1.0)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client_app.app import NodeConfigError
 from client_app.app import app as client_app
@@ -123,3 +123,20 @@ def test_a_supernode_floor_that_is_met_trains_normally() -> None:
     node = {"partition-id": 0, "num-partitions": 4, "require-dp": "distributed",
             "min-noise-multiplier": 1.0, "max-clip-norm": 1.0}
     assert "update" in client_app(message, context(**node)).content.array_records
+
+
+def test_a_client_without_examples_declines_the_round() -> None:
+    """1,000 Dirichlet partitions of 1,437 digits: a fifth are empty (partition 0 is); the node
+    says so instead of replying with a malformed update. It still answers the partition query."""
+    from plateau.data import PartitionSpec, partition_sizes
+
+    assert partition_sizes(PartitionSpec("digits", 0.2, 0, 1000, "dirichlet", 0.5, 2))[0] == 0
+    message = train_message()
+    node = {"partition-id": 0, "num-partitions": 1000}
+    reply = client_app(message, context(**node))
+    assert set(reply.content.keys()) == {"decline"}
+    assert reply.content["decline"]["reason"] == "no-data"
+    query = Message(RecordDict({"config": ConfigRecord({"question": "partition-id"})}),
+                    dst_node_id=7, message_type=MessageType.QUERY)
+    identity = client_app(query, context(**node)).content["identity"]
+    assert identity["partition-id"] == 0 and identity["num-partitions"] == 1000

@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from plateau.config import ConfigError
 from plateau.data import (
     DATASETS,
+    PartitionSpec,
     client_partition,
+    ensure_partitions,
     fashion_mnist_dir,
     held_out_tensors,
     load_splits,
@@ -100,3 +103,70 @@ def test_dataset_constants() -> None:
     assert DATASETS["cifar100"].num_classes == 100
     assert DATASETS["cifar100"].label_column == "fine_label"
     assert DATASETS["cifar10"].image_column == "img"
+
+
+SPLIT = {"test_fraction": 0.2, "seed": 0, "partitioner": "dirichlet", "alpha": 0.5,
+         "classes_per_client": 2}
+
+
+def spec(num_partitions: int, **overrides: object) -> PartitionSpec:
+    values = {**SPLIT, **overrides}
+    return PartitionSpec("digits", values["test_fraction"], values["seed"], num_partitions,
+                         values["partitioner"], values["alpha"], values["classes_per_client"])
+
+
+def test_the_split_is_computed_once_and_stored(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first call writes indices and offsets; a fresh process memory-maps them and a client
+    reads exactly its rows of what the partitioner produced."""
+    monkeypatch.setenv("PLATEAU_DATA_DIR", str(tmp_path))
+    folder = ensure_partitions(spec(7))
+    assert folder.parent == tmp_path / "partitions"
+    offsets = np.load(folder / "offsets.npy")
+    labels = load_splits("digits", 0.2, 0)[0].labels
+    expected = partition_indices(labels, 7, "dirichlet", alpha=0.5, classes_per_client=2, seed=0)
+    assert np.diff(offsets).tolist() == [len(p) for p in expected]
+    stamp = (folder / "indices.npy").stat().st_mtime_ns
+    assert ensure_partitions(spec(7)) == folder and (folder / "indices.npy").stat().st_mtime_ns \
+        == stamp  # not recomputed
+    code = ("import numpy as np; from plateau.data import client_partition; "
+            "p = client_partition('digits', test_fraction=0.2, seed=0, num_partitions=7, "
+            "partition_id=3, partitioner='dirichlet', alpha=0.5, classes_per_client=2); "
+            "print(len(p))")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ,
+                          "PLATEAU_DATA_DIR": str(tmp_path)}, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert int(proc.stdout.strip()) == len(expected[3])
+    assert (folder / "indices.npy").stat().st_mtime_ns == stamp
+
+
+def test_every_spec_gets_its_own_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLATEAU_DATA_DIR", str(tmp_path))
+    folders = {ensure_partitions(spec(5)), ensure_partitions(spec(5, seed=1)),
+               ensure_partitions(spec(5, alpha=0.1)), ensure_partitions(spec(6))}
+    assert len(folders) == 4
+
+
+def test_an_infeasible_dirichlet_split_is_a_config_error_before_anything_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5,000 Dirichlet partitions of 1,437 digits cannot each hold an example: one line naming
+    the keys and what would work, from the launcher's up-front check."""
+    from server_app.launcher import check_config
+
+    monkeypatch.setenv("PLATEAU_DATA_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"partitioner='dirichlet'.*5000 clients.*cannot split "
+                       r".*allowed: fewer clients, a larger dirichlet-alpha, or "
+                       r"partitioner='iid'"):
+        check_config(ROOT, {"dirichlet-alpha": 0.05}, clients=5000)
+
+
+def test_images_are_stored_decoded_and_memory_mapped(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLATEAU_DATA_DIR", str(tmp_path))
+    load_splits.cache_clear()
+    try:
+        train, test = load_splits("digits", 0.2, 0)
+        assert isinstance(train.inputs, np.memmap) and isinstance(test.labels, np.memmap)
+        assert len(list((tmp_path / "arrays").rglob("*.npy"))) == 4
+    finally:
+        load_splits.cache_clear()

@@ -46,18 +46,54 @@ def test_flwr_run_two_dp_rounds_completes_and_cleans_up(
 
 
 @pytest.mark.e2e
+def test_the_same_seed_gives_the_same_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Flower gives the simulated nodes new random ids every run; sampling and summing go by
+    partition, so every round record repeats (all but its wall time)."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    records = []
+    for name in ("first", "second"):
+        config = (f"seed=5 num-server-rounds=3 sample-rate=0.5 results-dir='{tmp_path}' "
+                  f"run-name='{name}'")
+        assert launch(ROOT, clients=6, config=config, timeout_s=300) == 0
+        lines = (tmp_path / name / "rounds.jsonl").read_text().splitlines()
+        records.append([{k: v for k, v in json.loads(x).items() if k != "wall_s"}
+                        for x in lines])
+    assert len(records[0]) == 3 and records[0] == records[1]
+    capsys.readouterr()
+
+
+@pytest.mark.e2e
 def test_a_failed_run_makes_the_launcher_fail(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`flwr run --stream` exits 0 on failure; the launcher must read the status and exit 1."""
+    """`flwr run --stream` exits 0 on failure; the launcher must read the status and exit 1.
+    A round-timeout no node can meet fails the run inside the ServerApp."""
+    home = tmp_path / "flwr-home"
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    config = f"round-timeout=0.001 results-dir='{tmp_path}' run-name='fail'"
+    assert launch(ROOT, clients=2, config=config, timeout_s=300) == 1
+    out = capsys.readouterr().out
+    assert "finished:failed" in out
+    assert "none of the 2 connected nodes answered the partition query" in out
+    assert leftover_processes(home) == []
+
+
+def test_what_can_only_fail_later_is_refused_before_flower_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dataset that cannot be loaded offline, or a split that cannot be made: one line, exit
+    2, and no SuperLink is ever started."""
     home = tmp_path / "flwr-home"
     monkeypatch.setenv("FLWR_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    config = f"dataset='cifar10' num-server-rounds=1 results-dir='{tmp_path}' run-name='fail'"
-    assert launch(ROOT, clients=2, config=config, timeout_s=300) == 1
-    out = capsys.readouterr().out
-    assert "finished:failed" in out
-    assert "work offline: 'digits'" in out
-    assert leftover_processes(home) == []
+    monkeypatch.setenv("PLATEAU_DATA_DIR", str(tmp_path / "data"))
+    assert launch(ROOT, clients=2, config="dataset='cifar10'", timeout_s=60) == 2
+    err = capsys.readouterr().err
+    assert "config error: dataset='cifar10'" in err and "work offline: 'digits'" in err
+    assert launch(ROOT, clients=3000, config="partitioner='iid'", timeout_s=60) == 2
+    assert "cannot split 1437 samples into 3000 partitions" in capsys.readouterr().err
+    assert not home.exists() or leftover_processes(home) == []

@@ -11,7 +11,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
-from client_app.app import train
+from client_app.app import identify, train
 from plateau.config import ConfigError
 from server_app.app import build_server_app
 from server_app.checkpoint import CHECKPOINT, LEDGER, Checkpointer, privacy_settings
@@ -93,6 +93,17 @@ def test_a_ledger_older_than_the_checkpoint_is_refused(tmp_path: Path) -> None:
         checkpointer.load(config)
 
 
+def test_a_resume_that_would_drop_the_budget_is_refused(tmp_path: Path) -> None:
+    """target-epsilon is a cap: resuming without any budget would silently lift it."""
+    checkpointer, config = saved_run(tmp_path, target_epsilon=3.0)
+    checkpointer.save_ledger(2, privacy_settings(config), [], {0: 2, 1: 1}, budget=3.0)
+    with pytest.raises(ConfigError, match=r"capped at epsilon=3; set target-epsilon"):
+        checkpointer.load(make_config(dp="central", run_name="r", resume=True))
+    raised = make_config(dp="central", run_name="r", resume=True, target_epsilon=4.0)
+    _, ledger = checkpointer.load(raised)  # raising the cap explicitly is how a run goes on
+    assert ledger is not None and ledger["participations"] == {"0": 2, "1": 1}
+
+
 def test_resume_needs_a_run_name_and_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="resume=true needs run-name"):
         make_config(resume=True)
@@ -106,8 +117,10 @@ def test_writes_are_atomic(tmp_path: Path) -> None:
 
 
 def flaky_client(fail: callable) -> ClientApp:
-    """The real ClientApp's train, raising when ``fail(partition_id, round)`` says so."""
+    """The real ClientApp's train, raising when ``fail(partition_id, round)`` says so (and
+    its partition query)."""
     app = ClientApp()
+    app.query()(identify)
 
     @app.train()
     def flaky(msg: Message, context: Context) -> Message:

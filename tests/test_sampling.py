@@ -8,13 +8,14 @@ import pytest
 from plateau.sampling import ClientSampler
 
 NODES = list(range(101, 131))  # 30 connected nodes
+SLOTS = {i: node for i, node in enumerate(NODES)}  # node 101 + i holds partition i
 
 
 def frequencies(sampler: ClientSampler, population: int, rounds: int) -> tuple[np.ndarray, list]:
     counts = np.zeros(len(NODES))
     sizes = []
     for server_round in range(1, rounds + 1):
-        cohort = sampler.sample(NODES, population, server_round)
+        cohort = sampler.sample(SLOTS, population, server_round)
         sizes.append(len(cohort.nodes))
         for node in cohort.nodes:
             counts[NODES.index(node)] += 1
@@ -48,14 +49,25 @@ def test_expected_cohort_is_the_public_denominator() -> None:
 
 
 def test_more_connected_nodes_than_the_population_is_refused() -> None:
-    with pytest.raises(ValueError, match="set population-size to at least 30"):
-        ClientSampler("poisson", 0.5, secret=False).sample(NODES, 20, 1)
+    with pytest.raises(ValueError, match="set population-size to cover every partition"):
+        ClientSampler("poisson", 0.5, secret=False).sample(SLOTS, 20, 1)
+
+
+def test_seeded_sampling_goes_by_partition_not_by_node_id() -> None:
+    """Flower draws node ids at random each run: the same seed must pick the same partitions
+    whatever ids the nodes holding them got."""
+    relabelled = {slot: 9000 - node for slot, node in SLOTS.items()}
+    for method in ("poisson", "fixed"):
+        sampler = ClientSampler(method, 0.3, secret=False, seed=4)
+        first = sampler.sample(SLOTS, 30, 2).nodes
+        second = sampler.sample(relabelled, 30, 2).nodes
+        assert [NODES.index(n) for n in first] == [9000 - n - 101 for n in second]
 
 
 def test_seeded_sampling_is_reproducible_and_secret_sampling_is_not() -> None:
-    seeded = [ClientSampler("poisson", 0.5, secret=False, seed=9).sample(NODES, 30, 4).nodes
+    seeded = [ClientSampler("poisson", 0.5, secret=False, seed=9).sample(SLOTS, 30, 4).nodes
               for _ in range(2)]
     assert seeded[0] == seeded[1]
-    secret = [ClientSampler("poisson", 0.5, secret=True, seed=9).sample(NODES, 30, 4).nodes
+    secret = [ClientSampler("poisson", 0.5, secret=True, seed=9).sample(SLOTS, 30, 4).nodes
               for _ in range(3)]
     assert not secret[0] == secret[1] == secret[2]

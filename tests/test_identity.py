@@ -1,0 +1,102 @@
+"""Sampling and summing by partition, not by the random node ids Flower assigns; nodes that
+cannot say which partition they hold; clients that decline a round."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+from client_app.app import DECLINE_KEY
+from plateau.privacy import GaussianClientDP
+from strategies import FedAvg
+from tests.helpers import FakeGrid, identity_reply, make_config, reply
+
+ARRAYS = ArrayRecord({"weight": torch.zeros(2, 2)})
+
+
+def strategy(**config_kw: object) -> FedAvg:
+    config = make_config(**config_kw)
+    privacy = (GaussianClientDP(config.clip_norm, config.noise_multiplier, placement=config.dp)
+               if config.dp_enabled else None)
+    return FedAvg(config, parameter_names=["weight"], buffer_names=[], privacy=privacy)
+
+
+def sampled_partitions(node_ids: list[int], server_round: int) -> list[int]:
+    grid = FakeGrid(node_ids)
+    s = strategy(sample_rate=0.3, seed=11)
+    messages = s.configure_train(server_round, ARRAYS, ConfigRecord(), grid)
+    return [s.partitions[m.metadata.dst_node_id] for m in messages]
+
+
+def test_the_same_seed_samples_the_same_partitions_whatever_the_node_ids() -> None:
+    ids_a = list(range(1000, 1020))
+    ids_b = [7 * (20 - i) + 3 for i in range(20)]  # other ids, in another order
+    for server_round in (1, 2, 3):
+        assert sampled_partitions(ids_a, server_round) == sampled_partitions(ids_b,
+                                                                             server_round)
+
+
+class PickyGrid(FakeGrid):
+    """Nodes 1 and 2 both claim partition 0; node 3 answers with an error."""
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        answers = []
+        for m in messages:
+            if m.metadata.message_type != MessageType.QUERY:
+                continue
+            node = m.metadata.dst_node_id
+            answers.append(identity_reply(m, 0 if node in (1, 2) else 1, 2) if node != 3 else
+                           Message(RecordDict({}), reply_to=m))
+        return answers
+
+
+def test_nodes_without_a_valid_partition_are_left_out() -> None:
+    s = strategy(sample_rate=1.0, population_size=2)
+    messages = list(s.configure_train(1, ARRAYS, ConfigRecord(), PickyGrid([1, 2, 3])))
+    assert len(s.partitions) == 1 and list(s.partitions.values()) == [0]
+    assert [m.metadata.dst_node_id for m in messages] == list(s.partitions)
+
+
+class SilentGrid(FakeGrid):
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        return []
+
+
+def test_a_run_whose_nodes_never_answer_fails_clearly() -> None:
+    with pytest.raises(RuntimeError, match="none of the 3 connected nodes answered"):
+        strategy().configure_train(1, ARRAYS, ConfigRecord(), SilentGrid([1, 2, 3]))
+
+
+def declined(to: Message, reason: str = "no-data") -> Message:
+    return Message(RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason})}), reply_to=to)
+
+
+def test_a_client_without_data_declines_and_is_not_rejected() -> None:
+    s = strategy(sample_rate=1.0)
+    messages = list(s.configure_train(1, ARRAYS, ConfigRecord(), FakeGrid([5, 6])))
+    arrays, metrics = s.aggregate_train(1, [reply(messages[0], {"weight": torch.ones(2, 2)}),
+                                            declined(messages[1])])
+    assert s.last_stats.declined == {"no-data": 1} and not s.last_stats.rejected
+    assert metrics["num-declined"] == 1 and metrics["num-rejected"] == 0
+    assert arrays["weight"].numpy() == pytest.approx(1.0)  # the one update, weight 1
+
+
+def test_under_dp_a_declined_share_is_topped_up() -> None:
+    """Distributed placement, 4 clients, 2 decline: the sum still carries sigma*C."""
+    s = strategy(sample_rate=1.0, dp="distributed", noise_multiplier=2.0, clip_norm=1.0)
+    grid = FakeGrid([1, 2, 3, 4])
+    big = ArrayRecord({"weight": torch.zeros(300, 300)})
+    messages = list(s.configure_train(1, big, ConfigRecord(), grid))
+    from plateau.noise import ChaChaSource
+
+    shares = [s.privacy.release({"weight": torch.zeros(300, 300)}, 4, ChaChaSource.from_os())[0]
+              for _ in range(2)]
+    replies = [reply(messages[0], shares[0]), reply(messages[1], shares[1]),
+               declined(messages[2]), declined(messages[3])]
+    arrays, _ = s.aggregate_train(1, replies)
+    total = torch.from_numpy(arrays["weight"].numpy()) * 4
+    assert s.last_stats.declined == {"no-data": 2}
+    expected = s.privacy.effective_noise_multiplier(4, 90_000) * 1.0
+    assert 2.0 <= expected <= 2.2
+    assert total.std().item() == pytest.approx(expected, rel=0.03)
