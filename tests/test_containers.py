@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import os
 import re
+import shlex
 import shutil
 import ssl
 import subprocess
@@ -85,6 +86,71 @@ def command_line(pid: int) -> str:
     with contextlib.suppress(OSError):
         return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
     return ""
+
+
+class HostState:
+    """What podman changes outside the tier's folder, undone afterwards: netavark 1.4 leaves its
+    iptables chains (even per-network ones) and its run folder behind and turns on IPv4
+    forwarding; image copies write a blob cache to /var/lib/containers/cache whatever the
+    storage; runc, the network namespaces and podman leave empty folders. Only what was not
+    there before the tier is removed."""
+
+    STATE = (Path("/run/containers/networks"), Path("/var/lib/containers"))
+    FOLDERS = (Path("/run/containers"), Path("/run/netns"), Path("/run/runc"),
+               Path.home() / ".config" / "containers" / "podman",
+               Path.home() / ".config" / "containers")  # removed when empty
+    FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+    def __init__(self) -> None:
+        self.chains = self.netavark_chains()
+        self.existed = {path for path in (*self.STATE, *self.FOLDERS) if path.exists()}
+        self.forward = self.FORWARD.read_text().strip()
+
+    @staticmethod
+    def rules(program: str, table: str) -> list[str]:
+        result = subprocess.run([program, "-w", "-t", table, "-S"], capture_output=True,
+                                text=True, check=False)
+        return result.stdout.splitlines() if result.returncode == 0 else []
+
+    @classmethod
+    def netavark_chains(cls) -> set[tuple[str, str, str]]:
+        return {(program, table, line.split()[1])
+                for program in ("iptables", "ip6tables") if shutil.which(program)
+                for table in ("nat", "filter", "mangle")
+                for line in cls.rules(program, table)
+                if line.startswith("-N ") and "NETAVARK" in line}
+
+    def restore(self) -> None:
+        new = self.netavark_chains() - self.chains
+        for program, table, chain in sorted(new):
+            for line in self.rules(program, table):  # the jumps into it, then the chain itself
+                words = shlex.split(line)
+                if words[0] == "-A" and "-j" in words and words[words.index("-j") + 1] == chain:
+                    subprocess.run([program, "-w", "-t", table, "-D", *words[1:]],
+                                   capture_output=True, check=False)
+        for program, table, chain in sorted(new):
+            subprocess.run([program, "-w", "-t", table, "-F", chain], capture_output=True,
+                           check=False)
+        for program, table, chain in sorted(new):
+            subprocess.run([program, "-w", "-t", table, "-X", chain], capture_output=True,
+                           check=False)
+        for path in self.STATE:
+            if path not in self.existed:
+                shutil.rmtree(path, ignore_errors=True)
+        for path in self.FOLDERS:
+            if path not in self.existed and path.is_dir() and not any(path.iterdir()):
+                if os.path.ismount(path):  # podman mounts /run/netns on itself, shared
+                    subprocess.run(["umount", str(path)], capture_output=True, check=False)
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+        if self.FORWARD.read_text().strip() != self.forward:
+            self.FORWARD.write_text(self.forward)
+
+    def left(self) -> list[str]:
+        left = [f"{p} -t {t} {c}" for p, t, c in sorted(self.netavark_chains() - self.chains)]
+        left += [str(path) for path in (*self.STATE, *self.FOLDERS)
+                 if path.exists() and path not in self.existed]
+        return left
 
 
 class Podman:
@@ -218,6 +284,7 @@ def podman(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     root = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="plateau-containers-"))
     root.mkdir(parents=True, exist_ok=True)
     before = live_pids()
+    host = HostState()
     engine = Podman(root)
     info = engine.run("info", "--format", "{{.Host.OCIRuntime.Name}} {{.Store.GraphDriverName}}",
                       check=False)
@@ -241,15 +308,18 @@ def podman(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             shutil.rmtree(root, ignore_errors=True)
 
         def started_here() -> list[str]:
+            # podman's helpers, and anything run from the image's venv (processes in containers)
             return [f"{pid} {command_line(pid)[:120]}" for pid in live_pids() - before
                     if any(word in command_line(pid) for word in
                            ("conmon", "aardvark-dns", "netavark", "catatonit", "podman",
-                            "flower-", "flwr-", str(root)))]
+                            "/opt/venv/bin/", str(root)))]
 
         with contextlib.suppress(TimeoutError):
             wait_until(lambda: not started_here(), 30, "processes exit")
+        host.restore()
         assert not any(left.values()), f"left behind (now removed): {left}"
         assert not started_here(), f"processes left behind: {started_here()}"
+        assert not host.left(), f"left on the host: {host.left()}"
 
 
 @pytest.fixture(scope="module")
