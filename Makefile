@@ -31,9 +31,10 @@ $(STAMP): pyproject.toml
 data: install
 	$(BIN)/python -m plateau.offline
 
+# exec: the launcher is make's own child, so it sees make die (and stops everything it started)
 run: install
-	$(BIN)/python -m server_app.launcher --clients $(CLIENTS) --gpus-per-client $(GPUS_PER_CLIENT) \
-		--timeout $(TIMEOUT) --config "$(CONFIG)"
+	exec $(BIN)/python -m server_app.launcher --clients $(CLIENTS) \
+		--gpus-per-client $(GPUS_PER_CLIENT) --timeout $(TIMEOUT) --config "$(CONFIG)"
 
 test: install data
 	$(BIN)/ruff check .

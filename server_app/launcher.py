@@ -5,6 +5,10 @@ no runtime dependency installation (it would download a CUDA torch), a SuperLink
 that is stopped by PID afterwards (``flwr run`` leaves it running detached), and an exit status
 taken from ``flwr ls`` (``flwr run --stream`` exits 0 even when the run failed).
 
+Whatever ends it (the run, ``--timeout``, SIGTERM, SIGINT, SIGHUP, or the death of ``make``, its
+parent), it stops every process the run started: the SuperLink's process tree, and every process
+that carries this launch's environment (Ray's daemons detach from the tree but keep it).
+
 Usage: ``python -m server_app.launcher [--clients N] [--config "k=v ..."] [--app DIR]``
 """
 
@@ -27,6 +31,29 @@ from pathlib import Path
 from plateau.config import ConfigError, ConfigValue
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)
+PORT_VARIABLE = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+
+
+class Stopped(Exception):
+    """The launcher was told to stop (a signal, or SIGALRM at --timeout)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when the parent (``make``) dies, which ``make`` does not
+    forward to its recipe: then the cleanup below runs too."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def flwr_cli() -> str:
@@ -90,7 +117,7 @@ def flwr_env(home: Path, port: int) -> dict[str, str]:
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        PORT_VARIABLE: str(port),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -145,6 +172,38 @@ def stop_superlink(port: int, grace_s: float = 10.0) -> list[int]:
     return sorted(victims)
 
 
+def launched_processes(home: Path, port: int) -> list[int]:
+    """Live processes that carry this launch's FLWR_HOME and SuperLink port in their
+    environment: whatever the run started, wherever it was reparented."""
+    markers = {f"FLWR_HOME={home}".encode(), f"{PORT_VARIABLE}={port}".encode()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if markers <= set((entry / "environ").read_bytes().split(b"\0")):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return [pid for pid in found if _alive(pid)]
+
+
+def stop_everything(home: Path, port: int, grace_s: float = 10.0) -> None:
+    """Stop the SuperLink's tree, then anything else this launch started (SIGTERM, then
+    SIGKILL after ``grace_s``)."""
+    stop_superlink(port, grace_s)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        victims = launched_processes(home, port)
+        if not victims:
+            return
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_alive(p) for p in victims):
+            time.sleep(0.2)
+
+
 def run_status(run_id: str, env: Mapping[str, str], cwd: Path) -> dict[str, str]:
     """The run's entry in ``flwr ls --format json`` (status and status details)."""
     out = subprocess.run(
@@ -180,24 +239,37 @@ def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
         command += ["--run-config", config]
     run_id = None
     started = time.monotonic()
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
+    signal.alarm(max(1, round(timeout_s)))
+    proc = None
     try:
-        with subprocess.Popen(command, env=env, cwd=app_dir, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                if run_id is None and (match := RUN_ID.search(line)):
-                    run_id = match.group(1)
-                if time.monotonic() - started > timeout_s:
-                    proc.kill()
-                    print(f"run exceeded {timeout_s:.0f} s; stopped", file=sys.stderr)
-                    return 1
+        proc = subprocess.Popen(command, env=env, cwd=app_dir, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if run_id is None and (match := RUN_ID.search(line)):
+                run_id = match.group(1)
+        proc.wait()
         if run_id is None:
             print("flwr run did not start a run (see above)", file=sys.stderr)
             return 1
         status = run_status(run_id, env, app_dir)
+    except Stopped as stop:
+        reason = (f"run exceeded {timeout_s:.0f} s" if stop.signum == signal.SIGALRM
+                  else f"stopped by {stop}")
+        print(f"{reason}; stopping everything it started", file=sys.stderr)
+        return 1 if stop.signum == signal.SIGALRM else 128 + stop.signum
     finally:
-        stop_superlink(port)
+        signal.alarm(0)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stop_everything(home, port)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     elapsed = time.monotonic() - started
     details = status.get("status-details", "")
     details = "" if details in ("", "N/A") else f" ({details})"
@@ -216,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.clients < 1:
         parser.error("--clients must be >= 1")
+    die_with_parent()
     return launch(args.app.resolve(), args.clients, args.config, args.timeout,
                   args.gpus_per_client)
 

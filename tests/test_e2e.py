@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -97,3 +102,40 @@ def test_what_can_only_fail_later_is_refused_before_flower_starts(
     assert launch(ROOT, clients=3000, config="partitioner='iid'", timeout_s=60) == 2
     assert "cannot split 1437 samples into 3000 partitions" in capsys.readouterr().err
     assert not home.exists() or leftover_processes(home) == []
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
+                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_signal_to_make_run_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
+    """In the middle of a run, SIGTERM goes to `make` alone (as `kill` sends it), SIGINT and
+    SIGHUP to its whole process group (as Ctrl-C or a closed terminal send them): the
+    SuperLink, the SuperExec, the simulation and Ray all go."""
+    home = tmp_path / "flwr-home"
+    log = tmp_path / "make.log"
+    config = (f"num-server-rounds=500 local-steps=50 results-dir='{tmp_path}' "
+              "run-name='interrupted'")
+    with log.open("w") as out:
+        make = subprocess.Popen(["make", "-s", "run", "CLIENTS=4", f"CONFIG={config}"],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "FLWR_HOME": str(home)},
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "[round 1/500]" not in log.read_text():
+            assert make.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        assert leftover_processes(home), "nothing running to stop"
+        if signum == signal.SIGTERM:
+            os.kill(make.pid, signum)
+        else:
+            os.killpg(make.pid, signum)
+        make.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while leftover_processes(home) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert leftover_processes(home) == [], log.read_text()[-2000:]
+        assert "stopping everything it started" in log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(make.pid, signal.SIGKILL)
