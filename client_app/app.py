@@ -151,11 +151,34 @@ def enforce_node_policy(config: RunConfig, node_config: Mapping[str, object]) ->
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds: it samples and sums by partition, not
-    by the random node ids Flower assigns, so a seeded run repeats."""
+    by the random node ids Flower assigns, so a seeded run repeats. When the question carries
+    the run config, prepare for round 1 meanwhile: the model, this partition's tensors and
+    torch's first backward pass (round 1 then costs what later rounds do)."""
     pid, num = partition_of(context)
+    question = msg.content.config_records.get("config", ConfigRecord())
+    if RunConfig.keys() <= set(question):
+        cfg = RunConfig.from_record(question)
+        device = resolve_device(cfg.device)
+        data = _partition_on(cfg, pid, num, device)
+        _warm(cfg, device, data.x[:cfg.batch_size], data.y[:cfg.batch_size])
     return Message(RecordDict({"identity": MetricRecord({"partition-id": pid,
                                                          "num-partitions": num})}),
                    reply_to=msg)
+
+
+def _warm(cfg: RunConfig, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One forward and backward pass on a batch, once per process and config, results
+    discarded (the model's weights are not touched): torch sets up its kernels and allocator
+    here rather than in round 1."""
+    if len(y) == 0 or (cfg, device) in _WARMED:
+        return
+    model, _ = _model(cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params)
+    _WARMED.add((cfg, device))
+
+
+_WARMED: set[tuple[RunConfig, torch.device]] = set()
 
 
 @app.train()

@@ -27,22 +27,24 @@ checkpoint can store and replay.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
-from scipy import optimize
+
+if TYPE_CHECKING:  # imported where used: a run without DP never pays for them (about 2 s)
+    import dp_accounting
 
 
-def _import_opacus_rdp() -> tuple[Callable[..., np.ndarray], Callable[..., tuple]]:
-    """Opacus' RDP analysis, without the root-logger handler Opacus installs on import (it
-    would print every Flower log line twice)."""
+@functools.cache
+def _opacus_rdp() -> tuple[Callable[..., np.ndarray], Callable[..., tuple]]:
+    """Opacus' RDP analysis, imported on first use and without the root-logger handler Opacus
+    installs on import (it would print every Flower log line twice)."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
@@ -52,8 +54,6 @@ def _import_opacus_rdp() -> tuple[Callable[..., np.ndarray], Callable[..., tuple
     root.setLevel(level)
     return compute_rdp, get_privacy_spent
 
-
-compute_rdp, get_privacy_spent = _import_opacus_rdp()
 
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -86,6 +86,8 @@ class RoundEvent:
 
     def dp_event(self) -> dp_accounting.DpEvent:
         """The dp-accounting event describing this round."""
+        import dp_accounting
+
         if self.noise_multiplier <= 0:
             return dp_accounting.NonPrivateDpEvent()
         if self.sampling == "poisson":
@@ -101,6 +103,8 @@ class RoundEvent:
 def neighbouring_relation(sampling: str) -> dp_accounting.NeighboringRelation:
     """Zero-out for Poisson sampling; for fixed-size sampling dp-accounting's replace-one
     analysis at sensitivity 2C (see the module docstring)."""
+    import dp_accounting
+
     if sampling == "poisson":
         return dp_accounting.NeighboringRelation.REPLACE_SPECIAL
     return dp_accounting.NeighboringRelation.REPLACE_ONE
@@ -122,6 +126,7 @@ class _OpacusRdp:
             self.rdp = np.full_like(self.orders, np.inf)
             return
         if event not in self.per_round:
+            compute_rdp, _ = _opacus_rdp()
             self.per_round[event] = compute_rdp(q=event.sample_rate,
                                                 noise_multiplier=event.noise_multiplier,
                                                 steps=1, orders=self.orders)
@@ -132,6 +137,7 @@ class _OpacusRdp:
             return math.inf
         with warnings.catch_warnings():  # "optimal order is the smallest alpha" at huge epsilon
             warnings.simplefilter("ignore", UserWarning)
+            _, get_privacy_spent = _opacus_rdp()
             return float(get_privacy_spent(orders=self.orders, rdp=self.rdp, delta=delta)[0])
 
 
@@ -149,6 +155,8 @@ class _Pld:
             self.runs.append((event, count))
 
     def get_epsilon(self, delta: float) -> float:
+        from dp_accounting.pld import PLDAccountant
+
         accountant = PLDAccountant(neighboring_relation=neighbouring_relation("poisson"),
                                    value_discretization_interval=1e-3)
         for event, count in self.runs:
@@ -202,6 +210,8 @@ class PrivacyAccountant:
             return _Pld()
         if self.sampling == "poisson":
             return _OpacusRdp(self.orders)
+        from dp_accounting.rdp import RdpAccountant
+
         return _DpAccounting(RdpAccountant(orders=list(self.orders),
                                            neighboring_relation=relation))
 
@@ -260,6 +270,8 @@ def calibrate_noise(event_for: Callable[[float], RoundEvent], rounds: int,
                              f"{rounds} rounds at delta={delta:g}")
     sigma = high
     if gap(low) > 0:
+        from scipy import optimize
+
         sigma = optimize.brentq(gap, low, high, xtol=rel_tol * low, rtol=rel_tol)
     while gap(sigma) > 0:
         sigma *= 1 + rel_tol

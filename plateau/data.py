@@ -412,9 +412,9 @@ class PartitionSpec:
 
     def folder(self) -> Path:
         """Where the split is stored: one folder per spec (and flwr-datasets version)."""
-        from flwr_datasets import __version__ as flwr_datasets_version
+        from importlib.metadata import version  # not the package: it imports datasets (2 s)
 
-        digest = hashlib.sha256(repr((astuple(self), flwr_datasets_version,
+        digest = hashlib.sha256(repr((astuple(self), version("flwr-datasets"),
                                       CACHE_FORMAT)).encode()).hexdigest()[:16]
         return (offline.data_dir() / "partitions" /
                 f"{self.name}-{self.partitioner}-n{self.num_partitions}-{digest}")

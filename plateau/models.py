@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import TRANSFORMER_MODELS
 from .data import DATASETS, DatasetInfo, InputSpec
 
 if TYPE_CHECKING:
@@ -133,11 +134,11 @@ def float_buffer_names(model: nn.Module) -> list[str]:
 def model_from_config(config: RunConfig, *, seed: int | None = None) -> nn.Module:
     """The configured model with its trainable part selected, seeded by ``config.seed``."""
     info = DATASETS[config.dataset]
-    from .hf import TRANSFORMERS, build_transformer
-
-    if config.model not in TRANSFORMERS:
+    if config.model not in TRANSFORMER_MODELS:  # no transformers import (3 s) for these
         return build_model(config.model, info, norm=config.norm, width=config.model_width,
                            seed=config.seed if seed is None else seed)
+    from .hf import build_transformer
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed if seed is None else seed)
         return build_transformer(

@@ -19,10 +19,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from collections.abc import Mapping
@@ -85,6 +87,23 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
                 f"{name}={value} is not a TOML value; quote strings, e.g. {name}='{value}'"
             ) from None
     return overrides
+
+
+def stage_app(app_dir: Path, into: Path) -> Path:
+    """A copy of just what the run needs: pyproject.toml and the Python packages it builds
+    (``[tool.hatch.build.targets.wheel] packages``). ``flwr run`` walks and resolves every file
+    under the app folder before it filters them, .venv's tens of thousands included (7 s
+    here); from this copy it builds the same app in a fraction of a second."""
+    stage = Path(tempfile.mkdtemp(prefix="app-", dir=into))
+    with (app_dir / "pyproject.toml").open("rb") as handle:
+        packages = tomllib.load(handle)["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    shutil.copy2(app_dir / "pyproject.toml", stage / "pyproject.toml")
+    for package in packages:
+        for source in (app_dir / package).rglob("*.py"):
+            target = stage / source.relative_to(app_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    return stage
 
 
 def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue], clients: int) -> None:
@@ -229,8 +248,9 @@ def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = flwr_env(home, port)
+    stage = stage_app(app_dir, home)
     command = [
-        flwr_cli(), "run", str(app_dir), "--stream",
+        flwr_cli(), "run", str(stage), "--stream",
         "--federation-config",
         f"num-supernodes={clients} client-resources-num-cpus=1 "
         f"client-resources-num-gpus={gpus_per_client}",
@@ -268,6 +288,7 @@ def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
             proc.kill()
             proc.wait()
         stop_everything(home, port)
+        shutil.rmtree(stage, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     elapsed = time.monotonic() - started

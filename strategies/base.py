@@ -250,7 +250,9 @@ class PlateauStrategy(FedAvg):
         unknown = [node for node in nodes if node not in self.partitions]
         if not unknown:
             return
-        question = RecordDict({"config": ConfigRecord({"question": "partition-id"})})
+        # the run config rides along: a node can prepare its model and data before round 1
+        question = RecordDict({"config": ConfigRecord({**self.config.to_dict(),
+                                                       "question": "partition-id"})})
         messages = [Message(content=question, message_type=MessageType.QUERY, dst_node_id=node)
                     for node in unknown]
         taken = set(self.partitions.values())
