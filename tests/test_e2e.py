@@ -32,22 +32,34 @@ def leftover_processes(home: Path) -> list[int]:
 
 
 @pytest.mark.e2e
-def test_flwr_run_two_dp_rounds_completes_and_cleans_up(
+def test_a_crashed_dp_run_resumed_through_flwr_run_ends_like_a_straight_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Central DP on the test-seeded path (each round's noise and cohort keyed by the round,
+    so it claims no epsilon): 4 rounds straight, or 2 rounds then `resume=true` to 4, through
+    real `flwr run`s, whose nodes get new random ids every time. Every round record agrees,
+    and nothing is left running."""
     home = tmp_path / "flwr-home"
     monkeypatch.setenv("FLWR_HOME", str(home))
-    config = (f"num-server-rounds=2 dp='central' noise-multiplier=0.5 clip-norm=1.0 "
-              f"sample-rate=1.0 results-dir='{tmp_path}' run-name='e2e'")
-    assert launch(ROOT, clients=4, config=config, timeout_s=300) == 0
+    monkeypatch.setenv("PLATEAU_TEST_SEED", "7")
+    common = (f"dp='central' noise-multiplier=0.5 clip-norm=1.0 sample-rate=0.6 local-steps=5 "
+              f"results-dir='{tmp_path}'")
+    for run, extra in (("straight", "num-server-rounds=4"), ("split", "num-server-rounds=2"),
+                       ("split", "num-server-rounds=4 resume=true")):
+        assert launch(ROOT, clients=5, config=f"{common} run-name='{run}' {extra}",
+                      timeout_s=300) == 0
+        assert leftover_processes(home) == []
     out = capsys.readouterr().out
-    assert "finished:completed" in out and "[round 2/2]" in out
-    rounds = [json.loads(x) for x in (tmp_path / "e2e" / "rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
-    assert all(0.0 <= r["clip_fraction"] <= 1.0 for r in rounds)
-    summary = json.loads((tmp_path / "e2e" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["config"]["dp"] == "central"
-    assert leftover_processes(home) == []
+    assert "finished:completed" in out and "resuming split after round 2" in out
+    records = {run: [{k: v for k, v in json.loads(x).items() if k != "wall_s"}
+                     for x in (tmp_path / run / "rounds.jsonl").read_text().splitlines()]
+               for run in ("straight", "split")}
+    assert [r["round"] for r in records["split"]] == [1, 2, 3, 4]
+    assert records["split"] == records["straight"]
+    assert all(0.0 <= r["clip_fraction"] <= 1.0 and r["epsilon"] is None
+               for r in records["straight"])
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epsilon"] is None
 
 
 @pytest.mark.e2e
