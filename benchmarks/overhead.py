@@ -2,8 +2,10 @@
 
 The plain loop trains the same model on the same partitions, the same number of clients per round
 and the same K steps of SGD (batch size, lr, weight decay, stability clip), averaging the updates
-each round, with no Flower, no Ray and no messages. The ratio of the two wall times is how much the
-federated machinery costs on this machine.
+each round, with no Flower, no Ray and no messages, in one torch thread: what each simulated
+client (one CPU) gets. The ratio of the two wall times is how much the federated machinery costs
+on this machine. (With more torch threads than free cores, torch's OpenMP threads spin against
+each other: on a loaded 2-core machine two threads were 18x slower than one.)
 
 Usage: python benchmarks/overhead.py [--clients N] [--config "k=v ..."] [--skip-flower]
 """
@@ -75,17 +77,27 @@ def plain_torch_training(config, clients: int) -> tuple[float, float]:
     return compute, accuracy
 
 
-def flower_run(clients: int, config: str) -> tuple[float, dict]:
-    """Wall seconds of `make run` (launcher: SuperLink start to clean-up) and its summary."""
+def flower_run(clients: int, config: str) -> dict:
+    """`make run`'s launcher, from its start to its clean-up: wall seconds, seconds until the
+    console shows round 1, the summary and the round records."""
     with tempfile.TemporaryDirectory() as out:
         overrides = f"{config} results-dir='{out}' run-name='bench'".strip()
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "server_app.launcher", "--clients", str(clients),
-                        "--config", overrides], cwd=ROOT, check=True,
-                       stdout=subprocess.DEVNULL)
+        first_round = None
+        with subprocess.Popen([sys.executable, "-m", "server_app.launcher", "--clients",
+                               str(clients), "--config", overrides], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if first_round is None and "[round 1/" in line:
+                    first_round = time.perf_counter() - started
         wall = time.perf_counter() - started
-        summary = json.loads((Path(out) / "bench" / "summary.json").read_text())
-    return wall, summary
+        if proc.returncode != 0:
+            raise SystemExit(f"make run failed (exit {proc.returncode})")
+        folder = Path(out) / "bench"
+        summary = json.loads((folder / "summary.json").read_text())
+        records = [json.loads(x) for x in (folder / "rounds.jsonl").read_text().splitlines()]
+    return {"wall": wall, "first_round": first_round, "summary": summary, "records": records}
 
 
 def main() -> None:
@@ -96,18 +108,26 @@ def main() -> None:
                         help="only time the plain torch loop")
     args = parser.parse_args()
     config = load_config({**app_defaults(ROOT), **parse_overrides(args.config)})
+    torch.set_num_threads(1)
     compute, plain_accuracy = plain_torch_training(config, args.clients)
     steps = config.num_server_rounds * max(1, round(config.sample_rate * args.clients))
     print(f"plain torch: {steps} client-rounds x K={config.local_steps} steps in {compute:.2f} s "
           f"(torch threads {torch.get_num_threads()}), final accuracy {plain_accuracy:.4f}")
     if args.skip_flower:
         return
-    wall, summary = flower_run(args.clients, args.config)
-    loop = summary["total_time_s"]
-    print(f"flwr run (make run): {wall:.1f} s end to end, ServerApp round loop {loop:.1f} s, "
-          f"final accuracy {summary['final_accuracy']:.4f}")
-    print(f"ratio end-to-end / plain compute: {wall / compute:.1f}x")
-    print(f"ratio round loop / plain compute: {loop / compute:.1f}x")
+    run = flower_run(args.clients, args.config)
+    loop = run["summary"]["total_time_s"]
+    later = [r["wall_s"] for r in run["records"][1:]]
+    later_median = float(np.median(later)) if later else float("nan")
+    print(f"flwr run (make run): {run['wall']:.1f} s end to end, ServerApp round loop "
+          f"{loop:.1f} s, final accuracy {run['summary']['final_accuracy']:.4f}")
+    print("| measure | value |\n|---|---|")
+    print(f"| end to end / plain compute | {run['wall'] / compute:.1f}x "
+          f"({run['wall']:.1f} s / {compute:.2f} s) |")
+    print(f"| round loop / plain compute | {loop / compute:.1f}x ({loop:.1f} s) |")
+    print(f"| round 1 / median later round | {run['records'][0]['wall_s'] / later_median:.1f}x "
+          f"({run['records'][0]['wall_s']:.2f} s / {later_median:.2f} s) |")
+    print(f"| start to round 1 on the console | {run['first_round']:.1f} s |")
 
 
 if __name__ == "__main__":
