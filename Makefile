@@ -10,7 +10,7 @@ GPUS_PER_CLIENT ?= 0
 CONFIG ?=
 TIMEOUT ?= 3600
 
-.PHONY: install data run test test-containers audit bench algorithms clean
+.PHONY: install data run test test-containers audit audit-study bench algorithms clean
 
 # the stamp names the torch build, so asking for another one reinstalls torch
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -48,6 +48,10 @@ test-containers: install
 # the privacy audit: the real mechanism against canaries, and the broken ones it must flag
 audit: install
 	$(BIN)/python -m plateau.audit
+
+# the in-run audit (canary clients) across noise levels: epsilon, lower bound, estimate, accuracy
+audit-study: install
+	$(BIN)/python benchmarks/audit_study.py
 
 algorithms: install
 	$(BIN)/python -m server_app.algorithms

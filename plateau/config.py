@@ -176,6 +176,13 @@ class RunConfig:
     )
     max_epsilon: float = key(0.0, "If > 0, stop the run before a round that would take epsilon "
                              "above this budget.", min=0)
+    audit_canaries: int = key(
+        0, "In-run audit: add this many canary clients to the population (sampled like the "
+        "others; a random half inserted, the rest held out) and report an empirical lower bound "
+        "and an estimate of epsilon beside the accountant's; 0 = off. Needs formal DP.", min=0,
+        max=100_000)
+    audit_every: int = key(0, "Compute the in-run audit every this many rounds (and at the end); "
+                           "0 = at the end only.", min=0)
     dp_clip_mode: str = key(
         "flat", "'flat': one L2 clip to clip-norm (formally DP); 'code': the authors' per-tensor "
         "clip at the client's median tensor norm (NOT DP, no epsilon; needs dp='distributed').",
@@ -316,6 +323,11 @@ class RunConfig:
             if value > 0 and (self.dp == "off" or self.dp_clip_mode != "flat"):
                 raise ConfigError(f"{name}={value:g} needs a formally DP run; allowed with dp in "
                                   "'central', 'distributed', 'local' and dp-clip-mode='flat'")
+        if self.audit_canaries and (self.dp == "off" or self.dp_clip_mode != "flat"
+                                    or (self.norm == "batch")):
+            raise ConfigError(f"audit-canaries={self.audit_canaries} audits a formally DP run; "
+                              "allowed with dp in 'central', 'distributed', 'local', "
+                              "dp-clip-mode='flat' and norm='group'")
         if 0 < self.max_epsilon < self.target_epsilon:
             raise ConfigError(f"max-epsilon={self.max_epsilon:g} is below target-epsilon="
                               f"{self.target_epsilon:g}: the run would stop before its last round")

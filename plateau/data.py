@@ -321,7 +321,10 @@ def partition_indices(
     elif partitioner == "dirichlet":
         part = DirichletPartitioner(
             num_partitions=num_partitions, partition_by="label", alpha=alpha,
-            min_partition_size=min(10, len(labels) // (2 * num_partitions)), seed=seed,
+            # at least 10 examples each, or a quarter of the fair share when that is less (with
+            # many clients a larger floor makes the draw fail; a client left without data
+            # declines its rounds)
+            min_partition_size=min(10, len(labels) // (4 * num_partitions)), seed=seed,
         )
     elif partitioner == "pathological":
         part = PathologicalPartitioner(

@@ -193,6 +193,15 @@ def add_noise_all(tensors: Mapping[str, torch.Tensor], std: float, source: Noise
             for k, t in tensors.items()}
 
 
+def secret_key(*labels: object) -> bytes:
+    """32 bytes from the operating system (or, with PLATEAU_TEST_SEED, from the seed and
+    ``labels``): e.g. the key the audit's canary directions derive from."""
+    seed = test_seed()
+    if seed is None:
+        return os.urandom(KEY_BYTES)
+    return hashlib.sha256(repr(("plateau-test-key", seed, labels)).encode()).digest()
+
+
 def secure_source(*labels: object) -> ChaChaSource:
     """A fresh source for one release: OS-keyed, or with PLATEAU_TEST_SEED set (tests only)
     keyed by the seed and ``labels`` (e.g. ("server-noise", round)), so a rerun of the same

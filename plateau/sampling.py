@@ -30,11 +30,13 @@ from .noise import secure_source
 
 @dataclass(frozen=True)
 class Cohort:
-    """A round's sample: the nodes to contact and the expected cohort size (the denominator)."""
+    """A round's sample: the nodes to contact, the expected cohort size (the denominator) and
+    every sampled slot (including those without a node: dropouts, and the audit's canaries)."""
 
     nodes: list[int]
     expected: float
     population: int
+    slots: tuple[int, ...] = ()
 
 
 class ClientSampler:
@@ -88,7 +90,7 @@ class ClientSampler:
             chosen = np.sort(np.argsort(keys, kind="stable")[:self.cohort_size(population)])
         picked = [slots[int(slot)] for slot in chosen if int(slot) in slots]
         return Cohort(nodes=picked, expected=self.expected_cohort(population),
-                      population=population)
+                      population=population, slots=tuple(int(slot) for slot in chosen))
 
     def _uniforms(self, count: int, server_round: int) -> np.ndarray:
         """``count`` uniforms in (0, 1): secret (a fresh keystream) or from the seed and round."""

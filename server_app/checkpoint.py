@@ -29,7 +29,7 @@ from plateau.config import ConfigError, RunConfig
 
 # settings the accounting or the meaning of the saved state depends on
 PRIVACY_KEYS = ("algorithm", "dp", "dp-clip-mode", "clip-norm", "noise-multiplier",
-                "target-delta", "sampling", "sample-rate", "population-size",
+                "target-delta", "sampling", "sample-rate", "population-size", "audit-canaries",
                 "accountant", "norm", "dp-allow-batchnorm", "dataset", "model", "model-width")
 CHECKPOINT = "checkpoint.pt"
 LEDGER = "ledger.json"

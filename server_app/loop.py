@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from plateau.accounting import PrivacyAccountant
+from plateau.canaries import audit_flags
 from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
 from plateau.noise import TEST_SEED_ENV, test_seed
@@ -231,6 +232,9 @@ class RunLoop:
                             "delta": self.ledger.delta}
                 if self.void_reason:
                     outcome["epsilon_void_reason"] = self.void_reason
+            if (audit := self.audit()) is not None:
+                outcome["audit"] = audit
+                self.metrics.observe_audit(audit)
             summary = self.recorder.write_summary(
                 status, privacy=privacy_statement(config, self.ledger, self.void_reason,
                                                   self.epsilon_against_server()), **outcome)
@@ -247,6 +251,30 @@ class RunLoop:
         if self.void_reason is not None:
             return f", no epsilon ({self.void_reason})"
         return f", epsilon {self.ledger.epsilon:.4f} at delta {self.ledger.delta:g}"
+
+    def audit(self) -> dict[str, Any] | None:
+        """The in-run audit now (audit-canaries): its lower bound and estimate beside the
+        accountant's epsilon, with a warning when either exceeds it (a lower bound above
+        epsilon is a bug or an attack; an estimate above it deserves a look)."""
+        canaries = self.strategy.canaries
+        if canaries is None or self.ledger is None:
+            return None
+        report = canaries.report(self.ledger.delta)
+        result: dict[str, Any] = report.as_dict()
+        epsilon = None if self.void_reason else self.ledger.epsilon
+        flags = audit_flags(report, epsilon)
+        if "lower-bound-above-epsilon" in flags:
+            log(WARNING, "AUDIT: the empirical lower bound %.4f exceeds the accountant's epsilon "
+                "%.4f: the mechanism leaks more than accounted (a bug or an attack)",
+                report.epsilon_lower_bound, epsilon)
+        if "estimate-above-epsilon" in flags:
+            log(WARNING, "AUDIT: the one-shot estimate %.4f exceeds the accountant's epsilon "
+                "%.4f: check the mechanism", report.epsilon_estimate, epsilon)
+        log(INFO, "audit (%d canaries, %d inserted): epsilon lower bound %.4f (%.0f%% "
+            "confidence), one-shot estimate %s, accountant's epsilon %s", report.canaries,
+            report.inserted, report.epsilon_lower_bound, 100 * report.confidence,
+            _fmt(report.epsilon_estimate), _fmt(epsilon))
+        return result | {"flags": flags, "accountant_epsilon": epsilon}
 
     def epsilon_against_server(self) -> float | None:
         """The most-sampled client's epsilon against the server (local, distributed)."""
@@ -303,6 +331,11 @@ class RunLoop:
                               strategy.learning_rate(server_round), wall_s, config.dp_enabled,
                               flatness, stats.rejected, stats.declined)
         record["epsilon"] = epsilon
+        every = config.audit_every
+        if (every and server_round % every == 0 and server_round < config.num_server_rounds
+                and (audit := self.audit()) is not None):
+            record["audit_epsilon_lower_bound"] = audit["epsilon_lower_bound"]
+            record["audit_epsilon_estimate"] = audit["epsilon_estimate"]
         if self.ledger is not None:
             record["epsilon_against_server"] = self.epsilon_against_server()
             if self.void_reason is not None:

@@ -59,6 +59,10 @@ class RunMetrics:
                                     "max-epsilon among those set; 0 = none")
         self.epsilon_server = gauge("epsilon_against_server", "Epsilon of the most-sampled "
                                     "client against the server (local, distributed)" + TELEMETRY)
+        self.audit_lower_bound = gauge("audit_epsilon_lower_bound", "In-run audit: empirical "
+                                       "lower bound on epsilon from the canaries (95%)")
+        self.audit_estimate = gauge("audit_epsilon_estimate", "In-run audit: one-shot estimate "
+                                    "of epsilon from the canaries")
         self.clip_fraction = gauge("clip_fraction", "Fraction of client updates clipped"
                                    + TELEMETRY)
         self.global_update_norm = gauge("global_update_norm", "|x_{t+1} - x_t|")
@@ -113,6 +117,10 @@ class RunMetrics:
             epsilon = record["epsilon"]
             self.epsilon.labels(**labels).set(
                 epsilon if isinstance(epsilon, int | float) else float("nan"))
+        for gauge, key in ((self.audit_lower_bound, "audit_epsilon_lower_bound"),
+                           (self.audit_estimate, "audit_epsilon_estimate")):
+            if isinstance(value := record.get(key), int | float):
+                gauge.labels(**labels).set(value)
         if "epsilon_against_server" in record:  # a number, or NaN when the run claims none
             against_server = record["epsilon_against_server"]
             self.epsilon_server.labels(**labels).set(
@@ -131,6 +139,14 @@ class RunMetrics:
         self.round_duration.labels(**labels).observe(record.get("wall_s") or 0.0)
         self.bytes_sent.labels(**labels).inc(traffic[0])
         self.bytes_received.labels(**labels).inc(traffic[1])
+        self.push()
+
+    def observe_audit(self, audit: Mapping[str, Any]) -> None:
+        """The final in-run audit's two numbers, then push."""
+        self.audit_lower_bound.labels(**self.labels).set(audit["epsilon_lower_bound"])
+        estimate = audit.get("epsilon_estimate")
+        self.audit_estimate.labels(**self.labels).set(
+            estimate if isinstance(estimate, int | float) else float("nan"))
         self.push()
 
     def push(self) -> None:

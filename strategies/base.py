@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from plateau.canaries import CanaryClients
 from plateau.config import RunConfig
 from plateau.noise import secure_source
 from plateau.privacy import (
@@ -88,6 +89,7 @@ class RoundStats:
     bytes_received: int = 0
     norms: list[float] = field(default_factory=list)
     test_seeded_nodes: int = 0  # replies whose node drew its noise from PLATEAU_TEST_SEED
+    canaries: int = 0  # uploads of the audit's canaries in the aggregate
 
 
 def short_reason(reason: str) -> str:
@@ -153,7 +155,10 @@ class PlateauStrategy(FedAvg):
         self.frozen_digest = ""  # of the weights clients rebuild locally and never receive
         self.sampler = ClientSampler(config.sampling_method, config.sample_rate,
                                      secret=privacy is not None, seed=config.seed)
-        self.population = 0
+        self.population = 0  # N: the real clients plus the audit's canaries
+        self.real_population = 0
+        self.canaries: CanaryClients | None = None
+        self._canary_state: Mapping[str, Any] | None = None  # from a checkpoint, until built
         # node id -> partition id: Flower draws node ids at random, so sampling and summing go
         # by partition, which is what makes a seeded run repeat exactly
         self.partitions: dict[int, int] = {}
@@ -234,10 +239,13 @@ class PlateauStrategy(FedAvg):
                 time.sleep(0.25)
                 if (now := len(grid.get_node_ids())) != connected:
                     connected, stable_since = now, time.monotonic()
-            self.population = self.config.population_size or connected
-            log(INFO, "population N = %d (%s)", self.population,
+            self.real_population = self.config.population_size or connected
+            self.population = self.real_population + self.config.audit_canaries
+            log(INFO, "population N = %d (%s)%s", self.population,
                 "population-size" if self.config.population_size else
-                f"the {connected} nodes connected at the first round")
+                f"the {connected} nodes connected at the first round",
+                f", of which {self.config.audit_canaries} are the audit's canaries"
+                if self.config.audit_canaries else "")
         return self.population
 
     def identify(self, grid: Grid, nodes: Iterable[int]) -> None:
@@ -261,9 +269,9 @@ class PlateauStrategy(FedAvg):
             identity = (None if answer.has_error()
                         else answer.content.metric_records.get(IDENTITY_KEY))
             partition = identity.get("partition-id") if identity is not None else None
-            if not isinstance(partition, int) or not 0 <= partition < self.population:
+            if not isinstance(partition, int) or not 0 <= partition < self.real_population:
                 log(WARNING, "node %d did not give a partition-id in 0..%d (%s): left out",
-                    node, self.population - 1, short_reason(answer.error.reason)
+                    node, self.real_population - 1, short_reason(answer.error.reason)
                     if answer.has_error() else partition)
             elif partition in taken:
                 log(WARNING, "node %d claims partition %d, which another node holds: left out",
@@ -299,6 +307,11 @@ class PlateauStrategy(FedAvg):
         }
         population = self.determine_population(grid)
         self.cohort = self.sampler.sample(self.slots(grid), population, server_round)
+        if self.config.audit_canaries and self.canaries is None:
+            self.canaries = CanaryClients(self.config.audit_canaries, self.real_population,
+                                          self.release_template(), self.config.clip_norm)
+            if self._canary_state is not None:
+                self.canaries.load_state_dict(self._canary_state)
         self.released_dim = released_dim(self.release_template(), self.support(server_round))
         round_config = ConfigRecord({
             **config,
@@ -469,6 +482,7 @@ class PlateauStrategy(FedAvg):
             "tensors": {name: {k: v.cpu() for k, v in getattr(self, name).items()}
                         for name in self.state_attributes},
             "population": self.population,
+            "canaries": self.canaries.state_dict() if self.canaries is not None else None,
         }
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
@@ -476,6 +490,8 @@ class PlateauStrategy(FedAvg):
         for name, tensors in state["tensors"].items():
             setattr(self, name, {k: v.to(self.device) for k, v in tensors.items()})
         self.population = int(state["population"])
+        self.real_population = self.population - self.config.audit_canaries
+        self._canary_state = state.get("canaries")
 
     def max_participations(self) -> int:
         """The most uploads any one client (partition) has handed the server in this run."""
@@ -495,10 +511,18 @@ class PlateauStrategy(FedAvg):
         # the mean's denominator: the expected cohort under DP, the clients averaged otherwise
         self.mean_denominator = self.cohort.expected if self.privacy is not None else len(uploads)
         if self.privacy is not None:
+            support = self.support(server_round)
+            canary_uploads = (self.canaries.uploads(self.cohort.slots, self.privacy,
+                                                    self.cohort.expected, template,
+                                                    server_round, support)
+                              if self.canaries is not None else [])
+            self.last_stats.canaries = len(canary_uploads)
             mean_update = self.privacy.aggregate(
-                [u.update for u in uploads], self.cohort.expected, template,
-                secure_source("server-noise", server_round), support=self.support(server_round),
+                [u.update for u in uploads] + canary_uploads, self.cohort.expected, template,
+                secure_source("server-noise", server_round), support=support,
             )
+            if self.canaries is not None:
+                self.canaries.observe(mean_update)
         else:
             weights = [
                 float(u.num_examples) if self.config.weighting == "num-examples" else 1.0
@@ -529,6 +553,7 @@ class PlateauStrategy(FedAvg):
             "num-failed": stats.failed,
             "num-rejected": sum(stats.rejected.values()),
             "num-declined": sum(stats.declined.values()),
+            "num-canaries": stats.canaries,
             "global-update-norm": flat_norm(global_update),
         }
         losses = [u.train_loss for u in uploads if u.train_loss is not None]

@@ -149,15 +149,16 @@ def test_every_spec_gets_its_own_split(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_an_infeasible_dirichlet_split_is_a_config_error_before_anything_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """5,000 Dirichlet partitions of 1,437 digits cannot each hold an example: one line naming
-    the keys and what would work, from the launcher's up-front check."""
+    """300 Dirichlet partitions of 1,437 digits, each of at least 1,437 // (4 * 300) = 1
+    example, cannot be drawn: one line naming the keys and what would work, from the
+    launcher's up-front check (not 10 attempts per client, every round)."""
     from server_app.launcher import check_config
 
     monkeypatch.setenv("PLATEAU_DATA_DIR", str(tmp_path))
-    with pytest.raises(ConfigError, match=r"partitioner='dirichlet'.*5000 clients.*cannot split "
+    with pytest.raises(ConfigError, match=r"partitioner='dirichlet'.*300 clients.*cannot split "
                        r".*allowed: fewer clients, a larger dirichlet-alpha, or "
                        r"partitioner='iid'"):
-        check_config(ROOT, {"dirichlet-alpha": 0.05}, clients=5000)
+        check_config(ROOT, {}, clients=300)
 
 
 def test_images_are_stored_decoded_and_memory_mapped(tmp_path: Path,
