@@ -41,9 +41,9 @@ def audited_run(mechanism: GaussianClientDP, canaries: int = 300, rounds: int = 
                 **config_kw: object) -> tuple[FedAvg, float]:
     """Rounds of FedAvg with two real clients (zero updates) and the canaries, central DP, one
     cohort of everyone: the strategy's own sampling, canary release and aggregation."""
-    config = make_config(dp="central", noise_multiplier=mechanism.noise_multiplier,
-                         clip_norm=1.0, sample_rate=1.0, sampling="fixed",
-                         audit_canaries=canaries, **config_kw)
+    config = make_config(**{"dp": "central", "noise_multiplier": mechanism.noise_multiplier,
+                            "clip_norm": 1.0, "sample_rate": 1.0, "sampling": "fixed",
+                            "audit_canaries": canaries, **config_kw})
     strategy = FedAvg(config, parameter_names=["weight"], buffer_names=[], privacy=mechanism)
     arrays = ArrayRecord({"weight": torch.zeros(DIM)})
     for server_round in range(1, rounds + 1):
@@ -97,8 +97,11 @@ def test_canaries_are_population_slots_sampled_like_clients() -> None:
     assert strategy.canaries is not None and 100 < strategy.canaries.inserted.sum() < 200
 
 
-def test_the_real_mechanism_stays_below_its_epsilon() -> None:
-    strategy, epsilon = audited_run(GaussianClientDP(1.0, 4.0))
+@pytest.mark.parametrize("placement", ["central", "distributed", "local"])
+def test_the_real_mechanism_stays_below_its_epsilon(placement: str) -> None:
+    """In every placement the canaries add their own noise share through `release`."""
+    strategy, epsilon = audited_run(GaussianClientDP(1.0, 4.0, placement=placement),
+                                    dp=placement)
     report = strategy.canaries.report(1e-5)
     assert report.epsilon_lower_bound <= epsilon
     assert "lower-bound-above-epsilon" not in audit_flags(report, epsilon)
