@@ -1,0 +1,190 @@
+"""The ClientApp's work: K local steps from the global model, then the clipped, noised release.
+
+It runs in whichever process does the training: the ClientApp process Flower starts (no
+``trainer-socket`` in the node config), or the node's warm trainer (``client_app.trainer``), which
+keeps torch, the models and the partitions loaded between rounds. Either way the node policy has
+already been enforced by the ClientApp process (``client_app.app``) before anything reaches here,
+and the noise is drawn here, per release, from :func:`plateau.noise.secure_source`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
+from torch import nn
+
+from plateau.config import RunConfig
+from plateau.data import Tensors as DataTensors
+from plateau.data import client_partition
+from plateau.device import resolve_device, seeded_generator
+from plateau.models import (
+    float_buffer_names,
+    frozen_digest,
+    input_spec,
+    load_travelling,
+    model_from_config,
+)
+from plateau.noise import secure_source, test_seed
+from plateau.privacy import (
+    Tensors,
+    flat_norm,
+    mechanism_from_config,
+    random_support,
+)
+
+from .app import declined, partition_of
+from .training import LOCAL_RULES, LocalTask
+
+STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
+
+
+@functools.lru_cache(maxsize=4)
+def _model(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, str]:
+    """One model per configuration and process, with the digest of its frozen weights: frozen
+    weights are loaded once per worker, the travelling ones every round."""
+    model = model_from_config(cfg).to(device)
+    return model, frozen_digest(model)
+
+
+@functools.lru_cache(maxsize=512)
+def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> DataTensors:
+    """This node's training tensors, already on the training device."""
+    return client_partition(
+        cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, num_partitions=num,
+        partition_id=pid, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
+        classes_per_client=cfg.classes_per_client, spec=input_spec(cfg),
+    ).to(device)
+
+
+def local_round(task: LocalTask, rule: str, cohort: float,
+                start_buffers: dict[str, torch.Tensor], mask_seed: int | None = None,
+                noise_labels: tuple[int, ...] = ()) -> RecordDict:
+    """Run a local rule, privatise what it releases, and build the reply's records.
+
+    ``mask_seed`` (FedSMP) restricts the release to the round's public random subset of
+    coordinates: the update is sparsified, then clipped, then noised on that subset only.
+    ``noise_labels`` name the draw for the test-only seeded path (PLATEAU_TEST_SEED); otherwise
+    the noise is keyed by the operating system.
+    """
+    config = task.config
+    state_rounds = int(task.state.pop(STATE_ROUNDS, {"n": torch.zeros(())})["n"])
+    released = LOCAL_RULES[rule].run(task)
+    state = task.model.state_dict()
+    buffers = {name: state[name] - start for name, start in start_buffers.items()}
+    support = (random_support(released, config.smp_keep, mask_seed)
+               if mask_seed is not None else None)
+    metrics: dict[str, int | float] = {"num-examples": len(task.data)}
+    diagnostics = {"train-loss": task.mean_loss(), "state-rounds": state_rounds}
+    if task.state:
+        task.state[STATE_ROUNDS] = {"n": torch.tensor(state_rounds + 1)}
+    mechanism = mechanism_from_config(config)
+    if mechanism is None:
+        if support is not None:
+            released = {k: v * support[k] for k, v in released.items()}
+        metrics |= diagnostics | {"update-norm": flat_norm(released)}
+    else:
+        released, report = mechanism.release(
+            released, cohort, secure_source("client-noise", *noise_labels), support=support)
+        # Under DP the data size is private (constant weight). Only in central placement, where
+        # the server is trusted with the clipped updates anyway, does it also get diagnostics.
+        metrics = {"num-examples": 1}
+        if config.dp == "central":
+            metrics |= diagnostics | {"update-norm": report.norm,
+                                      "clipped": int(report.clipped), "clip-error": report.error}
+        if test_seed() is not None:  # this node's noise is predictable: the run claims no epsilon
+            metrics["test-seeded"] = 1
+    content = RecordDict({
+        "update": ArrayRecord({k: v.detach().cpu() for k, v in released.items()}),
+        "metrics": MetricRecord(metrics),
+    })
+    if buffers:
+        content["buffers"] = ArrayRecord({k: v.cpu() for k, v in buffers.items()})
+    return content
+
+
+def prepare(cfg: RunConfig, context: Context) -> None:
+    """Load the model and this partition's tensors and run torch's first backward pass, so
+    that round 1 costs what later rounds do."""
+    pid, num = partition_of(context)
+    device = resolve_device(cfg.device)
+    data = _partition_on(cfg, pid, num, device)
+    _warm(cfg, device, data.x[:cfg.batch_size], data.y[:cfg.batch_size])
+
+
+def _warm(cfg: RunConfig, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One forward and backward pass on a batch, once per process and config, results
+    discarded (the model's weights are not touched): torch sets up its kernels and allocator
+    here rather than in round 1."""
+    if len(y) == 0 or (cfg, device) in _WARMED:
+        return
+    model, _ = _model(cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params)
+    _WARMED.add((cfg, device))
+
+
+_WARMED: set[tuple[RunConfig, torch.device]] = set()
+
+
+def train(content: RecordDict, context: Context) -> RecordDict:
+    """The reply's content to a train message: the local rule the server asked for, run on
+    this node's partition, and the released update (or a decline). Writes the node's algorithm
+    state back into ``context.state``."""
+    round_config = content["config"]
+    cfg = RunConfig.from_record(round_config)
+    server_round, lr = int(round_config["server-round"]), float(round_config["round-lr"])
+    rule = str(round_config["local-rule"])
+    if rule not in LOCAL_RULES:
+        raise ValueError(f"unknown local rule {rule!r}; this client knows {sorted(LOCAL_RULES)}")
+    pid, num = partition_of(context)
+    device = resolve_device(cfg.device)
+
+    model, digest = _model(cfg, device)
+    expected = str(round_config.get("frozen-digest", digest))
+    if expected != digest:
+        raise ValueError(f"this node's frozen weights (digest {digest}) differ from the "
+                         f"server's ({expected}): same model files and library versions needed")
+    data = _partition_on(cfg, pid, num, device)
+    if len(data) == 0:
+        return declined("no-data")
+    load_travelling(model, content["arrays"].to_torch_state_dict())
+    state = model.state_dict()
+    start_buffers = {name: state[name].detach().clone() for name in float_buffer_names(model)}
+    broadcast = {
+        name: {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
+        for name, record in content.array_records.items() if name != "arrays"
+    }
+    task = LocalTask(
+        model=model, data=data, config=cfg, lr=lr,
+        broadcast=broadcast, generator=seeded_generator(cfg.seed, server_round, pid),
+        state=load_state(context, cfg.algorithm, device),
+    )
+    # A server claiming a larger cohort would shrink each client's distributed noise share;
+    # the cohort can never exceed the population this node belongs to.
+    cohort = min(float(round_config["expected-cohort"]), float(num))
+    mask_seed = round_config.get("mask-seed")
+    reply = local_round(task, rule, cohort, start_buffers,
+                        int(mask_seed) if mask_seed is not None else None,
+                        noise_labels=(server_round, pid))
+    save_state(context, cfg.algorithm, task.state)
+    return reply
+
+
+def load_state(context: Context, algorithm: str, device: torch.device) -> dict[str, Tensors]:
+    """This node's algorithm state (SCAFFOLD's c_i, FedDyn's H_i, ...) from Context.state,
+    which the SuperNode keeps across rounds. State of another algorithm is ignored."""
+    prefix = f"{algorithm}/"
+    return {
+        name[len(prefix):]: {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
+        for name, record in context.state.array_records.items() if name.startswith(prefix)
+    }
+
+
+def save_state(context: Context, algorithm: str, state: dict[str, Tensors]) -> None:
+    """Write the node's algorithm state back for the next round."""
+    for name, tensors in state.items():
+        context.state[f"{algorithm}/{name}"] = ArrayRecord(
+            {k: v.detach().cpu() for k, v in tensors.items()})
+
