@@ -3,8 +3,13 @@ separate processes, TLS and SuperNode authentication on, two DP rounds of FedSMO
 clients: Context.state must survive between rounds on a real SuperNode), an unregistered
 SuperNode rejected, every process stopped by its PID.
 
+Each SuperNode has a warm trainer (``python -m client_app.trainer``) beside it: the ClientApp
+process Flower starts for every message imports no torch, enforces the node policy and hands
+the work over the node's ``trainer-socket``; the trainers must have done every round's work.
+
 The commands are those of README "Deployment" (docker/generate-certs.sh, flower-superlink,
-flwr supernode register, flower-supernode, flower-superexec, flwr run, flwr ls)."""
+flwr supernode register, flower-supernode, flower-superexec, flwr run, flwr ls) and
+deploy/README "Warm trainer"."""
 
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from server_app.launcher import _alive, free_port
+from client_app import wire
+from client_app.handoff import exchange
+from server_app.launcher import _alive, free_port, stage_app
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -35,12 +42,12 @@ class Federation:
                     "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 
-    def start(self, name: str, *command: str) -> subprocess.Popen:
+    def start(self, name: str, *command: str, **env: str) -> subprocess.Popen:
         home = self.workdir / f"home-{name}"
         home.mkdir(exist_ok=True)
         log = (self.workdir / f"{name}.log").open("w")
         process = subprocess.Popen(command, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**self.env, "FLWR_HOME": str(home)},
+                                   env={**self.env, "FLWR_HOME": str(home), **env},
                                    start_new_session=True)
         self.processes.append((name, process))
         return process
@@ -67,6 +74,17 @@ class Federation:
         return [p.pid for _, p in self.processes]
 
 
+def trainer_stats(path: Path) -> dict[str, object] | None:
+    """What the trainer on ``path`` has served (its --ping answer), or None if none answers."""
+    request = [wire.encode_header({"protocol": wire.PROTOCOL, "app": wire.app_digest(),
+                                   "kind": "ping"}), b"", b""]
+    try:
+        header, _, _ = exchange(str(path), request, timeout=10)
+    except wire.TrainerError:
+        return None
+    return header if header.get("ok") else None
+
+
 def wait_until(check, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,6 +101,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                    env={**os.environ, "NODES": "3"}, check=True, capture_output=True)
     fed = Federation(tmp_path)
     link_port, node_ports = free_port(), (free_port(), free_port(), free_port())
+    sockets = [tmp_path / f"trainer-{i}.sock" for i in (1, 2)]
     started = time.monotonic()
     try:
         fed.start("superlink", str(BIN / "flower-superlink"),
@@ -105,15 +124,21 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
             key = certs / "keys" / f"supernode-{i}.pub"
             registered = fed.cli("supernode", "register", str(key), "deploy", "--name", f"node{i}")
             assert registered.returncode == 0, registered.stdout + registered.stderr
-        for i in (1, 2):
+        # one torch thread per trainer: two nodes share this machine's cores (as each simulated
+        # client gets one CPU), and the SuperExecs look for new work every 0.1 s, not 1 s
+        for i, path in zip((1, 2), sockets, strict=True):
+            fed.start(f"trainer-{i}", sys.executable, "-m", "client_app.trainer",
+                      f"--socket={path}", "--threads=1")
             fed.start(f"supernode-{i}", str(BIN / "flower-supernode"),
                       f"--root-certificates={certs / 'ca.crt'}",
                       f"--superlink=127.0.0.1:{link_port}",
                       f"--auth-supernode-private-key={certs / 'keys' / f'supernode-{i}'}",
                       "--isolation=process", "--host=127.0.0.1", f"--port={node_ports[i - 1]}",
-                      f"--node-config=partition-id={i - 1} num-partitions=2")
+                      f"--node-config=partition-id={i - 1} num-partitions=2 "
+                      f"trainer-socket='{path}'")
             fed.start(f"superexec-clientapp-{i}", str(BIN / "flower-superexec"), "--insecure",
-                      f"--runtime-api-address=127.0.0.1:{node_ports[i - 1]}")
+                      f"--runtime-api-address=127.0.0.1:{node_ports[i - 1]}",
+                      FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")
         intruder = fed.start("supernode-unregistered", str(BIN / "flower-supernode"),
                              f"--root-certificates={certs / 'ca.crt'}",
                              f"--superlink=127.0.0.1:{link_port}",
@@ -122,11 +147,14 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                              "--node-config=partition-id=0 num-partitions=2")
         wait_until(lambda: fed.cli("supernode", "list", "deploy").stdout.count("online") >= 2,
                    60, "two SuperNodes online")
+        wait_until(lambda: all(trainer_stats(path) for path in sockets), 120,
+                   "both trainers listening")
         setup_s = time.monotonic() - started
         config = ("num-server-rounds=2 algorithm='fedsmoo' dp='central' noise-multiplier=0.8 "
                   f"sample-rate=1.0 results-dir='{tmp_path / 'results'}' run-name='deployed'")
         run_started = time.monotonic()
-        submitted = fed.cli("run", str(ROOT), "deploy", "--run-config", config, "--format",
+        app = stage_app(ROOT, tmp_path)  # flwr run would walk .venv otherwise
+        submitted = fed.cli("run", str(app), "deploy", "--run-config", config, "--format",
                             "json")
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         run_id = str(json.loads(submitted.stdout[submitted.stdout.index("{"):])["run-id"])
@@ -145,6 +173,11 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         assert all(r["num_clients"] == 2 and r["epsilon"] > 0 for r in rounds)
         # FedSMOO's H_i and mu_i persisted in each SuperNode's Context.state between rounds
         assert [r["mean_state_rounds"] for r in rounds] == [0, 1]
+        # every node's partition query and both rounds were the trainers' work
+        for path in sockets:
+            stats = trainer_stats(path)
+            assert stats is not None and stats["failed"] == 0, stats
+            assert {k: stats["served"][k] for k in ("query", "train")} == {"query": 1, "train": 2}
         wait_until(lambda: intruder.poll() is not None, 60, "unregistered SuperNode exits")
         assert intruder.returncode != 0
         assert "Failed to activate SuperNode" in fed.log("supernode-unregistered")
@@ -155,3 +188,4 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
     finally:
         pids = fed.stop()
     assert not any(_alive(pid) for pid in pids)
+    assert not any(path.exists() for path in sockets)  # the trainers removed their sockets
