@@ -63,6 +63,7 @@ class AuditReport:
     epsilon_lower_bound: float
     confidence: float
     epsilon_estimate: float | None
+    epsilon_estimate_low: float | None  # the estimate at the low end of the shift's 95 % range
     mean_score_inserted: float
     mean_score_held_out: float
     correct_guesses: int
@@ -147,17 +148,20 @@ def audit_scores(scores: np.ndarray, inserted: np.ndarray, delta: float,
         if bound > best[0] or best[1] == 0:
             best = (bound, correct, guesses)
     scores_in, scores_out = scores[inserted], scores[~inserted]
-    estimate = None
+    estimate = estimate_low = None
     if min(len(scores_in), len(scores_out)) >= MIN_PER_SIDE:
-        pooled = math.sqrt(((len(scores_in) - 1) * scores_in.var(ddof=1)
-                            + (len(scores_out) - 1) * scores_out.var(ddof=1))
-                           / (len(scores) - 2))
+        n_in, n_out = len(scores_in), len(scores_out)
+        pooled = math.sqrt(((n_in - 1) * scores_in.var(ddof=1)
+                            + (n_out - 1) * scores_out.var(ddof=1)) / (n_in + n_out - 2))
         if pooled > 0:
             shift = (float(scores_in.mean()) - float(scores_out.mean())) / pooled
+            # standard error of a standardised mean difference (Hedges and Olkin)
+            error = math.sqrt(1 / n_in + 1 / n_out + shift ** 2 / (2 * (n_in + n_out)))
             estimate = gaussian_dp_epsilon(shift, delta)
+            estimate_low = gaussian_dp_epsilon(max(0.0, abs(shift) - 1.96 * error), delta)
     return AuditReport(
         canaries=count, inserted=int(inserted.sum()), epsilon_lower_bound=best[0],
-        confidence=confidence, epsilon_estimate=estimate,
+        confidence=confidence, epsilon_estimate=estimate, epsilon_estimate_low=estimate_low,
         mean_score_inserted=float(scores_in.mean()) if len(scores_in) else math.nan,
         mean_score_held_out=float(scores_out.mean()) if len(scores_out) else math.nan,
         correct_guesses=best[1], guesses=best[2])
@@ -165,13 +169,14 @@ def audit_scores(scores: np.ndarray, inserted: np.ndarray, delta: float,
 
 def audit_flags(report: AuditReport, epsilon: float | None) -> list[str]:
     """What the audit says against the accountant's ε: a lower bound above it is a bug or an
-    attack; an estimate above it deserves a look (it is an estimate)."""
+    attack; an estimate above it even at the low end of its own sampling range (with a few
+    hundred canaries the estimate moves by about ±1) deserves a look."""
     if epsilon is None:
         return []
     flags = []
     if report.epsilon_lower_bound > epsilon:
         flags.append("lower-bound-above-epsilon")
-    if report.epsilon_estimate is not None and report.epsilon_estimate > epsilon:
+    if report.epsilon_estimate_low is not None and report.epsilon_estimate_low > epsilon:
         flags.append("estimate-above-epsilon")
     return flags
 

@@ -268,8 +268,9 @@ class RunLoop:
                 "%.4f: the mechanism leaks more than accounted (a bug or an attack)",
                 report.epsilon_lower_bound, epsilon)
         if "estimate-above-epsilon" in flags:
-            log(WARNING, "AUDIT: the one-shot estimate %.4f exceeds the accountant's epsilon "
-                "%.4f: check the mechanism", report.epsilon_estimate, epsilon)
+            log(WARNING, "AUDIT: the one-shot estimate %.4f (%.4f at the low end of its range) "
+                "exceeds the accountant's epsilon %.4f: check the mechanism",
+                report.epsilon_estimate, report.epsilon_estimate_low, epsilon)
         log(INFO, "audit (%d canaries, %d inserted): epsilon lower bound %.4f (%.0f%% "
             "confidence), one-shot estimate %s, accountant's epsilon %s", report.canaries,
             report.inserted, report.epsilon_lower_bound, 100 * report.confidence,
