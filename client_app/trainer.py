@@ -60,7 +60,8 @@ class Stop(Exception):
 
 
 class TrainerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    """One thread per connection for the I/O; the work itself under one lock."""
+    """One thread per connection for the I/O; the work itself, and everything that touches the
+    shared models, under one lock."""
 
     daemon_threads = True
 
@@ -94,7 +95,7 @@ class TrainerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         kind = header.get("kind")
         if kind == "ping":
             self.served["ping"] += 1
-            return {"ok": True, "app": self.digest, "pid": os.getpid(), "served": self.served,
+            return {"ok": True, "app": self.digest, "pid": os.getpid(), "served": dict(self.served),
                     "failed": self.failed,
                     "uptime_s": round(time.monotonic() - self.started, 1)}, b"", b""
         if kind not in ("query", "train"):
@@ -109,6 +110,8 @@ class TrainerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                     reply = RecordDict()
                 else:
                     reply = self.compute.train(records, node_context)
+                answer = ({"ok": True}, recorddict_to_proto(reply).SerializeToString(),
+                          recorddict_to_proto(node_context.state).SerializeToString())
             except Exception as err:  # any failure of the work goes back as the reason
                 LOG.exception("%s failed", kind)
                 self.failed += 1
@@ -117,8 +120,7 @@ class TrainerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         LOG.info("%s for run %s, node %s (partition %s) in %.3f s", kind, node_context.run_id,
                  node_context.node_id, node_context.node_config.get("partition-id"),
                  time.monotonic() - started)
-        return ({"ok": True}, recorddict_to_proto(reply).SerializeToString(),
-                recorddict_to_proto(node_context.state).SerializeToString())
+        return answer
 
 
 class _Handler(socketserver.BaseRequestHandler):
