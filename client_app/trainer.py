@@ -52,6 +52,7 @@ from plateau.config import RunConfig
 from . import wire
 
 IO_TIMEOUT_S = 60.0  # to read a request, or to write a reply, after which the peer is dropped
+MAX_REASON_CHARS = 4000
 LOG = logging.getLogger("plateau.trainer")
 
 
@@ -143,7 +144,8 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 def _refusal(reason: str) -> tuple[dict[str, object], bytes, bytes]:
-    return {"ok": False, "error": reason}, b"", b""
+    """A reply that carries only why (cut to fit a header; the whole story is in the log)."""
+    return {"ok": False, "error": reason[:MAX_REASON_CHARS]}, b"", b""
 
 
 def claim(path: str) -> None:
