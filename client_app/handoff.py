@@ -11,9 +11,6 @@ well-formed reply arrived: a dead, hung or confused trainer costs the round, nev
 from __future__ import annotations
 
 import os
-import socket
-import stat
-import time
 from collections.abc import Mapping
 
 from flwr.app import Context, RecordDict
@@ -25,7 +22,6 @@ from . import wire
 from .wire import TrainerError
 
 SOCKET_KEY = "trainer-socket"  # node config: where this node's trainer listens
-CONNECT_TIMEOUT_S = 10.0  # connecting and sending; the reply may take up to round-timeout
 
 
 def trainer_socket(node_config: Mapping[str, object]) -> str | None:
@@ -52,59 +48,11 @@ def hand_off(path: str, kind: str, content: RecordDict, context: Context,
                                    "kind": kind}),
                recorddict_to_proto(content).SerializeToString(),
                context_to_proto(context).SerializeToString()]
-    header, reply, state = exchange(path, request, timeout)
+    header, reply, state = wire.exchange(path, request, timeout)
     if not header.get("ok"):
         raise TrainerError(f"the trainer at {path} refused the {kind} message: "
                            f"{header.get('error', 'no reason given')}")
     return _records(path, reply), _records(path, state)
-
-
-def exchange(path: str, request: list[bytes], timeout: float
-             ) -> tuple[dict[str, object], bytes, bytes]:
-    """Send one request to the trainer at ``path`` and return its reply (header, two
-    payloads)."""
-    check_socket(path)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.settimeout(CONNECT_TIMEOUT_S)
-            sock.connect(path)
-            wire.send_parts(sock, request, time.monotonic() + CONNECT_TIMEOUT_S)
-        except (ConnectionRefusedError, FileNotFoundError):
-            raise TrainerError(f"nothing listens on trainer-socket={path}: the node's trainer "
-                               "is not running (start `python -m client_app.trainer --socket "
-                               f"{path}` next to the SuperNode)") from None
-        except OSError as err:
-            raise TrainerError(f"cannot hand the message to the trainer at {path}: "
-                               f"{err.strerror or err}") from None
-        try:
-            header, reply, state = wire.recv_parts(sock, time.monotonic() + timeout)
-            return wire.decode_header(header), reply, state
-        except TimeoutError:
-            raise TrainerError(f"no reply from the trainer at {path} within {timeout:g} s "
-                               "(round-timeout)") from None
-        except EOFError:
-            raise TrainerError(f"the trainer at {path} closed the connection without a whole "
-                               "reply (did it stop? see its log)") from None
-        except (ValueError, UnicodeDecodeError) as err:
-            raise TrainerError(f"malformed reply from the trainer at {path}: {err}") from None
-        except OSError as err:
-            raise TrainerError(f"lost the trainer at {path}: {err.strerror or err}") from None
-
-
-def check_socket(path: str) -> None:
-    """Refuse a path that is not a socket of this user's: the node's model and state go there,
-    and a socket someone else made would hand them to someone else."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise TrainerError(f"trainer-socket={path} does not exist: the node's trainer is not "
-                           f"running (start `python -m client_app.trainer --socket {path}` next "
-                           "to the SuperNode)") from None
-    if not stat.S_ISSOCK(info.st_mode):
-        raise TrainerError(f"trainer-socket={path} is not a socket")
-    if info.st_uid != os.getuid():
-        raise TrainerError(f"trainer-socket={path} belongs to uid {info.st_uid}, not to this "
-                           f"SuperNode's user (uid {os.getuid()})")
 
 
 def _records(path: str, raw: bytes) -> RecordDict:

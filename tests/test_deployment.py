@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from client_app import wire
-from client_app.handoff import exchange
+from client_app.wire import exchange
 from server_app.launcher import _alive, free_port, stage_app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -26,7 +26,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from client_app import wire
 from client_app.app import NodeConfigError
 from client_app.app import app as client_app
-from client_app.handoff import exchange
+from client_app.wire import exchange
 from tests.test_client import released, train_message
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,10 +85,13 @@ def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert not path.exists()
 
 
-def test_importing_the_clientapp_imports_no_torch() -> None:
-    """Flower starts a ClientApp process per message: its import must stay slim."""
-    code = ("import sys, client_app.app, client_app.handoff; "
-            "print(sorted(m for m in ('torch', 'client_app.compute') if m in sys.modules))")
+@pytest.mark.parametrize(
+    ("module", "absent"),
+    [("client_app.app", ("torch", "client_app.compute")),  # a ClientApp process per message
+     ("client_app.trainer", ("torch", "flwr"))],  # --ping, a probe run every few seconds
+)
+def test_what_runs_often_imports_little(module: str, absent: tuple[str, ...]) -> None:
+    code = f"import sys, {module}; print(sorted(m for m in {absent!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "[]"
