@@ -16,7 +16,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 BIN = Path(sys.executable).parent
-DOCKERFILES = sorted([*DOCKER.glob("Dockerfile*"), DOCKER / "prometheus" / "Dockerfile"])
+DOCKERFILES = sorted([*(p for p in DOCKER.glob("Dockerfile*") if p.suffix != ".dockerignore"),
+                      DOCKER / "prometheus" / "Dockerfile"])
 COMPOSE_FILES = sorted(DOCKER.glob("compose*.yml"))
 
 
