@@ -133,7 +133,7 @@ class AuditSetup:
     population: int = 4
     dim: int = 64
     adjacency: str = "zero-out"
-    trials: int = 4000  # per world; half choose the test, half measure it
+    trials: int = 3000  # per world; half choose the test, half measure it
     delta: float = 1e-5
     confidence: float = 0.95
     clip_norm: float = 1.0
@@ -375,7 +375,7 @@ def format_table(results: Sequence[AuditResult]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``make audit``: the real mechanism must pass, every broken one must be flagged."""
     parser = argparse.ArgumentParser(description="Audit the DP mechanism against canaries.")
-    parser.add_argument("--trials", type=int, default=4000, help="trials per world")
+    parser.add_argument("--trials", type=int, default=3000, help="trials per world")
     args = parser.parse_args(argv)
     results, wrong = [], []
     for cases, must_flag in ((REAL_CASES, False), (BROKEN_CASES, True)):

@@ -37,8 +37,10 @@ def test_a_crashed_dp_run_resumed_through_flwr_run_ends_like_a_straight_one(
 ) -> None:
     """Central DP on the test-seeded path (each round's noise and cohort keyed by the round,
     so it claims no epsilon): 4 rounds straight, or 2 rounds then `resume=true` to 4, through
-    real `flwr run`s, whose nodes get new random ids every time. Every round record agrees,
-    and nothing is left running."""
+    real `flwr run`s, whose nodes get new random ids every time. Every round record agrees
+    (so the same seed also gives the same run: the first two rounds of both are separate runs
+    of one config; tests/test_ray_cluster.py compares two runs without DP), and nothing is
+    left running."""
     home = tmp_path / "flwr-home"
     monkeypatch.setenv("FLWR_HOME", str(home))
     monkeypatch.setenv("PLATEAU_TEST_SEED", "7")
@@ -60,25 +62,6 @@ def test_a_crashed_dp_run_resumed_through_flwr_run_ends_like_a_straight_one(
                for r in records["straight"])
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epsilon"] is None
-
-
-@pytest.mark.e2e
-def test_the_same_seed_gives_the_same_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Flower gives the simulated nodes new random ids every run; sampling and summing go by
-    partition, so every round record repeats (all but its wall time)."""
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
-    records = []
-    for name in ("first", "second"):
-        config = (f"seed=5 num-server-rounds=3 sample-rate=0.5 results-dir='{tmp_path}' "
-                  f"run-name='{name}'")
-        assert launch(ROOT, clients=6, config=config, timeout_s=300) == 0
-        lines = (tmp_path / name / "rounds.jsonl").read_text().splitlines()
-        records.append([{k: v for k, v in json.loads(x).items() if k != "wall_s"}
-                        for x in lines])
-    assert len(records[0]) == 3 and records[0] == records[1]
-    capsys.readouterr()
 
 
 @pytest.mark.e2e
@@ -128,7 +111,7 @@ def test_a_signal_to_make_run_stops_everything_it_started(tmp_path: Path, signum
     config = (f"num-server-rounds=500 local-steps=50 results-dir='{tmp_path}' "
               "run-name='interrupted'")
     with log.open("w") as out:
-        make = subprocess.Popen(["make", "-s", "run", "CLIENTS=4", f"CONFIG={config}"],
+        make = subprocess.Popen(["make", "-s", "run", "CLIENTS=2", f"CONFIG={config}"],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "FLWR_HOME": str(home)},
                                 start_new_session=True)
