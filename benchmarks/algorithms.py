@@ -44,6 +44,14 @@ class Nodes:
     def get_node_ids(self) -> list[int]:
         return self.ids
 
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        self.answers = self.send_and_receive(messages)
+        return [answer.metadata.reply_to_message_id for answer in self.answers]
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        answers, self.answers = self.answers, []
+        return answers
+
     def send_and_receive(self, messages: list[Message], *, timeout: float | None = None
                          ) -> list[Message]:
         return [Message(RecordDict({"identity": MetricRecord(

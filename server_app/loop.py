@@ -26,7 +26,7 @@ from plateau.data import DataError
 from plateau.noise import TEST_SEED_ENV, test_seed
 from plateau.privacy import mechanism_from_config
 from strategies import PlateauStrategy
-from strategies.base import short_reason
+from strategies.base import exchange, short_reason
 
 from .build import build_strategy, load_config, prepare_partitions
 from .checkpoint import Checkpointer, privacy_settings
@@ -306,7 +306,7 @@ class RunLoop:
         started = time.monotonic()
         arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)
-        replies = list(self.grid.send_and_receive(messages, timeout=config.round_timeout))
+        replies = exchange(self.grid, messages, config.round_timeout, config.reply_poll_interval)
         _, metrics = strategy.aggregate_train(server_round, replies)
         epsilon = None
         if self.ledger is not None:

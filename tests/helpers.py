@@ -28,6 +28,16 @@ class FakeGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
 
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        """Queue the answers of ``send_and_receive``; an unanswered message counts as timed out
+        at once (the server's exchange does not wait for it)."""
+        self.answers = list(self.send_and_receive(messages))
+        return [answer.metadata.reply_to_message_id for answer in self.answers]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        answers, self.answers = self.answers, []
+        return answers
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> list[Message]:
         messages = list(messages)

@@ -129,7 +129,8 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         for i, path in zip((1, 2), sockets, strict=True):
             fed.start(f"trainer-{i}", sys.executable, "-m", "client_app.trainer",
                       f"--socket={path}", "--threads=1")
-            fed.start(f"supernode-{i}", str(BIN / "flower-supernode"),
+            fed.start(f"supernode-{i}", sys.executable, "-m", "client_app.supernode",
+                      "--poll-interval=0.1",
                       f"--root-certificates={certs / 'ca.crt'}",
                       f"--superlink=127.0.0.1:{link_port}",
                       f"--auth-supernode-private-key={certs / 'keys' / f'supernode-{i}'}",
@@ -183,6 +184,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         assert "Failed to activate SuperNode" in fed.log("supernode-unregistered")
         assert "ref-exit-codes/305" in fed.log("supernode-unregistered")
         assert "No SuperNode found with the given public key" in fed.log("superlink")
+        assert all("looks for work every 0.1 s" in fed.log(f"supernode-{i}") for i in (1, 2))
         print(f"deployment: setup {setup_s:.1f} s, two rounds {run_s:.1f} s, "
               f"round wall times {[r['wall_s'] for r in rounds]}")
     finally:
