@@ -54,7 +54,9 @@ def enforce_node_policy(config: RunConfig, node_config: Mapping[str, object]) ->
     The run config (and so every round's message) comes from whoever submits the run. A node
     that does not trust the server sets floors in its own node config, e.g.
     ``--node-config "partition-id=0 num-partitions=10 require-dp='local' min-noise-multiplier=1.0
-    max-clip-norm=1.0"``.
+    max-clip-norm=1.0"``. A silo protecting its records sets ``require-record-dp=true``,
+    ``min-record-noise-multiplier`` and ``max-record-epsilon`` (its own budget, enforced where its
+    ledger is, in ``client_app.compute``) and optionally ``record-ledger=<file>``.
     """
     required = str(node_config.get("require-dp", "off"))
     if required not in PROTECTION:
@@ -70,6 +72,15 @@ def enforce_node_policy(config: RunConfig, node_config: Mapping[str, object]) ->
     if config.dp_enabled and config.clip_norm > ceiling:
         raise NodeConfigError(f"clip-norm={config.clip_norm} is above this SuperNode's "
                               f"max-clip-norm={ceiling}")
+    if str(node_config.get("require-record-dp", "false")).lower() == "true" and (
+            config.record_dp != "on"):
+        raise NodeConfigError("this SuperNode requires record-level DP (require-record-dp); "
+                              "the run has record-dp='off'")
+    record_floor = float(node_config.get("min-record-noise-multiplier", 0.0))
+    if (config.record_dp == "on" and config.record_target_epsilon == 0
+            and config.record_noise_multiplier < record_floor):
+        raise NodeConfigError(f"record-noise-multiplier={config.record_noise_multiplier} is "
+                              f"below this SuperNode's min-record-noise-multiplier={record_floor}")
     if required != "off" and config.dp_clip_mode != "flat":
         raise NodeConfigError("dp-clip-mode='code' is not differentially private; this "
                               "SuperNode requires a formal guarantee")

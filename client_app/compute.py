@@ -10,9 +10,13 @@ and the noise is drawn here, per release, from :func:`plateau.noise.secure_sourc
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
+from logging import WARNING
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.supercore import log
 from torch import nn
 
 from plateau.config import RunConfig
@@ -33,8 +37,16 @@ from plateau.privacy import (
     mechanism_from_config,
     random_support,
 )
+from plateau.record_dp import (
+    LEDGER_KEY,
+    RecordPlan,
+    RecordPrivatiser,
+    SiloLedger,
+    per_sample_module,
+    plan_for,
+)
 
-from .app import declined, partition_of
+from .app import NodeConfigError, declined, partition_of
 from .training import LOCAL_RULES, LocalTask
 
 STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
@@ -46,6 +58,13 @@ def _model(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, str]:
     weights are loaded once per worker, the travelling ones every round."""
     model = model_from_config(cfg).to(device)
     return model, frozen_digest(model)
+
+
+@functools.lru_cache(maxsize=4)
+def _per_sample(cfg: RunConfig, device: torch.device) -> nn.Module:
+    """The configuration's model inside Opacus' per-sample machinery (record-level DP)."""
+    return per_sample_module(_model(cfg, device)[0], cfg.record_per_sample,
+                             cfg.record_clip_norm)
 
 
 @functools.lru_cache(maxsize=512)
@@ -77,6 +96,8 @@ def local_round(task: LocalTask, rule: str, cohort: float,
                if mask_seed is not None else None)
     metrics: dict[str, int | float] = {"num-examples": len(task.data)}
     diagnostics = {"train-loss": task.mean_loss(), "state-rounds": state_rounds}
+    if task.record is not None:  # the loss and the update's norm are not private per record
+        diagnostics = {"state-rounds": state_rounds}
     if task.state:
         task.state[STATE_ROUNDS] = {"n": torch.tensor(state_rounds + 1)}
     mechanism = mechanism_from_config(config)
@@ -90,11 +111,11 @@ def local_round(task: LocalTask, rule: str, cohort: float,
         # Under DP the data size is private (constant weight). Only in central placement, where
         # the server is trusted with the clipped updates anyway, does it also get diagnostics.
         metrics = {"num-examples": 1}
-        if config.dp == "central":
+        if config.dp == "central" and task.record is None:
             metrics |= diagnostics | {"update-norm": report.norm,
                                       "clipped": int(report.clipped), "clip-error": report.error}
-        if test_seed() is not None:  # this node's noise is predictable: the run claims no epsilon
-            metrics["test-seeded"] = 1
+    if (mechanism is not None or task.record is not None) and test_seed() is not None:
+        metrics["test-seeded"] = 1  # this node's noise is predictable: no epsilon holds
     content = RecordDict({
         "update": ArrayRecord({k: v.detach().cpu() for k, v in released.items()}),
         "metrics": MetricRecord(metrics),
@@ -156,10 +177,18 @@ def train(content: RecordDict, context: Context) -> RecordDict:
         name: {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
         for name, record in content.array_records.items() if name != "arrays"
     }
+    silo = None
+    if cfg.record_dp == "on":
+        silo = SiloRound.open(cfg, context, len(data), LOCAL_RULES[rule].backprops_per_step)
+        if silo.refusal is not None:
+            return declined(silo.refusal)
     task = LocalTask(
         model=model, data=data, config=cfg, lr=lr,
         broadcast=broadcast, generator=seeded_generator(cfg.seed, server_round, pid),
         state=load_state(context, cfg.algorithm, device),
+        record=None if silo is None else RecordPrivatiser(
+            _per_sample(cfg, device), silo.plan, cfg.record_per_sample,
+            secure_source("record-noise", server_round, pid)),
     )
     # A server claiming a larger cohort would shrink each client's distributed noise share;
     # the cohort can never exceed the population this node belongs to.
@@ -169,7 +198,61 @@ def train(content: RecordDict, context: Context) -> RecordDict:
                         int(mask_seed) if mask_seed is not None else None,
                         noise_labels=(server_round, pid))
     save_state(context, cfg.algorithm, task.state)
+    if silo is not None and task.record is not None:
+        # charged before the reply leaves: what the server can see is always on the ledger
+        reply["metrics"] = MetricRecord({**reply["metrics"],
+                                         **silo.charge(context, task.record.steps)})
     return reply
+
+
+@dataclass
+class SiloRound:
+    """One round of record-level DP on this silo: its plan, its ledger (Context.state, and
+    the node's ``record-ledger`` file if set) and its own budget (``max-record-epsilon`` in
+    the node config, and the run's record-target-epsilon, whichever is smaller)."""
+
+    plan: RecordPlan
+    ledger: SiloLedger
+    ledger_file: Path | None
+    refusal: str | None = None
+
+    @classmethod
+    def open(cls, cfg: RunConfig, context: Context, records: int,
+             queries_per_step: int) -> SiloRound:
+        node = context.node_config
+        plan = plan_for(cfg, records, queries_per_step)
+        floor = float(node.get("min-record-noise-multiplier", 0.0))
+        if plan.noise_multiplier < floor:
+            raise NodeConfigError(
+                f"record-noise-multiplier {plan.noise_multiplier:.4g} (for this silo's "
+                f"{records} records) is below this SuperNode's min-record-noise-multiplier="
+                f"{floor:g}")
+        path = Path(str(node["record-ledger"])) if node.get("record-ledger") else None
+        stored = context.state.config_records.get(LEDGER_KEY)
+        ledger = SiloLedger.from_state(stored)
+        if path is not None:
+            ledger = ledger.merged(SiloLedger.load(path))
+        silo = cls(plan, ledger, path)
+        caps = [c for c in (float(node.get("max-record-epsilon", 0.0)),
+                            cfg.record_target_epsilon) if c > 0]
+        if caps:
+            after = ledger.after(plan, cfg.local_steps).epsilon(plan.delta, plan.accountant)
+            if after > min(caps):
+                log(WARNING, "record-level budget: this round would take the silo's epsilon "
+                    "to %.4f > %g; declining", after, min(caps))
+                silo.refusal = "record-budget"
+        return silo
+
+    def charge(self, context: Context, steps: int) -> dict[str, float | int]:
+        """Put the round's steps on the ledger (state and file) and say what was spent."""
+        self.ledger = self.ledger.after(self.plan, steps)
+        context.state[LEDGER_KEY] = ConfigRecord(self.ledger.to_state())
+        if self.ledger_file is not None:
+            self.ledger.save(self.ledger_file)
+        return {"record-epsilon": self.ledger.epsilon(self.plan.delta, self.plan.accountant),
+                "record-delta": self.plan.delta,
+                "record-noise-multiplier": self.plan.noise_multiplier,
+                "record-steps": sum(s for _, _, s in self.ledger.history)}
 
 
 def load_state(context: Context, algorithm: str, device: torch.device) -> dict[str, Tensors]:

@@ -18,6 +18,7 @@ from torch import nn
 from plateau.config import RunConfig
 from plateau.data import Tensors as DataTensors
 from plateau.privacy import Tensors, flat_norm
+from plateau.record_dp import RecordPrivatiser
 from plateau.release import CONTROL_PREFIX, DUAL_PREFIX
 
 Grads = list[torch.Tensor]
@@ -35,6 +36,8 @@ class LocalTask:
     broadcast: dict[str, Tensors] = field(default_factory=dict)
     state: dict[str, Tensors] = field(default_factory=dict)
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    # record-level DP: Poisson-sampled batches and noisy clipped gradients (None: plain SGD)
+    record: RecordPrivatiser | None = None
 
     def __post_init__(self) -> None:
         self.named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -44,6 +47,9 @@ class LocalTask:
 
     def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The K mini-batches of this round."""
+        if self.record is not None:
+            yield from self.record.batches(self.data.x, self.data.y, self.config.local_steps)
+            return
         device = self.params[0].device
         for index in batch_indices(len(self.data), self.config.batch_size,
                                    self.config.local_steps, self.generator):
@@ -51,7 +57,13 @@ class LocalTask:
             yield self.data.x[index], self.data.y[index]
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor, *, record: bool = True) -> Grads:
-        """Gradient of the batch loss at the current parameters (one backprop)."""
+        """Gradient of the batch loss at the current parameters (one backprop); under
+        record-level DP, the noisy mean of the batch's clipped per-record gradients."""
+        if self.record is not None:
+            grads, mean_loss = self.record.gradients(self.params, x, y)
+            if record and mean_loss is not None:
+                self.losses.append(mean_loss)
+            return grads
         loss = self.loss_fn(self.model(x), y)
         if record:
             self.losses.append(loss.detach())

@@ -176,6 +176,31 @@ class RunConfig:
     )
     max_epsilon: float = key(0.0, "If > 0, stop the run before a round that would take epsilon "
                              "above this budget.", min=0)
+    record_dp: str = key(
+        "off", "Record-level DP inside each silo (cross-silo): every local step Poisson-samples "
+        "the silo's records, clips each record's gradient and adds Gaussian noise (DP-SGD); each "
+        "silo accounts for its own epsilon. Combines with dp (client level).",
+        choices=("off", "on"))
+    record_clip_norm: float = key(1.0, "record-dp: L2 bound on each record's gradient.", min=0,
+                                  min_exclusive=True)
+    record_noise_multiplier: float = key(
+        1.0, "record-dp: noise std on each step's sum of clipped gradients is this * "
+        "record-clip-norm (per gradient query).", min=0)
+    record_target_epsilon: float = key(
+        0.0, "record-dp: if > 0, each silo calibrates its own record-noise-multiplier so that "
+        "its epsilon after num-server-rounds rounds of local-steps steps stays <= this; also a "
+        "cap: a silo declines a round that would exceed it.", min=0)
+    record_delta: float = key(0.0, "record-dp: each silo's delta; 0 = min(1e-5, 0.01/n_i), well "
+                              "below 1/n_i for a silo of n_i records.", min=0, max=1,
+                              max_exclusive=True)
+    record_accountant: str = key("rdp", "record-dp: the silo's accountant (Opacus): 'rdp' or "
+                                 "'prv' (privacy random variables, tighter).",
+                                 choices=("rdp", "prv"))
+    record_per_sample: str = key(
+        "hooks", "record-dp: how Opacus clips per record: 'hooks' (per-sample gradients, "
+        "GradSampleModule) or 'ghost' (ghost clipping: per-sample norms without per-sample "
+        "gradients, a second backward pass; less memory for large layers).",
+        choices=("hooks", "ghost"))
     audit_canaries: int = key(
         0, "In-run audit: add this many canary clients to the population (sampled like the "
         "others; a random half inserted, the rest held out) and report an empirical lower bound "
@@ -350,6 +375,20 @@ class RunConfig:
                 "clipped or noised; allowed: norm='group', or set dp-allow-batchnorm=true to "
                 "release them unprotected"
             )
+
+        if self.record_dp == "on":
+            self._check_record_dp()
+
+    def _check_record_dp(self) -> None:
+        if self.norm == "batch":
+            raise ConfigError("record-dp='on' with norm='batch': BatchNorm mixes records of a "
+                              "batch (no per-record gradient) and releases their statistics; "
+                              "allowed: norm='group'")
+        if self.dp_clip_mode != "flat":
+            raise ConfigError("record-dp='on' with dp-clip-mode='code': the authors' per-tensor "
+                              "median clip is not DP; allowed: dp-clip-mode='flat'")
+        if self.weighting != "equal" and self.dp != "off":
+            raise ConfigError("record-dp='on' with client-level dp needs weighting='equal'")
 
     @classmethod
     def keys(cls) -> frozenset[str]:

@@ -218,7 +218,7 @@ class RunLoop:
         try:
             status = "completed"
             for server_round in range(self.start_round, config.num_server_rounds + 1):
-                if (reason := self.over_budget(server_round)) is not None:
+                if (reason := self.over_budget(server_round) or self.no_silo_left()) is not None:
                     status, outcome["stop_reason"] = "stopped", reason
                     log(WARNING, "stopping: %s", reason)
                     break
@@ -232,6 +232,8 @@ class RunLoop:
                             "delta": self.ledger.delta}
                 if self.void_reason:
                     outcome["epsilon_void_reason"] = self.void_reason
+            if config.record_dp == "on":
+                outcome["record_privacy"] = self.record_privacy()
             if (audit := self.audit()) is not None:
                 outcome["audit"] = audit
                 self.metrics.observe_audit(audit)
@@ -301,6 +303,30 @@ class RunLoop:
         return (f"privacy budget: round {server_round} would take epsilon from "
                 f"{self.ledger.epsilon:.4f} to {after:.4f} > {key}={budget:g}")
 
+    def no_silo_left(self) -> str | None:
+        """Under record-level DP, why no round can run: every silo has declined for lack of
+        its own budget (a silo's budget only shrinks)."""
+        exhausted = self.strategy.record_exhausted
+        if self.config.record_dp != "on" or len(exhausted) < self.strategy.real_population:
+            return None
+        return (f"no silo can train: all {len(exhausted)} declined, their record-level "
+                "epsilon budget spent")
+
+    def record_privacy(self) -> dict[str, Any]:
+        """The record-level guarantee each silo reported (its own accountant, its own delta):
+        the unit is one record of that silo."""
+        spent = self.strategy.record_epsilon
+        return {
+            "unit": "one record of a silo (add/remove; the silo's record count is public)",
+            "accountant": self.config.record_accountant,
+            "epsilon_per_silo": None if self.void_reason else {
+                str(p): e for p, e in sorted(spent.items())},
+            "epsilon_min": None if self.void_reason else min(spent.values(), default=None),
+            "epsilon_max": None if self.void_reason else max(spent.values(), default=None),
+            "silos_out_of_budget": sorted(self.strategy.record_exhausted),
+            "void": self.void_reason,
+        }
+
     def one_round(self, server_round: int) -> None:
         config, strategy = self.config, self.strategy
         started = time.monotonic()
@@ -317,7 +343,7 @@ class RunLoop:
                     dict(strategy.participations),
                     self.ledger.budget[0] if self.ledger.budget else 0.0)
         stats = strategy.last_stats
-        if stats.test_seeded_nodes and self.ledger is not None:
+        if stats.test_seeded_nodes and (self.ledger is not None or config.record_dp == "on"):
             self.void_epsilon(f"{stats.test_seeded_nodes} SuperNode(s) drew their noise from "
                               f"{TEST_SEED_ENV} in round {server_round}: predictable, hence "
                               "not private")
@@ -332,6 +358,11 @@ class RunLoop:
                               strategy.learning_rate(server_round), wall_s, config.dp_enabled,
                               flatness, stats.rejected, stats.declined)
         record["epsilon"] = epsilon
+        if config.record_dp == "on" and self.void_reason is None:
+            spent = strategy.record_epsilon
+            record["record_epsilon"] = {str(p): e for p, e in sorted(spent.items())}
+            record["record_epsilon_min"] = min(spent.values(), default=None)
+            record["record_epsilon_max"] = max(spent.values(), default=None)
         every = config.audit_every
         if (every and server_round % every == 0 and server_round < config.num_server_rounds
                 and (audit := self.audit()) is not None):

@@ -63,6 +63,9 @@ class RunMetrics:
                                        "lower bound on epsilon from the canaries (95%)")
         self.audit_estimate = gauge("audit_epsilon_estimate", "In-run audit: one-shot estimate "
                                     "of epsilon from the canaries")
+        self.record_epsilon = Gauge("plateau_record_epsilon", "Record-level epsilon each silo "
+                                    "reported spending (its own accountant and delta)",
+                                    (*LABELS, "partition"), registry=self.registry)
         self.clip_fraction = gauge("clip_fraction", "Fraction of client updates clipped"
                                    + TELEMETRY)
         self.global_update_norm = gauge("global_update_norm", "|x_{t+1} - x_t|")
@@ -125,6 +128,8 @@ class RunMetrics:
             against_server = record["epsilon_against_server"]
             self.epsilon_server.labels(**labels).set(
                 against_server if isinstance(against_server, int | float) else float("nan"))
+        for partition, spent in (record.get("record_epsilon") or {}).items():
+            self.record_epsilon.labels(**labels, partition=partition).set(spent)
         self.round_completed_time.labels(**labels).set(time.time())
         self.sampled.labels(**labels).inc(record.get("num_sampled") or 0)
         self.replied.labels(**labels).inc(record.get("num_clients") or 0)

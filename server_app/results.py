@@ -51,7 +51,8 @@ class RunRecorder:
         """Null the epsilon of every record already written (rewritten atomically): a run whose
         noise turned out predictable claims no epsilon for any round."""
         for record in self.records:
-            for key in ("epsilon", "epsilon_against_server"):
+            for key in ("epsilon", "epsilon_against_server", "record_epsilon",
+                        "record_epsilon_min", "record_epsilon_max"):
                 if key in record:
                     record[key] = None
             record["epsilon_void_reason"] = reason

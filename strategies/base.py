@@ -73,6 +73,7 @@ class ClientUpload:
     clip_error: float | None
     state_rounds: float | None
     test_seeded: bool = False
+    record_epsilon: float | None = None  # the silo's own record-level epsilon (record-dp)
 
 
 @dataclass
@@ -191,6 +192,10 @@ class PlateauStrategy(FedAvg):
         # uploads each partition's node has handed the server: its epsilon against the server
         # (kept in the ledger, written before a round's results are released)
         self.participations: Counter[int] = Counter()
+        # record-dp: each silo's (partition's) last reported epsilon, and the silos that
+        # declined for lack of record-level budget
+        self.record_epsilon: dict[int, float] = {}
+        self.record_exhausted: set[int] = set()
 
     # ----- what an algorithm specialises ------------------------------------------------------
 
@@ -389,8 +394,11 @@ class PlateauStrategy(FedAvg):
         if self.privacy is not None and (reason := self.privacy.screen(
                 norm, self.released_dim, self.cohort.expected)) is not None:
             return reason
-        loss, pre_clip, clipped, error, state_rounds = (metrics.get(k) for k in (
-            "train-loss", "update-norm", "clipped", "clip-error", "state-rounds"))
+        loss, pre_clip, clipped, error, state_rounds, record_epsilon = (metrics.get(k) for k in (
+            "train-loss", "update-norm", "clipped", "clip-error", "state-rounds",
+            "record-epsilon"))
+        if self.config.record_dp == "on" and not isinstance(record_epsilon, int | float):
+            return "bad-metrics"  # a silo under record-level DP says what it has spent
         return ClientUpload(
             node_id=msg.metadata.src_node_id,
             update=update,
@@ -404,6 +412,8 @@ class PlateauStrategy(FedAvg):
             clip_error=float(error) if isinstance(error, int | float) else None,
             state_rounds=float(state_rounds) if isinstance(state_rounds, int | float) else None,
             test_seeded=bool(metrics.get("test-seeded", 0)),
+            record_epsilon=float(record_epsilon) if isinstance(record_epsilon, int | float)
+            and record_epsilon >= 0 else None,
         )
 
     def _tensors(self, record: ArrayRecord, template: Tensors) -> Tensors:
@@ -457,10 +467,15 @@ class PlateauStrategy(FedAvg):
             else:
                 verdict = self._screen(msg)
             seen.add(node_id)
+            partition = self.partitions.get(node_id, -1 - node_id)
             if isinstance(verdict, ClientUpload):
                 uploads.append(verdict)
+                if verdict.record_epsilon is not None:
+                    self.record_epsilon[partition] = verdict.record_epsilon
             elif verdict.startswith("declined:"):
                 stats.declined[verdict.removeprefix("declined:")] += 1
+                if verdict == "declined:record-budget":
+                    self.record_exhausted.add(partition)
             elif verdict == "client-error":
                 stats.failed += 1
                 log(WARNING, "node %d failed: %s", node_id, short_reason(msg.error.reason))
@@ -504,6 +519,8 @@ class PlateauStrategy(FedAvg):
                         for name in self.state_attributes},
             "population": self.population,
             "canaries": self.canaries.state_dict() if self.canaries is not None else None,
+            "record_epsilon": dict(self.record_epsilon),
+            "record_exhausted": sorted(self.record_exhausted),
         }
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
@@ -513,6 +530,9 @@ class PlateauStrategy(FedAvg):
         self.population = int(state["population"])
         self.real_population = self.population - self.config.audit_canaries
         self._canary_state = state.get("canaries")
+        self.record_epsilon = {int(k): float(v)
+                               for k, v in state.get("record_epsilon", {}).items()}
+        self.record_exhausted = {int(k) for k in state.get("record_exhausted", [])}
 
     def max_participations(self) -> int:
         """The most uploads any one client (partition) has handed the server in this run."""
@@ -601,4 +621,12 @@ class PlateauStrategy(FedAvg):
         log(INFO, "%s: local rule %r, sample rate %.3f, K=%d, privacy %s",
             type(self).__name__, self.local_rule, self.config.sample_rate,
             self.config.local_steps, self.privacy or "off")
+        cfg = self.config
+        if cfg.record_dp == "on":
+            sigma = (f"calibrated per silo to epsilon <= {cfg.record_target_epsilon:g}"
+                     if cfg.record_target_epsilon > 0 else
+                     f"sigma {cfg.record_noise_multiplier:g}")
+            log(INFO, "record-level DP in every silo: clip %g per record, %s, %s accountant, "
+                "%s per-sample clipping; each silo keeps and enforces its own budget",
+                cfg.record_clip_norm, sigma, cfg.record_accountant, cfg.record_per_sample)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,6 +104,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
     link_port, node_ports = free_port(), (free_port(), free_port(), free_port())
     sockets = [tmp_path / f"trainer-{i}.sock" for i in (1, 2)]
     started = time.monotonic()
+    zygotes: list[int] = []
     try:
         fed.start("superlink", str(BIN / "flower-superlink"),
                   f"--ssl-ca-certfile={certs / 'ca.crt'}", f"--ssl-certfile={certs / 'server.pem'}",
@@ -137,7 +139,8 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                       "--isolation=process", "--host=127.0.0.1", f"--port={node_ports[i - 1]}",
                       f"--node-config=partition-id={i - 1} num-partitions=2 "
                       f"trainer-socket='{path}'")
-            fed.start(f"superexec-clientapp-{i}", str(BIN / "flower-superexec"), "--insecure",
+            fed.start(f"superexec-clientapp-{i}", sys.executable, "-m", "client_app.superexec",
+                      "--insecure",
                       f"--runtime-api-address=127.0.0.1:{node_ports[i - 1]}",
                       FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")
         intruder = fed.start("supernode-unregistered", str(BIN / "flower-supernode"),
@@ -185,9 +188,13 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         assert "ref-exit-codes/305" in fed.log("supernode-unregistered")
         assert "No SuperNode found with the given public key" in fed.log("superlink")
         assert all("looks for work every 0.1 s" in fed.log(f"supernode-{i}") for i in (1, 2))
+        zygotes = [int(re.search(r"warm zygote \(pid (\d+)\)", fed.log(f"superexec-clientapp-{i}"))
+                       [1]) for i in (1, 2)]
+        assert all(_alive(pid) for pid in zygotes)
+        assert not any("starts cold" in fed.log(f"superexec-clientapp-{i}") for i in (1, 2))
         print(f"deployment: setup {setup_s:.1f} s, two rounds {run_s:.1f} s, "
               f"round wall times {[r['wall_s'] for r in rounds]}")
     finally:
         pids = fed.stop()
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(_alive(pid) for pid in [*pids, *zygotes])
     assert not any(path.exists() for path in sockets)  # the trainers removed their sockets
