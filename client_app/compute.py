@@ -228,6 +228,11 @@ class SiloRound:
                 f"{records} records) is below this SuperNode's min-record-noise-multiplier="
                 f"{floor:g}")
         path = Path(str(node["record-ledger"])) if node.get("record-ledger") else None
+        if cfg.resume and path is None:
+            raise NodeConfigError(
+                "a resumed run with record-level DP needs this silo's record-ledger file "
+                "(node config record-ledger=<file>): Flower gives a resumed run a fresh "
+                "Context.state, and the silo would forget what it has spent")
         stored = context.state.config_records.get(LEDGER_KEY)
         ledger = SiloLedger.from_state(stored)
         if path is not None:

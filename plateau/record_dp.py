@@ -58,9 +58,12 @@ def calibrated_multiplier(target: float, delta: float, sample_rate: float, steps
     from opacus.accountants.utils import get_noise_multiplier
 
     extra = {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
-    return float(get_noise_multiplier(target_epsilon=target, target_delta=delta,
-                                      sample_rate=sample_rate, steps=steps,
-                                      accountant=accountant, epsilon_tolerance=0.01, **extra))
+    with warnings.catch_warnings():  # the search tries huge sigmas, best at the largest order
+        warnings.filterwarnings("ignore", "Optimal order is the largest alpha")
+        return float(get_noise_multiplier(target_epsilon=target, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps,
+                                          accountant=accountant, epsilon_tolerance=0.01,
+                                          **extra))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
@@ -62,13 +63,16 @@ def reply(to: Message, update: dict[str, torch.Tensor], **metrics: float | int) 
     )
 
 
-def simulate(tmp_path: Path, nodes: int, **overrides: object) -> tuple[dict, list[dict]]:
-    """Run the ServerApp and ClientApp in-process for 2 rounds (unless overridden); return
-    summary.json and rounds.jsonl."""
+def simulate(tmp_path: Path, nodes: int, client_app: Any = None, **overrides: object
+             ) -> tuple[dict, list[dict]]:
+    """Run the ServerApp and ClientApp (Plateau's, unless given) in-process for 2 rounds
+    (unless overridden); return summary.json and rounds.jsonl."""
     from flwr.simulation import run_simulation
 
-    from client_app.app import app as client_app
     from server_app.app import build_server_app
+
+    if client_app is None:
+        from client_app.app import app as client_app
 
     config = {"results-dir": str(tmp_path), "run-name": "sim", "num-server-rounds": 2,
               **{k.replace("_", "-"): v for k, v in overrides.items()}}

@@ -1,0 +1,273 @@
+"""Record-level DP inside a silo: per-record clipping against an independent loop, noise and
+sampling at the stated scale, the silo's accountant against dp-accounting, its budget enforced
+by declining, its ledger surviving new ClientApp processes and restarted runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import dp_accounting
+import pytest
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+
+from client_app import compute
+from client_app.app import DECLINE_KEY, NodeConfigError, identify
+from client_app.app import train as plateau_train
+from plateau.config import ConfigError
+from plateau.models import model_from_config
+from plateau.noise import ChaChaSource
+from plateau.record_dp import (
+    LEDGER_KEY,
+    RecordPlan,
+    RecordPrivatiser,
+    SiloLedger,
+    opacus_epsilon,
+    per_sample_module,
+    plan_for,
+)
+
+from .helpers import make_config, simulate
+
+
+def plan(sigma: float = 0.0, clip: float = 0.5, rate: float = 0.5, records: int = 16,
+         queries: int = 1) -> RecordPlan:
+    return RecordPlan(clip_norm=clip, noise_multiplier=sigma, queries_per_step=queries,
+                      sample_rate=rate, records=records, delta=1e-5, accountant="rdp")
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return model_from_config(make_config(model="cnn", dataset="digits", model_width=4))
+
+
+def clipped_sum_by_loop(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                        clip: float) -> list[torch.Tensor]:
+    """The reference: one backward pass per record, clipped to ``clip``, summed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(len(y)):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        factor = min(1.0, clip / (float(norm) + 1e-6))
+        total = [t + factor * g for t, g in zip(total, grads, strict=True)]
+    return total
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_per_record_clipping_matches_a_loop_over_records(mode: str) -> None:
+    reference_model, model = small_model(), small_model()
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4, 5])
+    expected = clipped_sum_by_loop(reference_model, x, y, clip=0.5)
+    wrapped = per_sample_module(model, mode, 0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    the_plan = plan(sigma=0.0, clip=0.5, rate=0.5, records=12)  # expected batch 6
+    grads, _ = RecordPrivatiser(wrapped, the_plan, mode, ChaChaSource(b"k" * 32)).gradients(
+        params, x, y)
+    for got, want in zip(grads, expected, strict=True):
+        assert torch.allclose(got * 6, want, atol=1e-5), (got * 6 - want).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_one_record_moves_the_noiseless_sum_by_at_most_the_clip_norm(mode: str) -> None:
+    """The sensitivity the accountant assumes: a record whose gradient is huge (a scaled input)
+    still moves the step's sum by <= C. Without the clip this fails by orders of magnitude."""
+    model = small_model()
+    wrapped = per_sample_module(model, mode, 0.25)
+    params = [p for p in model.parameters() if p.requires_grad]
+    private = RecordPrivatiser(wrapped, plan(clip=0.25, rate=0.5, records=2), mode,
+                               ChaChaSource(b"k" * 32))
+    x, y = torch.randn(5, 1, 8, 8), torch.tensor([1, 2, 3, 4, 5])
+    outlier_x, outlier_y = torch.cat([x, 1e4 * torch.randn(1, 1, 8, 8)]), torch.cat(
+        [y, torch.tensor([9])])
+    without, _ = private.gradients(params, x, y)
+    private.queries_this_step = 0
+    with_outlier, _ = private.gradients(params, outlier_x, outlier_y)
+    change = math.sqrt(sum(float(((a - b) * 1.0).pow(2).sum())
+                           for a, b in zip(with_outlier, without, strict=True)))
+    assert change <= 0.25 + 1e-5  # sums scaled by 1/(q n) = 1
+
+
+def test_noise_has_the_stated_scale_and_the_sample_the_stated_rate() -> None:
+    """Std of the noisy mean = sigma C / (q n); the Poisson sample's mean size = q n. A
+    mechanism with a quarter of the noise, or a fixed batch, fails here."""
+    model = small_model()
+    wrapped = per_sample_module(model, "hooks", 1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    the_plan = plan(sigma=2.0, clip=1.0, rate=0.1, records=400)
+    private = RecordPrivatiser(wrapped, the_plan, "hooks", ChaChaSource(b"n" * 32))
+    empty_x, empty_y = torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)
+    noise = torch.cat([g.reshape(-1) for g in private.gradients(params, empty_x, empty_y)[0]])
+    expected_std = 2.0 * 1.0 / (0.1 * 400)
+    assert noise.numel() > 2000
+    assert abs(float(noise.std()) / expected_std - 1) < 0.06
+    x, y = torch.zeros(400, 1, 8, 8), torch.zeros(400, dtype=torch.long)
+    sizes = [len(batch_y) for _, batch_y in private.batches(x, y, 300)]
+    assert abs(sum(sizes) / len(sizes) - 40) < 1.5
+    assert len(set(sizes)) > 5  # Poisson, not a fixed batch
+
+
+def test_a_step_may_not_query_more_than_it_was_accounted_for() -> None:
+    model = small_model()
+    private = RecordPrivatiser(per_sample_module(model, "hooks", 1.0), plan(queries=1), "hooks",
+                               ChaChaSource(b"q" * 32))
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, y = torch.randn(2, 1, 8, 8), torch.tensor([0, 1])
+    next(iter(private.batches(x, y, 1)))
+    private.gradients(params, x, y)
+    with pytest.raises(RuntimeError, match="accounted for 1"):
+        private.gradients(params, x, y)
+
+
+@pytest.mark.parametrize("sigma,rate,steps", [(0.8, 0.01, 1000), (1.5, 0.05, 200),
+                                              (0.5, 32 / 12000, 600)])
+def test_silo_epsilon_matches_dp_accounting(sigma: float, rate: float, steps: int) -> None:
+    """Opacus' accountants (what silos report) against Google's dp-accounting for the same
+    (q, sigma, steps): RDP vs RDP and PRV vs PLD within 1%."""
+    delta = 1e-6
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps)
+    from plateau.record_dp import RDP_ORDERS
+
+    rdp = dp_accounting.rdp.RdpAccountant(RDP_ORDERS).compose(event).get_epsilon(delta)
+    pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4).compose(
+        event).get_epsilon(delta)
+    assert opacus_epsilon([(sigma, rate, steps)], delta, "rdp") == pytest.approx(rdp, rel=0.01)
+    assert opacus_epsilon([(sigma, rate, steps)], delta, "prv") == pytest.approx(pld, rel=0.01)
+
+
+def test_calibration_meets_the_target_and_two_queries_cost_root_two() -> None:
+    cfg = make_config(record_dp="on", record_target_epsilon=4.0, num_server_rounds=10,
+                      local_steps=5, batch_size=20)
+    one, two = plan_for(cfg, 2000, 1), plan_for(cfg, 2000, 2)
+    spent = SiloLedger().after(one, 50).epsilon(one.delta, "rdp")
+    assert 3.9 < spent <= 4.0
+    assert one.delta == pytest.approx(min(1e-5, 0.01 / 2000))
+    assert two.noise_multiplier == pytest.approx(one.noise_multiplier * math.sqrt(2))
+    assert two.step_noise_multiplier == pytest.approx(one.step_noise_multiplier)
+    with pytest.raises(ValueError, match="not below this silo's 20 records"):
+        plan_for(cfg, 20, 1)
+
+
+def test_ledger_round_trips_and_refuses_a_corrupt_file(tmp_path: Path) -> None:
+    ledger = SiloLedger().after(plan(sigma=1.0), 5).after(plan(sigma=1.0), 5).after(
+        plan(sigma=2.0), 3)
+    assert ledger.history == [(1.0, 0.5, 10), (2.0, 0.5, 3)]
+    assert SiloLedger.from_state(ledger.to_state()) == ledger
+    path = tmp_path / "silo.json"
+    ledger.save(path)
+    assert SiloLedger.load(path) == ledger
+    assert SiloLedger().merged(ledger) == ledger == ledger.merged(SiloLedger())
+    path.write_text('{"noise": [1.0], "rate": [], "steps": [1]}')
+    with pytest.raises(ValueError, match="refuses to train"):
+        SiloLedger.load(path)
+
+
+@pytest.mark.parametrize("key,value", [("norm", "batch"), ("dp-clip-mode", "code")])
+def test_record_dp_refuses_what_cannot_be_private(key: str, value: str) -> None:
+    overrides = {"record_dp": "on", key.replace("-", "_"): value}
+    if key == "dp-clip-mode":
+        overrides["dp"] = "distributed"
+    with pytest.raises(ConfigError, match=f"record-dp='on' with {key}"):
+        make_config(**overrides)
+
+
+# ----- the silo's ClientApp: budget, ledger across processes and runs -------------------------
+
+def train_message(cfg_overrides: dict, server_round: int) -> RecordDict:
+    cfg = make_config(**cfg_overrides)
+    model = model_from_config(cfg)
+    record = ConfigRecord({**cfg.to_dict(), "server-round": server_round, "round-lr": 0.1,
+                           "local-rule": "sgd", "expected-cohort": 2.0})
+    return RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": record})
+
+
+def silo_context(state: RecordDict | None = None, **node: object) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2,
+                                                     **node},
+                   state=state if state is not None else RecordDict(), run_config={})
+
+
+RUN = {"record_dp": "on", "record_noise_multiplier": 1.0, "local_steps": 4, "batch_size": 16,
+       "num_server_rounds": 6}
+
+
+def test_a_silo_declines_once_its_own_budget_would_be_exceeded(tmp_path: Path) -> None:
+    context = silo_context(**{"max-record-epsilon": 1.3})
+    outcomes = []
+    for server_round in range(1, 7):
+        reply = compute.train(train_message(RUN, server_round), context)
+        outcomes.append("declined" if DECLINE_KEY in reply else
+                        float(reply["metrics"]["record-epsilon"]))
+    spent = [o for o in outcomes if o != "declined"]
+    assert spent and spent == sorted(spent) and max(spent) <= 1.3
+    assert outcomes[len(spent):] == ["declined"] * (6 - len(spent))  # and stays declined
+    assert len(spent) < 6
+
+
+def test_the_silo_ledger_survives_a_new_clientapp_process_and_a_restarted_run(
+        tmp_path: Path) -> None:
+    context = silo_context()
+    first = compute.train(train_message(RUN, 1), context)["metrics"]["record-epsilon"]
+    # a new ClientApp process: nothing cached in memory, only what the SuperNode keeps
+    compute._model.cache_clear()
+    compute._per_sample.cache_clear()
+    reborn = silo_context(state=RecordDict({LEDGER_KEY: context.state[LEDGER_KEY]}))
+    second = compute.train(train_message(RUN, 2), reborn)["metrics"]
+    assert second["record-epsilon"] > first and second["record-steps"] == 8
+    # a restarted run: fresh Context.state, the node's ledger file carries the spend over
+    ledger = tmp_path / "silo-0.json"
+    compute.train(train_message(RUN, 1), silo_context(**{"record-ledger": str(ledger)}))
+    again = compute.train(train_message({**RUN, "resume": True, "run_name": "r"}, 2),
+                          silo_context(**{"record-ledger": str(ledger)}))["metrics"]
+    assert again["record-steps"] == 8 and again["record-epsilon"] == pytest.approx(
+        second["record-epsilon"])
+    with pytest.raises(NodeConfigError, match="record-ledger"):
+        compute.train(train_message({**RUN, "resume": True, "run_name": "r"}, 2),
+                      silo_context())
+
+
+def test_node_floors_refuse_weaker_record_privacy() -> None:
+    with pytest.raises(NodeConfigError, match="min-record-noise-multiplier"):
+        compute.train(train_message({**RUN, "record_target_epsilon": 50.0}, 1),
+                      silo_context(**{"min-record-noise-multiplier": 0.9}))
+    message = Message(train_message({"local_steps": 2}, 1), message_type=MessageType.TRAIN,
+                      dst_node_id=7)
+    with pytest.raises(NodeConfigError, match="requires record-level DP"):
+        plateau_train(message, silo_context(**{"require-record-dp": True}))
+
+
+# ----- in simulation: per-silo epsilon reported; exhausted silos decline; the run ends --------
+
+budgeted = ClientApp()
+BUDGETS = {0: 1.65, 1: 1e-3, 2: 1e-3}  # silo 0 can afford a round or three; 1 and 2 none
+
+
+@budgeted.query()
+def budgeted_identify(msg: Message, context: Context) -> Message:
+    return identify(msg, context)
+
+
+@budgeted.train()
+def budgeted_train(msg: Message, context: Context) -> Message:
+    """Plateau's ClientApp on a SuperNode whose operator set max-record-epsilon."""
+    context.node_config["max-record-epsilon"] = BUDGETS[int(context.node_config["partition-id"])]
+    return plateau_train(msg, context)
+
+
+@pytest.mark.simulation
+def test_silos_report_their_epsilon_and_the_run_ends_when_none_can_train(tmp_path: Path) -> None:
+    summary, rounds = simulate(
+        tmp_path, 3, client_app=budgeted, record_dp="on", record_noise_multiplier=1.0,
+        num_server_rounds=8, local_steps=3, sample_rate=1.0, batch_size=16)
+    assert rounds[0]["declined"] == {"record-budget": 2} and rounds[0]["num_clients"] == 1
+    assert set(rounds[0]["record_epsilon"]) == {"0"}
+    assert 0 < rounds[0]["record_epsilon_max"] <= 1.65
+    assert summary["status"] == "stopped" and "no silo can train" in summary["stop_reason"]
+    assert len(rounds) < 8
+    record = summary["record_privacy"]
+    assert record["silos_out_of_budget"] == [0, 1, 2]
+    assert record["epsilon_max"] == rounds[-1]["record_epsilon_max"] <= 1.65
