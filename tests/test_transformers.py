@@ -318,3 +318,33 @@ def test_tiny_bert_lora_trains_under_central_dp(tmp_path: Path, algorithm: str) 
     # (0.58 fresh), which takes the loss below the uniform ln 2 = 0.693.
     assert rounds[-1]["test_loss"] < 0.69
     assert summary["config"]["trainable"] == "lora"
+
+
+@needs_text
+@pytest.mark.parametrize("trainable,algorithm,mode", [("lora", "fedavg", "hooks"),
+                                                      ("head", "fedsam", "ghost")])
+def test_record_level_dp_trains_adapters_and_heads_with_client_level_dp_on_top(
+        trainable: str, algorithm: str, mode: str) -> None:
+    """Hybrid: per-record DP-SGD inside the silo (Opacus covers LoRA's and the head's Linear
+    layers), then the client-level clip and noise; each reply carries the silo's own epsilon."""
+    from plateau.record_dp import unsupported_layers
+
+    config = make_config(algorithm=algorithm, dataset="rotten-tomatoes", model="tiny-bert",
+                         trainable=trainable, sample_rate=1.0, local_steps=2, lr=0.5,
+                         batch_size=8, min_available_clients=1, dp="central", clip_norm=1.0,
+                         noise_multiplier=0.1, record_dp="on", record_noise_multiplier=1.0,
+                         record_per_sample=mode)
+    assert unsupported_layers(model_from_config(config)) == []
+    strategy = build_strategy(config)
+    arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
+    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([7, 8])))
+    replies = [client_app(m, Context(run_id=1, node_id=m.metadata.dst_node_id,
+                                     node_config={"partition-id": i, "num-partitions": 2},
+                                     state=RecordDict(), run_config={}))
+               for i, m in enumerate(messages)]
+    assert all(r.content["metrics"]["record-epsilon"] > 0 for r in replies)
+    assert all("train-loss" not in r.content["metrics"] for r in replies)
+    new_arrays, _ = strategy.aggregate_train(1, replies)
+    assert new_arrays is not None
+    assert all(torch.isfinite(v).all() for v in new_arrays.to_torch_state_dict().values())
+    assert set(strategy.record_epsilon) == {0, 1}
