@@ -1,4 +1,4 @@
-"""``python -m client_app.superexec <flower-superexec arguments>``.
+"""``python -m client_app.superexec [--pull-interval S] <flower-superexec arguments>``.
 
 Flower's SuperExec, except that each task's ``flwr-clientapp`` process is a fork of a warm
 *zygote* instead of a fresh interpreter. Flower 1.42's ``SubprocessExecutor`` starts
@@ -10,7 +10,10 @@ the fork runs the ``flwr-clientapp`` console script's own code with the argv Flo
 SuperExec's environment and working directory at launch time, its stdin/stdout/stderr (or
 /dev/null where Flower would suppress output) and no other file descriptor. Each task is still
 a fresh process that loads the ClientApp (and its node policy) itself and exits when done;
-only the import is shared.
+only the import is shared. A ClientApp that starts in milliseconds asks its SuperNode for the
+message before the SuperNode has pulled all of it from the SuperLink; Flower's ClientApp then
+asks again after 1 s, 2 s, 4 s... The zygote paces that retry (``--pull-interval``, default
+0.1 s, then every 0.4 s at most), in the ClientApp processes it forks and nowhere else.
 
 Where this launcher is not sure to run what Flower would, it lets Flower launch:
 - any task type but the ClientApp;
@@ -29,7 +32,9 @@ which sends SIGTERM to its live ClientApp processes, SIGKILL after a grace perio
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
+import inspect
 import json
 import os
 import select
@@ -50,6 +55,7 @@ COMMAND = "flwr-clientapp"
 GRACE_S = 3.0
 READY_TIMEOUT_S = 10.0
 LAUNCH_TIMEOUT_S = 10.0
+DEFAULT_PULL_INTERVAL = 0.1
 
 
 class ZygoteUnavailable(RuntimeError):
@@ -66,18 +72,21 @@ class ForkServer:
     reports (``Popen.returncode`` style: negative for a signal) into ``exits``."""
 
     def __init__(self, preload: str = PRELOAD, entry: str = ENTRY,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, pull_interval: float | None = None
+                 ) -> None:
         self.env = dict(os.environ if env is None else env)
         self.exits: dict[int, int] = {}
         self.children: set[int] = set()
         self._buffer = b""
         self._ready = False
+        self.unpaced: str | None = None
         self._next_id = 0
         self.sock, theirs = socket.socketpair()
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "client_app.superexec", "--zygote",
-                 f"--fd={theirs.fileno()}", f"--preload={preload}", f"--entry={entry}"],
+                 f"--fd={theirs.fileno()}", f"--preload={preload}", f"--entry={entry}",
+                 *([] if pull_interval is None else [f"--pull-interval={pull_interval}"])],
                 pass_fds=[theirs.fileno()], env=self.env)
         finally:
             theirs.close()
@@ -94,6 +103,8 @@ class ForkServer:
         whatever else is already there."""
         out: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
+        if self.sock.fileno() < 0:
+            raise ZygoteUnavailable("the zygote is stopped")
         while True:
             wait = 0.0 if out else max(0.0, deadline - time.monotonic())
             ready, _, _ = select.select([self.sock], [], [], wait)
@@ -111,6 +122,7 @@ class ForkServer:
                     self.exits[message["exit"]] = message["code"]
                 elif "ready" in message:
                     self._ready = True
+                    self.unpaced = message.get("unpaced")
                 out.append(message)
 
     def poll(self) -> dict[int, int]:
@@ -193,7 +205,8 @@ def _reset_child(request: dict[str, Any]) -> None:
         numpy.random.seed()
 
 
-def _serve(sock: socket.socket, stop: list[bool]) -> dict[str, Any] | None:
+def _serve(sock: socket.socket, stop: list[bool], unpaced: str | None = None
+           ) -> dict[str, Any] | None:
     """Fork on every request; return the request in a fork, None in the zygote at the end."""
     children: set[int] = set()
     buffer = b""
@@ -214,7 +227,7 @@ def _serve(sock: socket.socket, stop: list[bool]) -> dict[str, Any] | None:
             children.discard(pid)
             send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
-    send({"ready": os.getpid()})
+    send({"ready": os.getpid(), "unpaced": unpaced})
     while not stop[0]:
         reap()
         try:
@@ -253,7 +266,28 @@ def _serve(sock: socket.socket, stop: list[bool]) -> dict[str, Any] | None:
     return None
 
 
-def zygote_main(fd: int, preload: str, entry: str) -> None:
+def pace_clientapp_pulls(interval: float) -> str | None:
+    """In the zygote: the ClientApp asks its SuperNode again for a message's objects that are
+    not there yet (the SuperNode is still pulling them from the SuperLink) after ``interval``
+    s, at most every ``4 * interval`` s, instead of after 1 s, then 2, 4... s. A ClientApp
+    that starts in a few ms, not 2 s, asks before they are there. None if done, else why not."""
+    from client_app.supernode import paced_pulls
+
+    try:
+        from flwr.supernode.runtime import run_clientapp
+    except ImportError as err:
+        return f"no flwr.supernode.runtime.run_clientapp ({err})"
+    pull = getattr(run_clientapp, "pull_and_inflate_object_from_tree", None)
+    paced = paced_pulls(pull, interval) if callable(pull) else None
+    task_input = getattr(run_clientapp, "pull_task_input", None)
+    if paced is None or task_input is None or "pull_and_inflate_object_from_tree(" not in (
+            inspect.getsource(task_input)):
+        return "this Flower's ClientApp pulls messages another way"
+    run_clientapp.pull_and_inflate_object_from_tree = paced
+    return None
+
+
+def zygote_main(fd: int, preload: str, entry: str, pull_interval: float | None = None) -> None:
     stop = [False]
 
     def request_stop(_signum: int, _frame: object) -> None:
@@ -265,7 +299,10 @@ def zygote_main(fd: int, preload: str, entry: str) -> None:
     module, _, name = entry.partition(":")
     importlib.import_module(preload)
     main: Callable[[], object] = getattr(importlib.import_module(module), name)
-    request = _serve(sock, stop)
+    unpaced = None if pull_interval is None else pace_clientapp_pulls(pull_interval)
+    gc.collect()
+    gc.freeze()  # the forks' collections (and their exits) leave the zygote's objects alone
+    request = _serve(sock, stop, unpaced)
     if request is None:
         sock.close()
         return
@@ -368,7 +405,7 @@ def clientapp_script(path: str | None) -> str | None:
     return found if same and calls else None
 
 
-def make_executor_class() -> type:
+def make_executor_class(pull_interval: float | None = DEFAULT_PULL_INTERVAL) -> type:
     from flwr.supercore import log
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
@@ -388,9 +425,10 @@ def make_executor_class() -> type:
                 log(WARNING, "%s on PATH is not this Python's Flower console script: "
                     "ClientApp processes start cold", COMMAND)
                 return
-            self.server = ForkServer()
+            self.server = ForkServer(pull_interval=pull_interval)
             log(INFO, "ClientApp processes are forks of a warm zygote (pid %d) that "
                 "imported %s", self.server.pid, PRELOAD)
+            self._told = False
 
         def _cold(self, spec: Any, why: str) -> Any:
             log(WARNING, "task %d: %s; flwr-clientapp starts cold", spec.task_id, why)
@@ -408,6 +446,14 @@ def make_executor_class() -> type:
                 return self._cold(spec, "the SuperExec's environment changed")
             if not self.server.wait_ready():
                 return self._cold(spec, "the zygote is not ready")
+            if not self._told:
+                self._told = True
+                if self.server.unpaced:
+                    log(WARNING, "%s: ClientApp processes pull their message Flower's way",
+                        self.server.unpaced)
+                elif pull_interval is not None:
+                    log(INFO, "ClientApp processes ask for their message's objects every "
+                        "%g s", pull_interval)
             try:
                 pid = self.server.launch(flower_args(spec), env=env, cwd=os.getcwd(),
                                          devnull=spec.suppress_output)
@@ -437,7 +483,14 @@ def make_executor_class() -> type:
     return ForkServerExecutor
 
 
-def install() -> bool:
+def split_pull_interval(argv: list[str]) -> tuple[float, list[str]]:
+    """``--pull-interval`` (``--pull-interval=S`` or ``--pull-interval S``) and the rest."""
+    from client_app.supernode import split_poll_interval
+
+    return split_poll_interval(argv, "--pull-interval", DEFAULT_PULL_INTERVAL)
+
+
+def install(pull_interval: float = DEFAULT_PULL_INTERVAL) -> bool:
     """Make Flower's SuperExec use the zygote for the subprocess executor; False (and a
     warning) if this Flower's SuperExec is not the one this was written for."""
     from flwr.supercore import log
@@ -450,7 +503,7 @@ def install() -> bool:
     from flwr.supercore.superexec import run_superexec
 
     flower_get_executor = run_superexec.get_executor
-    executor_class = make_executor_class()
+    executor_class = make_executor_class(pull_interval)
 
     def get_executor(executor_type: Any, executor_config: Any = None, **kwargs: Any) -> Any:
         if executor_type == ExecutorType.SUBPROCESS:
@@ -465,9 +518,12 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--zygote"]:
         options = dict(arg[2:].split("=", 1) for arg in args[1:])
-        zygote_main(int(options["fd"]), options["preload"], options["entry"])
+        pull = options.get("pull-interval")
+        zygote_main(int(options["fd"]), options["preload"], options["entry"],
+                     None if pull is None else float(pull))
         return
-    install()
+    interval, args = split_pull_interval(args)
+    install(interval)
     from flwr.supercore.cli import flower_superexec
 
     sys.argv = ["flower-superexec", *args]

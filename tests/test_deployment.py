@@ -191,7 +191,10 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         zygotes = [int(re.search(r"warm zygote \(pid (\d+)\)", fed.log(f"superexec-clientapp-{i}"))
                        [1]) for i in (1, 2)]
         assert all(_alive(pid) for pid in zygotes)
-        assert not any("starts cold" in fed.log(f"superexec-clientapp-{i}") for i in (1, 2))
+        for i in (1, 2):
+            log = fed.log(f"superexec-clientapp-{i}")
+            assert "starts cold" not in log and "Flower's way" not in log, log[-3000:]
+            assert "ask for their message's objects every 0.1 s" in log
         print(f"deployment: setup {setup_s:.1f} s, two rounds {run_s:.1f} s, "
               f"round wall times {[r['wall_s'] for r in rounds]}")
     finally:
