@@ -6,10 +6,13 @@ SuperNode rejected, every process stopped by its PID.
 Each SuperNode has a warm trainer (``python -m client_app.trainer``) beside it: the ClientApp
 process Flower starts for every message imports no torch, enforces the node policy and hands
 the work over the node's ``trainer-socket``; the trainers must have done every round's work.
+The ClientApp SuperExecs are ``python -m client_app.superexec``: each ClientApp process is a
+fork of a zygote that imported Flower's ClientApp command; no task may start cold, and the
+zygotes must be gone, like every other process, once the federation is stopped.
 
 The commands are those of README "Deployment" (docker/generate-certs.sh, flower-superlink,
 flwr supernode register, flower-supernode, flower-superexec, flwr run, flwr ls) and
-deploy/README "Warm trainer"."""
+deploy/README 2b."""
 
 from __future__ import annotations
 
