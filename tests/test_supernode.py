@@ -94,3 +94,17 @@ def test_main_passes_the_rest_to_flower(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(supernode.sys, "argv", ["x"])
     supernode.main(["--insecure", "--poll-interval=0.3", "--superlink=h:1"])
     assert seen == {"pace": 0.3, "argv": ["flower-supernode", "--insecure", "--superlink=h:1"]}
+
+
+def test_the_server_paces_its_pulls_of_reply_pieces_once() -> None:
+    from flwr.superlink.grid import http_grid
+
+    from server_app.loop import pace_reply_pulls
+
+    original = http_grid.pull_objects
+    try:
+        assert pace_reply_pulls(0.1) and pace_reply_pulls(0.1)
+        assert http_grid.pull_objects.paced_interval == 0.1
+        assert http_grid.pull_objects.__wrapped__ is original  # wrapped once, not twice
+    finally:
+        http_grid.pull_objects = original
