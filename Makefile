@@ -10,7 +10,7 @@ GPUS_PER_CLIENT ?= 0
 CONFIG ?=
 TIMEOUT ?= 3600
 
-.PHONY: install data run test test-containers audit audit-study bench algorithms clean
+.PHONY: install data run test test-containers audit audit-study record-study bench algorithms clean
 
 # the stamp names the torch build, so asking for another one reinstalls torch
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -52,6 +52,10 @@ audit: install
 # the in-run audit (canary clients) across noise levels: epsilon, lower bound, estimate, accuracy
 audit-study: install
 	$(BIN)/python benchmarks/audit_study.py
+
+# record-level DP across silos: FedAvg, DP-FedPGN, FedNSAM without DP and at epsilon 8, 2, 1
+record-study: install data
+	$(BIN)/python benchmarks/record_study.py
 
 algorithms: install
 	$(BIN)/python -m server_app.algorithms
