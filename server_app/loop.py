@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from client_app.training import LOCAL_RULES
 from plateau.accounting import PrivacyAccountant
 from plateau.canaries import audit_flags
 from plateau.config import ConfigError, ConfigValue, RunConfig
@@ -324,6 +325,11 @@ class RunLoop:
             "epsilon_min": None if self.void_reason else min(spent.values(), default=None),
             "epsilon_max": None if self.void_reason else max(spent.values(), default=None),
             "silos_out_of_budget": sorted(self.strategy.record_exhausted),
+            # enough to recompute each silo's epsilon: q = batch-size / records, the step's
+            # noise multiplier = noise_multiplier / sqrt(queries per step of the local rule)
+            "silos": None if self.void_reason else {
+                str(p): report for p, report in sorted(self.strategy.record_silos.items())},
+            "queries_per_step": LOCAL_RULES[self.strategy.local_rule].backprops_per_step,
             "void": self.void_reason,
         }
 

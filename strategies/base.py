@@ -74,6 +74,8 @@ class ClientUpload:
     state_rounds: float | None
     test_seeded: bool = False
     record_epsilon: float | None = None  # the silo's own record-level epsilon (record-dp)
+    # what the silo says it did: delta, noise multiplier per query, steps so far (record-dp)
+    record_report: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -195,6 +197,7 @@ class PlateauStrategy(FedAvg):
         # record-dp: each silo's (partition's) last reported epsilon, and the silos that
         # declined for lack of record-level budget
         self.record_epsilon: dict[int, float] = {}
+        self.record_silos: dict[int, dict[str, float]] = {}  # each silo's last full report
         self.record_exhausted: set[int] = set()
 
     # ----- what an algorithm specialises ------------------------------------------------------
@@ -414,6 +417,9 @@ class PlateauStrategy(FedAvg):
             test_seeded=bool(metrics.get("test-seeded", 0)),
             record_epsilon=float(record_epsilon) if isinstance(record_epsilon, int | float)
             and record_epsilon >= 0 else None,
+            record_report={k: float(v) for k in ("record-delta", "record-noise-multiplier",
+                                                 "record-steps")
+                           if isinstance(v := metrics.get(k), int | float)},
         )
 
     def _tensors(self, record: ArrayRecord, template: Tensors) -> Tensors:
@@ -472,6 +478,10 @@ class PlateauStrategy(FedAvg):
                 uploads.append(verdict)
                 if verdict.record_epsilon is not None:
                     self.record_epsilon[partition] = verdict.record_epsilon
+                    self.record_silos[partition] = {
+                        "epsilon": verdict.record_epsilon, "records": verdict.num_examples,
+                        **{k.removeprefix("record-").replace("-", "_"): v
+                           for k, v in verdict.record_report.items()}}
             elif verdict.startswith("declined:"):
                 stats.declined[verdict.removeprefix("declined:")] += 1
                 if verdict == "declined:record-budget":
@@ -520,6 +530,7 @@ class PlateauStrategy(FedAvg):
             "population": self.population,
             "canaries": self.canaries.state_dict() if self.canaries is not None else None,
             "record_epsilon": dict(self.record_epsilon),
+            "record_silos": dict(self.record_silos),
             "record_exhausted": sorted(self.record_exhausted),
         }
 
@@ -533,6 +544,7 @@ class PlateauStrategy(FedAvg):
         self.record_epsilon = {int(k): float(v)
                                for k, v in state.get("record_epsilon", {}).items()}
         self.record_exhausted = {int(k) for k in state.get("record_exhausted", [])}
+        self.record_silos = {int(k): dict(v) for k, v in state.get("record_silos", {}).items()}
 
     def max_participations(self) -> int:
         """The most uploads any one client (partition) has handed the server in this run."""

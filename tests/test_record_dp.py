@@ -271,3 +271,12 @@ def test_silos_report_their_epsilon_and_the_run_ends_when_none_can_train(tmp_pat
     record = summary["record_privacy"]
     assert record["silos_out_of_budget"] == [0, 1, 2]
     assert record["epsilon_max"] == rounds[-1]["record_epsilon_max"] <= 1.65
+    # the silo's epsilon, recomputed from what it reported by Google's dp-accounting
+    (silo,) = record["silos"].values()
+    step_sigma = silo["noise_multiplier"] / math.sqrt(record["queries_per_step"])
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        16 / silo["records"], dp_accounting.GaussianDpEvent(step_sigma)), int(silo["steps"]))
+    from plateau.record_dp import RDP_ORDERS
+
+    again = dp_accounting.rdp.RdpAccountant(RDP_ORDERS).compose(event).get_epsilon(silo["delta"])
+    assert silo["epsilon"] == pytest.approx(again, rel=0.01)
