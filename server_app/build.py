@@ -8,7 +8,7 @@ from logging import INFO, WARNING
 from flwr.supercore import log
 
 from plateau.config import ConfigError, ConfigValue, RunConfig
-from plateau.data import DATASETS, DataError, PartitionSpec, ensure_partitions
+from plateau.data import DATASETS, DataError, PartitionSpec, ensure_partitions, partition_sizes
 from plateau.device import resolve_device
 from plateau.models import float_buffer_names, frozen_digest, model_from_config, travelling_state
 from plateau.privacy import mechanism_from_config
@@ -36,13 +36,20 @@ def prepare_partitions(config: RunConfig, num_partitions: int) -> None:
     """Split the training data among ``num_partitions`` clients once, before any of them asks
     for it (stored on disk; every later process reads it): a split that cannot be made, or a
     dataset that cannot be loaded, is a one-line config error here, not a failure per client."""
+    spec = PartitionSpec(config.dataset, config.test_fraction, config.seed, num_partitions,
+                         config.partitioner, config.dirichlet_alpha, config.classes_per_client)
     try:
-        ensure_partitions(PartitionSpec(
-            config.dataset, config.test_fraction, config.seed, num_partitions,
-            config.partitioner, config.dirichlet_alpha, config.classes_per_client))
+        ensure_partitions(spec)
     except DataError as err:
         raise ConfigError(f"dataset={config.dataset!r}, partitioner={config.partitioner!r}, "
                           f"{num_partitions} clients: {err}") from None
+    if config.record_dp == "on":
+        sizes = [int(n) for n in partition_sizes(spec) if n > 0]  # an empty silo declines
+        if sizes and config.batch_size >= min(sizes):
+            raise ConfigError(
+                f"record-dp='on' with batch-size={config.batch_size}: the smallest of the "
+                f"{num_partitions} silos has {min(sizes)} records, and record-level sampling "
+                f"needs q = batch-size / n_i < 1; allowed: batch-size < {min(sizes)}")
 
 
 def build_strategy(config: RunConfig) -> PlateauStrategy:

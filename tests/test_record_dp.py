@@ -280,3 +280,11 @@ def test_silos_report_their_epsilon_and_the_run_ends_when_none_can_train(tmp_pat
 
     again = dp_accounting.rdp.RdpAccountant(RDP_ORDERS).compose(event).get_epsilon(silo["delta"])
     assert silo["epsilon"] == pytest.approx(again, rel=0.01)
+
+
+def test_a_batch_not_below_the_smallest_silo_is_refused_before_flower_starts() -> None:
+    from server_app.build import prepare_partitions
+
+    with pytest.raises(ConfigError, match=r"record-dp='on' with batch-size=400: the smallest"):
+        prepare_partitions(make_config(record_dp="on", batch_size=400), 5)
+    prepare_partitions(make_config(record_dp="on", batch_size=16), 5)
