@@ -439,10 +439,10 @@ def test_compose_stack_tls_auth_two_dp_rounds_epsilon_and_prometheus(
                                        "config", program=str(BIN / "podman-compose"), cwd=images,
                                        env=env).stdout)["services"]
     for i in (1, 2):
-        executor = merged[f"superexec-clientapp-{i}"]
-        assert executor["image"] == "plateau-app:0.1.0-cuda", executor
-        assert executor["build"]["args"] in (["TORCH_VARIANT=cu126"], {"TORCH_VARIANT": "cu126"})
-        assert executor["network_mode"] == f"service:supernode-{i}"
+        trainer = merged[f"trainer-{i}"]
+        assert trainer["image"] == "plateau-app:0.1.0-cuda", trainer
+        assert trainer["build"]["args"] in (["TORCH_VARIANT=cu126"], {"TORCH_VARIANT": "cu126"})
+        assert merged[f"superexec-clientapp-{i}"]["network_mode"] == f"service:supernode-{i}"
     assert merged["superlink"]["image"] == "plateau-app:0.1.0"
 
     def compose(*args: str) -> str:
@@ -460,7 +460,7 @@ def test_compose_stack_tls_auth_two_dp_rounds_epsilon_and_prometheus(
         cli.register(docker / "certs" / "keys" / "supernode-2.pub", "node2")
         compose("up", "-d")
         running = podman.lines("ps", "--format", "{{.Names}}")
-        assert len(running) == 7 and not any("grafana" in n for n in running), running
+        assert len(running) == 9 and not any("grafana" in n for n in running), running
         wait_until(lambda: cli.online() >= 2, 120, "two SuperNodes online")
         config = ("algorithm='fedpgn' dp='central' num-server-rounds=2 sample-rate=1.0 "
                   "sharpness-every=1 max-epsilon=20 metrics-addr='0.0.0.0' metrics-port=9464 "
@@ -498,6 +498,19 @@ def test_compose_stack_tls_auth_two_dp_rounds_epsilon_and_prometheus(
         assert 0 < rounds[0]["epsilon"] < rounds[1]["epsilon"] == summary["epsilon"]
         assert summary["status"] == "completed" and summary["privacy"]["dp"] == "central"
         assert all(r["num_clients"] == 2 and r["sharpness"] is not None for r in rounds)
+        # each node's rounds were its warm trainer's work, its ClientApp processes forks of the
+        # SuperExec's zygote, its SuperNode paced
+        def logs(service: str) -> str:
+            result = podman.run("-f", "docker/compose.yml", "logs", service,
+                                program=str(BIN / "podman-compose"), cwd=images, env=env)
+            return result.stdout + result.stderr
+
+        for i in (1, 2):
+            assert logs(f"trainer-{i}").count("train for run") == 2, logs(f"trainer-{i}")
+            executor = logs(f"superexec-clientapp-{i}")
+            assert "forks of a warm zygote" in executor and "starts cold" not in executor, \
+                executor[-3000:]
+            assert "looks for work every 0.2 s" in logs(f"supernode-{i}")
         MEASURED["Compose: round wall times (rounds.jsonl)"] = [r["wall_s"] for r in rounds]
 
         # every dashboard query, as Grafana would send it for this run, over the run's span
@@ -589,6 +602,7 @@ def test_kubernetes_manifests_play_with_podman_tls_and_a_run(
                             "StatefulSet superlink -> 1 Pod(s)",
                             "StatefulSet supernode -> 2 Pod(s)",
                             "Secret plateau-supernode-keys -> hostPath",
+                            "emptyDir sockets -> hostPath",
                             "PersistentVolumeClaim state-superlink-0"):
             assert substituted in out, out
         pods = podman.lines("pod", "ps", "--format", "{{.Name}}")
@@ -607,6 +621,9 @@ def test_kubernetes_manifests_play_with_podman_tls_and_a_run(
             f"{time.monotonic() - started:.0f} s"
         link = podman.run("logs", "superlink-0-superlink")
         assert "Uvicorn running on https://0.0.0.0:8000" in link.stdout + link.stderr
+        for i in (0, 1):  # each pod's round was its warm trainer's work
+            trainer = podman.run("logs", f"supernode-{i}-trainer")
+            assert "train for run" in trainer.stdout + trainer.stderr, trainer.stderr[-2000:]
     finally:
         play("down", "--workdir", str(workdir), "--volumes")
     assert not any(podman.leftovers().values()), podman.leftovers()

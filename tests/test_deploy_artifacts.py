@@ -97,13 +97,15 @@ def test_superlink_keeps_its_state_on_a_volume_and_has_probes(rendered: dict) ->
 
 def test_gpu_overlay_requests_gpus_and_the_cuda_image(rendered: dict) -> None:
     nodes = by_kind(rendered["gpu"], "StatefulSet", "supernode")["spec"]["template"]["spec"]
-    executor = nodes["containers"][1]
-    assert executor["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert executor["image"].endswith(":0.1.0-cuda")
+    trainer = nodes["containers"][2]  # the warm trainer does the training
+    assert trainer["name"] == "trainer"
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert trainer["image"].endswith(":0.1.0-cuda")
+    assert trainer["env"][0] == {"name": "CUDA_VISIBLE_DEVICES", "value": "0"}
     assert nodes["tolerations"][0]["key"] == "nvidia.com/gpu"
     cpu = by_kind(rendered["cpu"], "StatefulSet", "supernode")["spec"]["template"]["spec"]
-    assert "nvidia.com/gpu" not in cpu["containers"][1]["resources"].get("limits", {})
-    assert cpu["containers"][1]["image"].endswith(":0.1.0")
+    assert "nvidia.com/gpu" not in cpu["containers"][2]["resources"].get("limits", {})
+    assert cpu["containers"][2]["image"].endswith(":0.1.0")
 
 
 def test_metrics_service_is_annotated_for_prometheus(rendered: dict) -> None:

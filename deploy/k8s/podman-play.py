@@ -20,6 +20,8 @@ Everything else in the manifests is substituted, and each substitution is printe
   Secret       podman 4.3 mounts secret volumes with the values still base64-encoded and the
                modes ignored: the decoded files go to DIR/secrets/POD/VOLUME with the volume's
                defaultMode and the pod's fsGroup as group, mounted as hostPath volumes.
+  emptyDir     a fresh folder DIR/emptydirs/POD/VOLUME (group fsGroup, mode 2770) mounted as a
+               hostPath volume, removed by `down`: the same for every podman version.
   probes       removed: podman 4.3 turns an httpGet liveness probe into a curl healthcheck that
                needs systemd timers; readiness and startup probes it ignores. Wait on the real
                endpoints instead (the SuperLink's /health, `flwr supernode list`).
@@ -91,6 +93,16 @@ class Converter:
         spec = copy.deepcopy(spec)
         group = (spec.get("securityContext") or {}).get("fsGroup", 0)
         for volume in spec.get("volumes", []):
+            if "emptyDir" in volume:
+                volume.pop("emptyDir")
+                folder = self.workdir / "emptydirs" / pod_name / volume["name"]
+                folder.mkdir(parents=True, exist_ok=True)
+                os.chown(folder, 0, group)
+                folder.chmod(0o2770)
+                volume["hostPath"] = {"path": str(folder), "type": "Directory"}
+                self.note(f"emptyDir {volume['name']} -> hostPath {folder} (mode 2770, group "
+                          f"{group}) in pod {pod_name}")
+                continue
             if "secret" not in volume:
                 continue
             source = volume.pop("secret")
@@ -272,6 +284,7 @@ def down(args: argparse.Namespace) -> None:
     if plan["created_network"]:
         podman("network", "rm", "--force", plan["network"], check=False)
     shutil.rmtree(workdir / "secrets", ignore_errors=True)
+    shutil.rmtree(workdir / "emptydirs", ignore_errors=True)
     for path in plan["files"]:
         Path(path).unlink(missing_ok=True)
     plan_path.unlink()
