@@ -270,9 +270,9 @@ class CanaryClients:
         return np.array([float(self.direction(j) @ self.total) / norm
                          for j in range(self.count)])
 
-    def report(self, delta: float) -> AuditReport:
-        """The audit as of now."""
-        return audit_scores(self.scores(), self.inserted, delta)
+    def report(self, delta: float, confidence: float = CONFIDENCE) -> AuditReport:
+        """The audit as of now (its lower bound holds with probability ``confidence``)."""
+        return audit_scores(self.scores(), self.inserted, delta, confidence)
 
     def state_dict(self) -> dict[str, Any]:
         """For checkpoints: the canaries' key (theirs, not any client's data) and the sum."""

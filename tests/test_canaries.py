@@ -99,10 +99,12 @@ def test_canaries_are_population_slots_sampled_like_clients() -> None:
 
 @pytest.mark.parametrize("placement", ["central", "distributed", "local"])
 def test_the_real_mechanism_stays_below_its_epsilon(placement: str) -> None:
-    """In every placement the canaries add their own noise share through `release`."""
+    """In every placement the canaries add their own noise share through `release`. A 95%
+    bound exceeds a true epsilon in up to 5% of runs (measured: 3 of 60 in local placement,
+    whose epsilon is 0.046 here): the test asks for 1 - 1e-6 confidence."""
     strategy, epsilon = audited_run(GaussianClientDP(1.0, 4.0, placement=placement),
                                     dp=placement)
-    report = strategy.canaries.report(1e-5)
+    report = strategy.canaries.report(1e-5, confidence=1 - 1e-6)
     assert report.epsilon_lower_bound <= epsilon
     assert "lower-bound-above-epsilon" not in audit_flags(report, epsilon)
 
