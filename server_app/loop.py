@@ -453,5 +453,6 @@ def pace_reply_pulls(interval: float) -> bool:
 
 def run(grid: Grid, raw_config: Mapping[str, ConfigValue]) -> dict[str, Any]:
     """Train for ``num-server-rounds`` rounds; returns the summary written to summary.json."""
+    # before the loop's first exchange (the partition query in RunLoop's set-up)
     pace_reply_pulls(RunConfig.from_mapping(raw_config).reply_poll_interval)
     return RunLoop(grid, raw_config).run()
