@@ -10,7 +10,7 @@ GPUS_PER_CLIENT ?= 0
 CONFIG ?=
 TIMEOUT ?= 3600
 
-.PHONY: install data run test test-containers audit audit-study record-study bench algorithms clean
+.PHONY: install data run test test-containers audit audit-study record-study study bench algorithms clean
 
 # the stamp names the torch build, so asking for another one reinstalls torch
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -56,6 +56,16 @@ audit-study: install
 # record-level DP across silos: FedAvg, DP-FedPGN, FedNSAM without DP and at epsilon 8, 2, 1
 record-study: install data
 	$(BIN)/python benchmarks/record_study.py
+
+# a study (studies/$(STUDY).toml): tuning, then every cell, resumable; writes the report with
+# figures to results/studies/$(STUDY)/report.md (REPORT_DIR to put it elsewhere)
+STUDY ?= dp-small
+SCALE ?= default
+JOBS ?= $(shell nproc)
+REPORT_DIR ?=
+study: install
+	$(BIN)/python -m plateau.study studies/$(STUDY).toml --scale $(SCALE) --jobs $(JOBS) \
+		$(if $(REPORT_DIR),--report-dir $(REPORT_DIR))
 
 algorithms: install
 	$(BIN)/python -m server_app.algorithms

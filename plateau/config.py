@@ -121,6 +121,10 @@ class RunConfig:
         0.2, "Held-out test fraction for datasets without an official test split (digits).",
         min=0.05, max=0.5,
     )
+    validation_fraction: float = key(
+        0.0, "If > 0, hold out this fraction of the training split and evaluate on it instead of "
+        "the test split (hyper-parameter tuning never sees the test split); clients train on "
+        "the rest.", min=0, max=0.5, max_exclusive=True)
     model: str = key("linear", "Model: softmax regression, a small GroupNorm CNN, a CIFAR-style "
                      "ResNet or a ViT for images; a transformers text classifier for text (see "
                      "'Transformers'). Under DP the noise grows with the released coordinates.",

@@ -276,9 +276,32 @@ def _cached_splits(name: str, test_fraction: float, seed: int,
 
 
 @functools.lru_cache(maxsize=4)
-def load_splits(name: str, test_fraction: float, seed: int) -> tuple[Split, Split]:
-    """Train and test split of a dataset, cached for the life of the process (images also on
-    disk, decoded and memory-mapped)."""
+def load_splits(name: str, test_fraction: float, seed: int,
+                validation_fraction: float = 0.0) -> tuple[Split, Split]:
+    """Train and held-out split of a dataset, cached for the life of the process (images also
+    on disk, decoded and memory-mapped).
+
+    With ``validation_fraction`` > 0 the held-out split is a fixed random part of the training
+    split (drawn from ``seed``) and the rest is the training split: hyper-parameters are then
+    chosen without ever looking at the test split.
+    """
+    train, test = _train_and_test(name, test_fraction, seed)
+    if validation_fraction <= 0:
+        return train, test
+    count = round(validation_fraction * len(train.labels))
+    if not 0 < count < len(train.labels):
+        raise DataError(f"validation-fraction={validation_fraction:g} leaves no validation or no "
+                        f"training example of {len(train.labels)}")
+    order = np.random.default_rng([seed, VALIDATION_STREAM]).permutation(len(train.labels))
+    held, kept = np.sort(order[:count]), np.sort(order[count:])
+    return (Split(train.inputs[kept], train.labels[kept]),
+            Split(train.inputs[held], train.labels[held]))
+
+
+VALIDATION_STREAM = 0x76616C  # names the validation draw's seed stream apart from the others
+
+
+def _train_and_test(name: str, test_fraction: float, seed: int) -> tuple[Split, Split]:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
     if name == "rotten-tomatoes":
@@ -412,12 +435,15 @@ class PartitionSpec:
     partitioner: str
     alpha: float
     classes_per_client: int
+    validation_fraction: float = 0.0
 
     def folder(self) -> Path:
         """Where the split is stored: one folder per spec (and flwr-datasets version)."""
         from importlib.metadata import version  # not the package: it imports datasets (2 s)
 
-        digest = hashlib.sha256(repr((astuple(self), version("flwr-datasets"),
+        # without a validation split, the digest of the fields before it (caches stay valid)
+        fields = astuple(self) if self.validation_fraction else astuple(self)[:-1]
+        digest = hashlib.sha256(repr((fields, version("flwr-datasets"),
                                       CACHE_FORMAT)).encode()).hexdigest()[:16]
         return (offline.data_dir() / "partitions" /
                 f"{self.name}-{self.partitioner}-n{self.num_partitions}-{digest}")
@@ -429,7 +455,7 @@ def ensure_partitions(spec: PartitionSpec) -> Path:
     folder = spec.folder()
     if (folder / "offsets.npy").is_file():
         return folder
-    train, _ = load_splits(spec.name, spec.test_fraction, spec.seed)
+    train, _ = load_splits(spec.name, spec.test_fraction, spec.seed, spec.validation_fraction)
     parts = partition_indices(train.labels, spec.num_partitions, spec.partitioner,
                               alpha=spec.alpha, classes_per_client=spec.classes_per_client,
                               seed=spec.seed)
@@ -455,24 +481,27 @@ def partition_sizes(spec: PartitionSpec) -> np.ndarray:
 def client_partition(
     name: str, *, test_fraction: float, seed: int, num_partitions: int, partition_id: int,
     partitioner: str, alpha: float, classes_per_client: int, spec: InputSpec = InputSpec(),
+    validation_fraction: float = 0.0,
 ) -> Tensors:
     """One client's training tensors (tokenised once for text): its rows of the stored split,
     computed once per process and reused every round."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id={partition_id} is outside 0..{num_partitions - 1}")
     indices, offsets = _partition_table(PartitionSpec(
-        name, test_fraction, seed, num_partitions, partitioner, alpha, classes_per_client))
-    train, _ = load_splits(name, test_fraction, seed)
+        name, test_fraction, seed, num_partitions, partitioner, alpha, classes_per_client,
+        validation_fraction))
+    train, _ = load_splits(name, test_fraction, seed, validation_fraction)
     rows = np.asarray(indices[offsets[partition_id]:offsets[partition_id + 1]])
     return prepare(train, DATASETS[name], spec, rows)
 
 
 @functools.lru_cache(maxsize=4)
 def held_out_tensors(name: str, *, test_fraction: float, seed: int, max_examples: int = 0,
-                     spec: InputSpec = InputSpec()) -> Tensors:
-    """The held-out split used for central evaluation; at most ``max_examples`` of it (a fixed
-    random subset, the same every round), 0 = all."""
-    _, test = load_splits(name, test_fraction, seed)
+                     spec: InputSpec = InputSpec(), validation_fraction: float = 0.0) -> Tensors:
+    """The held-out split used for central evaluation (the validation split when
+    ``validation_fraction`` > 0); at most ``max_examples`` of it (a fixed random subset, the same
+    every round), 0 = all."""
+    _, test = load_splits(name, test_fraction, seed, validation_fraction)
     index = None
     if 0 < max_examples < len(test.labels):
         index = np.sort(np.random.default_rng(seed).permutation(len(test.labels))[:max_examples])

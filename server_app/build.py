@@ -37,7 +37,8 @@ def prepare_partitions(config: RunConfig, num_partitions: int) -> None:
     for it (stored on disk; every later process reads it): a split that cannot be made, or a
     dataset that cannot be loaded, is a one-line config error here, not a failure per client."""
     spec = PartitionSpec(config.dataset, config.test_fraction, config.seed, num_partitions,
-                         config.partitioner, config.dirichlet_alpha, config.classes_per_client)
+                         config.partitioner, config.dirichlet_alpha, config.classes_per_client,
+                         config.validation_fraction)
     try:
         ensure_partitions(spec)
     except DataError as err:

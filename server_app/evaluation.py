@@ -1,4 +1,5 @@
-"""Central evaluation of the global model on the held-out test split."""
+"""Central evaluation of the global model on the held-out split (test, or validation when
+``validation-fraction`` > 0)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class CentralEvaluator:
         self.data = held_out_tensors(
             config.dataset, test_fraction=config.test_fraction, seed=config.seed,
             max_examples=config.max_test_examples, spec=input_spec(config),
+            validation_fraction=config.validation_fraction,
         ).to(device)
         self.batch_size = batch_size
 

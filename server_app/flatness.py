@@ -85,7 +85,8 @@ class FlatnessProbe:
         self.model = model_from_config(config).to(device)
         data = held_out_tensors(config.dataset, test_fraction=config.test_fraction,
                                 seed=config.seed, max_examples=config.max_test_examples,
-                                spec=input_spec(config))
+                                spec=input_spec(config),
+                                validation_fraction=config.validation_fraction)
         generator = seeded_generator(config.seed, 1729)
         pick = torch.randperm(len(data), generator=generator)[: config.sharpness_batch_size]
         self.x, self.y = data.x[pick].to(device), data.y[pick].to(device)
