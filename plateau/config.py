@@ -221,6 +221,12 @@ class RunConfig:
         False, "Allow norm='batch' with DP: BatchNorm statistics are then released without "
         "protection and no guarantee covers them.",
     )
+    direction_shrinkage: str = key(
+        "off", "DP-FedPGN, FedCM, MoFedSAM, FedLESAM under DP: 'snr' scales the global direction "
+        "c_t by the estimated signal fraction of the noisy aggregate D, max(0, 1 - d (s C / m)^2 "
+        "/ |D|^2) with s the noise multiplier on the sum, m the cohort and d the released "
+        "coordinates (positive-part James-Stein; post-processing, no privacy cost); 'off' = the "
+        "papers' rules.", choices=("off", "snr"))
     pgn_gamma: float = key(
         0.2, "DP-FedPGN: weight of the local gradient; 1 - pgn-gamma goes to the global "
         "direction c_t (authors' run: 0.2).", min=0, max=1,

@@ -13,6 +13,7 @@ from plateau.device import resolve_device
 from plateau.models import float_buffer_names, frozen_digest, model_from_config, travelling_state
 from plateau.privacy import mechanism_from_config
 from strategies import STRATEGIES, PlateauStrategy
+from strategies.shared import GlobalDirection
 
 
 def load_config(raw: Mapping[str, ConfigValue]) -> RunConfig:
@@ -23,6 +24,13 @@ def load_config(raw: Mapping[str, ConfigValue]) -> RunConfig:
             f"algorithm={config.algorithm!r} is not allowed; expected one of "
             + ", ".join(repr(name) for name in STRATEGIES)
         )
+    if config.direction_shrinkage != "off" and not issubclass(STRATEGIES[config.algorithm],
+                                                                GlobalDirection):
+        raise ConfigError(
+            f"direction-shrinkage={config.direction_shrinkage!r} needs an algorithm with a "
+            "global direction; allowed: " + ", ".join(
+                repr(n) for n, c in STRATEGIES.items() if issubclass(c, GlobalDirection))
+            + ", or direction-shrinkage='off'")
     classes = DATASETS[config.dataset].num_classes
     if config.partitioner == "pathological" and config.classes_per_client > classes:
         raise ConfigError(

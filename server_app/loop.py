@@ -96,6 +96,8 @@ def round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float,
     record["mean_state_rounds"] = metrics.get("mean-state-rounds")
     record["population"] = metrics.get("population")
     record["expected_cohort"] = metrics.get("expected-cohort")
+    if "direction-shrinkage" in metrics:
+        record["direction_shrinkage"] = metrics["direction-shrinkage"]
     record["wall_s"] = round(wall_s, 4)
     return record
 

@@ -626,7 +626,12 @@ class PlateauStrategy(FedAvg):
                                                                  self.released_dim)
             if multiplier is not None:
                 metrics["effective-noise-multiplier"] = multiplier
+        metrics.update(self.round_metrics())
         return MetricRecord(metrics)
+
+    def round_metrics(self) -> dict[str, float]:
+        """Metrics of the algorithm's own server rule this round (none by default)."""
+        return {}
 
     def summary(self) -> None:
         """Log the algorithm and its privacy mechanism."""

@@ -33,6 +33,7 @@ class GlobalDirection(PlateauStrategy):
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.direction: Tensors = {}
+        self.last_shrinkage: float | None = None
 
     def global_direction(self) -> Tensors:
         """c_t (zeros before the first update)."""
@@ -45,9 +46,33 @@ class GlobalDirection(PlateauStrategy):
         return {"direction": self.as_record(self.global_direction())}
 
     def remember_step(self, server_round: int, descent: Tensors) -> None:
-        """c_{t+1} = descent / (K * lr_t), descent = x_t - x_{t+1} before any smoothing."""
+        """c_{t+1} = s * descent / (K * lr_t), descent = x_t - x_{t+1} before any smoothing, s
+        the noise-aware shrinkage (1 unless direction-shrinkage='snr')."""
         per_step = self.config.local_steps * self.learning_rate(server_round)
-        self.direction = {k: v / per_step for k, v in descent.items()}
+        factor = self.shrinkage(descent)
+        self.direction = {k: factor * v / per_step for k, v in descent.items()}
+
+    def shrinkage(self, aggregate: Tensors) -> float:
+        """max(0, 1 - d v / |D|^2): the share of |D|^2 that is not the DP noise's expected
+        power (v per coordinate, d coordinates), so a direction that is mostly noise is not
+        fed back into every client's steps. Computed from the released mean and public
+        constants only; 1 without DP, with the option off, or without a formal noise scale."""
+        self.last_shrinkage = None
+        multiplier = (self.privacy.accounted_noise_multiplier(self.mean_denominator)
+                      if self.privacy is not None else None)
+        if self.config.direction_shrinkage == "off" or not multiplier:
+            return 1.0
+        variance = (multiplier * self.config.clip_norm / max(self.mean_denominator, 1.0)) ** 2
+        dim = sum(v.numel() for v in aggregate.values())
+        power = sum(float(v.double().square().sum()) for v in aggregate.values())
+        self.last_shrinkage = max(0.0, 1.0 - dim * variance / power) if power > 0 else 0.0
+        return self.last_shrinkage
+
+    def round_metrics(self) -> dict[str, float]:
+        """The round's shrinkage factor, when one was applied."""
+        if self.last_shrinkage is None:
+            return {}
+        return {"direction-shrinkage": self.last_shrinkage}
 
 
 class ServerControlVariate(PlateauStrategy):

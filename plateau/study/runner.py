@@ -132,14 +132,15 @@ def chosen_values(arm: Arm, study: Study, results: Mapping[str, dict[str, Any]]
 def final_cells(study: Study, calibrator: Calibrator,
                 results: Mapping[str, dict[str, Any]]) -> list[Cell]:
     """Every arm with its chosen values at every point and seed, on the test split."""
+    tuned = {arm.name: chosen_values(arm, study, results) for arm in study.arms}
     cells = []
-    for arm in study.arms:
-        tuned = chosen_values(arm, study, results)
+    for seed in study.seeds:  # seed by seed: a study stopped early still covers every arm
         for point in study.points():
-            for seed in study.seeds:
-                config = {**study.base, **point, **arm.config, **tuned, "seed": seed}
+            for arm in study.arms:
+                config = {**study.base, **point, **arm.config, **tuned[arm.name], "seed": seed}
                 cells.append(Cell("final", arm.name, point, seed, study.clients,
-                                  equal_epsilon(config, study.clients, calibrator), tuned))
+                                  equal_epsilon(config, study.clients, calibrator),
+                                  tuned[arm.name]))
     return cells
 
 
