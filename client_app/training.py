@@ -94,9 +94,9 @@ class LocalTask:
         scale = min(1.0, self.config.grad_clip / (norm + 1e-12))
         return grads if scale >= 1.0 else [g * scale for g in grads]
 
-    def step(self, direction: Grads) -> None:
-        """y <- y - lr * (d + wd * y)."""
-        wd = self.config.weight_decay
+    def step(self, direction: Grads, *, decay: bool = True) -> None:
+        """y <- y - lr * (d + wd * y); ``decay=False`` when d already holds the decay term."""
+        wd = self.config.weight_decay if decay else 0.0
         with torch.no_grad():
             for p, d in zip(self.params, direction, strict=True):
                 p.sub_(self.lr * (d + wd * p))
@@ -162,11 +162,13 @@ def combine(*terms: Grads | None, weights: tuple[float, ...] | None = None) -> G
     return [sum(w * t[i] for w, t in present) for i in range(len(present[0][1]))]
 
 
-def run_steps(task: LocalTask, direction: Callable[[torch.Tensor, torch.Tensor], Grads]) -> None:
-    """K steps y <- y - lr * (direction(batch) + wd * y), in training mode."""
+def run_steps(task: LocalTask, direction: Callable[[torch.Tensor, torch.Tensor], Grads], *,
+              decay: bool = True) -> None:
+    """K steps y <- y - lr * (direction(batch) + wd * y), in training mode (without the wd
+    term when ``decay`` is False: the direction then carries it)."""
     task.model.train()
     for x, y in task.batches():
-        task.step(direction(x, y))
+        task.step(direction(x, y), decay=decay)
 
 
 def sam_gradient(task: LocalTask, x: torch.Tensor, y: torch.Tensor, rho: float) -> Grads:
@@ -268,8 +270,9 @@ def dyn(task: LocalTask) -> Tensors:
 
 
 def smoo(task: LocalTask) -> Tensors:
-    """FedSMOO: the corrected SAM perturbation and FedDyn's regulariser; releases (Delta, mu_i)
-    and keeps H_i, mu_i in the state."""
+    """FedSMOO: the corrected SAM perturbation and FedDyn's regulariser, the step
+    y <- y - lr * clip(g(y + s) + lam*(y - x_t + H_i) + wd*y) as in FL-Simulator; releases
+    (Delta, mu_i) and keeps H_i, mu_i in the state."""
     rho, lam = task.config.sam_rho, task.config.dyn_alpha
     perturbation = task.vector("perturbation") or task.zeros()
     dual = task.own_state("dual", task.zeros())
@@ -284,9 +287,12 @@ def smoo(task: LocalTask) -> Tensors:
         shift = [rho * c / (norm + 1e-7) for c in corrected]
         dual = combine(dual, shift, perturbation, weights=(1.0, 1.0, -1.0))
         sharp = task.gradients_at(shift, x, y, record=False)
-        return combine(task.stability_clip(sharp), task.drift(anchor), weights=(1.0, lam))
+        # the stability clip covers the whole step: SAM gradient, regulariser and weight decay
+        decay = [task.config.weight_decay * p.detach() for p in task.params]
+        return task.stability_clip(combine(sharp, task.drift(anchor), decay,
+                                           weights=(1.0, lam, 1.0)))
 
-    run_steps(task, direction)
+    run_steps(task, direction, decay=False)
     delta = task.delta()
     task.keep_state("dual", dual)
     task.keep_state("accumulated", combine(accumulated, list(delta.values())))

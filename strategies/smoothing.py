@@ -27,8 +27,10 @@ def smoothing_spectrum(length: int, strength: float, device: torch.device | str 
 
 
 def laplacian_smooth(tensor: torch.Tensor, strength: float) -> torch.Tensor:
-    """(I - strength*L)^-1 applied to the flattened tensor; same shape and dtype back."""
-    if strength == 0 or tensor.numel() < 3:
+    """(I - strength*L)^-1 applied to the flattened tensor; same shape and dtype back. Every
+    size goes through the same operator: for d = 2 (a binary head's bias) the periodic
+    Laplacian is 2*[[-1, 1], [1, -1]], not zero; for d = 1 it is zero (the identity)."""
+    if strength == 0 or tensor.numel() == 0:
         return tensor.clone()
     flat = tensor.reshape(-1).double()
     spectrum = torch.fft.rfft(flat) * smoothing_spectrum(flat.numel(), strength, flat.device)

@@ -145,6 +145,17 @@ def test_smoother_matches_the_dense_inverse_and_keeps_constants() -> None:
     close(laplacian_smooth(constant, 3.0), constant.numpy())
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_smoother_is_the_same_operator_for_tiny_tensors(size: int) -> None:
+    """A 2-element tensor (a binary head's bias) is smoothed too: (I - lambda*L)^-1 is not the
+    identity for d = 2 (it damps the difference of the two entries by 1 / (1 + 4*lambda))."""
+    v = RNG.normal(size=size)
+    close(laplacian_smooth(torch.tensor(v), 0.8), smooth_reference(v, 0.8))
+    if size == 2:
+        smoothed = laplacian_smooth(torch.tensor(v), 0.8).numpy()
+        assert smoothed[0] - smoothed[1] == pytest.approx((v[0] - v[1]) / (1 + 4 * 0.8))
+
+
 def test_smoother_never_amplifies_and_damps_the_laplacian_energy_of_noise() -> None:
     noise = torch.randn(10_000, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     smoothed = laplacian_smooth(noise, 1.0)

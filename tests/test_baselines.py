@@ -14,6 +14,7 @@ from tests.reference import (
     LR,
     RNG,
     W0,
+    WD,
     K,
     ce_grad,
     clip,
@@ -162,8 +163,9 @@ def test_fedsmoo() -> None:
             corrected = g - mu - s_t
             shift = rho * corrected / (np.linalg.norm(corrected) + 1e-7)
             mu = mu + shift - s_t
-            direction = clip(ce_grad(w + shift, x, y), GRAD_CLIP) + lam * (w - W0 + h_i)
-            w = w - LR * (direction + 0.01 * w)
+            # FL-Simulator's step: the stability clip covers the whole direction
+            w = w - LR * clip(ce_grad(w + shift, x, y) + lam * (w - W0 + h_i) + WD * w,
+                              GRAD_CLIP)
         deltas.append(w - W0)
         duals.append(mu)
     for upload, delta, mu in zip(result.uploads, deltas, duals, strict=True):

@@ -101,6 +101,7 @@ def test_equal_epsilon_gives_every_arm_the_same_sigma_and_a_cap(tmp_path: Path) 
     assert "max-epsilon" not in code and code["noise-multiplier"] > 0
 
 
+@pytest.mark.simulation
 def test_the_local_grid_runs_the_same_simulation_as_flowers_engine(tmp_path: Path) -> None:
     """A study cell (in-process grid) and Flower's Ray simulation of the same config produce
     the same rounds: same sampling, same data, same updates."""
@@ -164,6 +165,7 @@ def small_cut(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.simulation
 def test_dp_small_cut_report_matches_the_runs(small_cut: Path) -> None:
     report = (small_cut / "report.md").read_text()
     study = load_spec(ROOT / "studies" / "dp-small.toml", "test")
@@ -178,6 +180,7 @@ def test_dp_small_cut_report_matches_the_runs(small_cut: Path) -> None:
         assert f"]({figure})" in report
 
 
+@pytest.mark.simulation
 def test_the_report_check_fails_on_a_tampered_result(small_cut: Path, tmp_path: Path) -> None:
     """The comparison above can fail: a stored cell whose accuracy differs from its run's files
     is caught (a check that cannot fail is not a check)."""
@@ -197,6 +200,7 @@ def test_the_report_check_fails_on_a_tampered_result(small_cut: Path, tmp_path: 
     assert mismatches(copy, (copy / "report.md").read_text())
 
 
+@pytest.mark.simulation
 def test_tuning_chooses_the_best_validation_trial(small_cut: Path) -> None:
     cells = [json.loads(p.read_text()) for p in (small_cut / "cells").glob("*.json")]
     for arm in {c["arm"] for c in cells}:
@@ -215,6 +219,7 @@ def test_tuning_chooses_the_best_validation_trial(small_cut: Path) -> None:
             assert all(f["config"][k] == v for f in finals for k, v in best["tuned"].items())
 
 
+@pytest.mark.simulation
 def test_a_finished_study_reruns_nothing(small_cut: Path, capsys: pytest.CaptureFixture
                                         ) -> None:
     before = {p: p.stat().st_mtime_ns for p in (small_cut / "cells").glob("*.json")}
