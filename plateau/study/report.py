@@ -39,6 +39,19 @@ def rounds_to(rounds: Sequence[Mapping[str, Any]], target: float) -> int | None:
     return next((r["round"] for r in rounds if r["test_accuracy"] >= target), None)
 
 
+def code_clip_multiplier(config: Mapping[str, Any]) -> list[float]:
+    """sigma/sqrt(L) for the authors' per-tensor clip (L released tensors, each clipped to C:
+    the update's norm bound is C*sqrt(L) while the noise stays sigma*C); [] otherwise."""
+    if config.get("dp", "off") == "off" or config.get("dp-clip-mode", "flat") != "code":
+        return []
+    from plateau.config import RunConfig
+    from plateau.models import model_from_config
+
+    model = model_from_config(RunConfig.from_mapping(config))
+    tensors = sum(1 for p in model.parameters() if p.requires_grad)
+    return [float(config["noise-multiplier"]) / math.sqrt(tensors)]
+
+
 def _series(rounds: Sequence[Mapping[str, Any]], key: str) -> list[float]:
     return [float("nan") if r.get(key) is None else float(r[key]) for r in rounds]
 
@@ -78,7 +91,7 @@ class Report:
                          if self.study.target_accuracy is not None else [])
                 effective = [x for r in runs
                              for x in _series(r["rounds"], "effective_noise_multiplier")
-                             if math.isfinite(x)]
+                             if math.isfinite(x)] or code_clip_multiplier(runs[0]["config"])
                 rows.append({
                     "point": point, "arm": arm.name, "seeds": [r["seed"] for r in runs],
                     "final": finals, "best": bests, "clip": clip, "epsilon": epsilons,
@@ -119,7 +132,7 @@ class Report:
             ax.set_ylabel("test accuracy")
         for ax in list(axes.flat)[len(points):]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=7)
+        _legend(fig, axes.flat[0])
         fig.suptitle("accuracy per round: mean over seeds, band = min..max", fontsize=9)
         return self._save(fig, folder, "accuracy.png")
 
@@ -152,7 +165,7 @@ class Report:
             ax.set_title(_point_label(dict(zip(others, combo, strict=True))), fontsize=8)
             ax.grid(alpha=0.3)
         axes.flat[0].set_ylabel("final test accuracy")
-        axes.flat[0].legend(fontsize=7)
+        _legend(fig, axes.flat[0])
         fig.suptitle("final accuracy vs epsilon (mean ± std over seeds)", fontsize=9)
         return self._save(fig, folder, "accuracy_vs_epsilon.png")
 
@@ -181,7 +194,7 @@ class Report:
         if not drawn:
             plt.close(fig)
             return None
-        axes[0].legend(fontsize=7)
+        _legend(fig, axes[0])
         fig.suptitle(f"training signals at {_point_label(point)} (mean over seeds)", fontsize=9)
         return self._save(fig, folder, "training.png")
 
@@ -232,7 +245,7 @@ class Report:
         import matplotlib.pyplot as plt
 
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=FIGURE_DPI)
+        fig.savefig(folder / name, dpi=FIGURE_DPI, bbox_inches="tight")
         plt.close(fig)
         return name
 
@@ -270,7 +283,7 @@ class Report:
         target = self.study.target_accuracy
         header = ["arm", *axes, "final accuracy", "best accuracy",
                   *([f"rounds to {target:g}"] if target is not None else []),
-                  "clip fraction", "sigma", "sigma/sqrt(L)", "epsilon (run)", "s/round", "seeds"]
+                  "clip fraction", "sigma", "effective sigma", "epsilon (run)", "s/round", "seeds"]
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.summary_rows():
             eps = [e for e in row["epsilon"] if e is not None]
@@ -331,6 +344,13 @@ class Report:
             lines.append(f"| `{cell['id']}` | {cell['kind']} | {cell['arm']} | {cell['seed']} | "
                          f"{_short(extra)} |")
         return [*lines, ""]
+
+
+def _legend(fig: Any, ax: Any) -> None:
+    """One legend for the figure, outside the plots (the curves stay readable)."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+               frameon=False)
 
 
 def _short(values: Mapping[str, Any]) -> str:
