@@ -34,7 +34,7 @@ ARM = '[[arms]]\nname = "A"\nconfig = { algorithm = "fedavg" }\n'
 @pytest.mark.parametrize("text, words", [
     ('colour = 1\n' + ARM, "unknown key(s) ['colour']"),
     ('[base]\nlearning-rate = 0.1\n' + ARM, "'learning-rate' is not a run-config key"),
-    ('[base]\nseed = 3\n' + ARM, "'seed' is set by the study runner"),
+    ('[base]\nseed = 3\n' + ARM, "'seed' is managed by the study runner"),
     ('[grid]\nlr = 0.1\n' + ARM, "'lr' must be a non-empty list"),
     ('[base]\nlr = -1.0\n' + ARM, "lr"),
     ('[tuning]\nat = { lr = 0.5 }\n[grid]\nlr = [0.1]\n' + ARM, "is not among the grid's"),
@@ -239,3 +239,54 @@ def test_the_validation_split_is_carved_from_training_data() -> None:
     # the validation rows and the kept rows are exactly the training rows, none of the test's
     together = sorted(x.tobytes() for x in [*kept.inputs, *validation.inputs])
     assert together == sorted(x.tobytes() for x in train.inputs)
+
+
+@pytest.mark.simulation
+def test_a_stopped_study_leaves_no_worker_and_resumes(tmp_path: Path) -> None:
+    """SIGTERM to a study with two workers: it exits 128+15, no worker survives, the cells
+    that finished stay, and the rerun runs only the others."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    spec = write_spec(tmp_path, """
+clients = 10
+seeds = [0, 1, 2]
+[base]
+dataset = "digits"
+num-server-rounds = 40
+sample-rate = 1.0
+local-steps = 5
+[[arms]]
+name = "A"
+config = { algorithm = "fedavg" }
+[[arms]]
+name = "B"
+config = { algorithm = "fedsam" }
+""")
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "plateau.study", str(spec), "--out", str(out), "--jobs", "2"]
+    study = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list((out / "runs").glob("*"))) < 3:
+        time.sleep(0.2)  # the third run folder: at least one cell has finished
+    workers = psutil.Process(study.pid).children(recursive=True)
+    assert workers, "the study started no workers"
+    study.send_signal(signal.SIGTERM)
+    _, stderr = study.communicate(timeout=60)
+    assert study.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr
+    time.sleep(0.5)
+    assert not [w.pid for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    finished = {p.name for p in (out / "cells").glob("*.json")}
+    assert 0 < len(finished) < 6 and not list((out / "cells").glob("*.part"))
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ})
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({len(finished)} already finished)" in rerun.stdout
+    assert len(list((out / "cells").glob("*.json"))) == 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -19,8 +20,31 @@ from .runner import (
 )
 from .spec import SpecError, load_spec
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Stopped(Exception):
+    """The study was told to stop; finished cells are kept and a rerun resumes."""
+
+
+def _stop(signum: int, _frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the study with stop signals turned into a clean stop (workers terminated)."""
+    previous = {sig: signal.signal(sig, _stop) for sig in STOP_SIGNALS}
+    try:
+        return _main(argv)
+    except Stopped as stop:
+        print(f"stopped by {stop}: finished cells are kept; rerun to resume", file=sys.stderr)
+        return 128 + signal.Signals[str(stop)].value
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m plateau.study",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path, help="a study spec (studies/*.toml)")

@@ -10,6 +10,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import signal
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -154,6 +156,7 @@ def run_cell(cell: dict[str, Any], out: Path, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_folder = out / "runs" / cell["id"]
+    shutil.rmtree(run_folder, ignore_errors=True)  # what a stopped attempt left
     try:
         output = run_local(cell["config"], cell["clients"], run_folder)
     except Exception as err:  # noqa: BLE001 - one failed cell must not lose the others
@@ -203,14 +206,32 @@ def execute(cells: Iterable[Cell], out: Path, jobs: int,
         for index, cell in enumerate(unique, 1):
             collect(index, run_cell(cell, out, threads))
     else:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"),
+                                   initializer=_worker_init)
+        try:
             futures = [pool.submit(run_cell, cell, out, threads) for cell in unique]
             for index, future in enumerate(as_completed(futures), 1):
                 collect(index, future.result())
+        finally:  # also on a stop signal: no worker outlives the study (finished cells stay)
+            workers = list((pool._processes or {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                worker.terminate()
+            for worker in workers:
+                worker.join()
     if failed:
         raise StudyError(f"{len(failed)} cell(s) failed: " + "; ".join(
             f"{r['id']} ({r['arm']}, seed {r['seed']}): {r['error']}" for r in failed))
     return done
+
+
+def _worker_init() -> None:
+    """A worker leaves stopping to the study process (Ctrl-C reaches the whole process group)
+    and dies with it if it is killed outright."""
+    from server_app.launcher import die_with_parent
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
 
 
 class StudyError(RuntimeError):

@@ -113,7 +113,7 @@ def _check_run_keys(where: str, keys: Mapping[str, Any]) -> None:
         if key not in known:
             raise SpecError(f"{where}: {key!r} is not a run-config key (see README 'Run config')")
         if key in RUNNER_KEYS:
-            raise SpecError(f"{where}: {key!r} is set by the study runner for every cell")
+            raise SpecError(f"{where}: {key!r} is managed by the study runner for every cell")
 
 
 def _merge(base: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
