@@ -52,6 +52,20 @@ def code_clip_multiplier(config: Mapping[str, Any]) -> list[float]:
     return [float(config["noise-multiplier"]) / math.sqrt(tensors)]
 
 
+def backprops_per_step(config: Mapping[str, Any]) -> int:
+    """Backprops per local step of the cell's rule (what a two-backprop rule pays in time)."""
+    import torch
+
+    from client_app.training import LOCAL_RULES
+    from plateau.config import RunConfig
+    from strategies import STRATEGIES
+
+    cfg = RunConfig.from_mapping(config)
+    strategy = STRATEGIES[cfg.algorithm](cfg, parameter_names=["w"], buffer_names=[])
+    strategy.current = {"w": torch.zeros(1)}
+    return LOCAL_RULES[strategy.local_rule].backprops_per_step
+
+
 def _series(rounds: Sequence[Mapping[str, Any]], key: str) -> list[float]:
     return [float("nan") if r.get(key) is None else float(r[key]) for r in rounds]
 
@@ -99,6 +113,7 @@ class Report:
                     if runs[0]["config"].get("dp", "off") != "off" else None,
                     "effective_sigma": statistics.fmean(effective) if effective else None,
                     "per_round_s": per_round, "rounds_to_target": reach,
+                    "backprops": backprops_per_step(runs[0]["config"]),
                     "ids": [r["id"] for r in runs]})
         return rows
 
@@ -225,6 +240,22 @@ class Report:
                      fontsize=9)
         return self._save(fig, folder, "flatness.png")
 
+    def _figure_wall(self, folder: Path) -> str | None:
+        import matplotlib.pyplot as plt
+
+        rows = self.summary_rows()
+        names = [a.name for a in self.study.arms if any(r["arm"] == a.name for r in rows)]
+        if not names:
+            return None
+        seconds = [statistics.fmean(s for r in rows if r["arm"] == n for s in r["per_round_s"])
+                   for n in names]
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(names)), 2.8))
+        ax.bar(names, seconds)
+        ax.set_ylabel("seconds per round")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        ax.set_title("wall time per round (mean over every cell of the arm)", fontsize=8)
+        return self._save(fig, folder, "wall.png")
+
     def _figure_tuning(self, folder: Path) -> str | None:
         if not self.trials:
             return None
@@ -259,7 +290,7 @@ class Report:
         folder.mkdir(parents=True, exist_ok=True)
         figures = [f for f in (self._figure_accuracy(folder), self._figure_epsilon(folder),
                                self._figure_training(folder), self._figure_flatness(folder),
-                               self._figure_tuning(folder)) if f]
+                               self._figure_wall(folder), self._figure_tuning(folder)) if f]
         study = self.study
         lines = [f"# {study.title}", "", study.description, "",
                  f"Scale `{study.scale}`: {study.clients} clients, seeds {study.seeds}, "
@@ -268,7 +299,11 @@ class Report:
         if self.missing:
             lines += [f"**Incomplete: {len(self.missing)} of {len(self.finals)} final cells have "
                       "not run yet**; the tables show what has.", ""]
-        lines += ["## Results", "", *self._main_table(), ""]
+        lines += ["## Results", "", *self._main_table(), "",
+                  "Final and best accuracy: mean ± std over seeds; epsilon (run): the largest "
+                  "epsilon a cell's own accountant reported ('none': no formal guarantee); "
+                  "s/round: wall seconds per round, with the study's cells sharing the machine "
+                  "(JOBS at a time), so compare within a report only.", ""]
         lines += [f"![{f}]({f})" for f in figures] + [""]
         lines += self._tuning_section()
         lines += self._cells_section(rerun)
@@ -283,7 +318,8 @@ class Report:
         target = self.study.target_accuracy
         header = ["arm", *axes, "final accuracy", "best accuracy",
                   *([f"rounds to {target:g}"] if target is not None else []),
-                  "clip fraction", "sigma", "effective sigma", "epsilon (run)", "s/round", "seeds"]
+                  "clip fraction", "sigma", "effective sigma", "epsilon (run)", "backprops/step",
+                  "s/round", "seeds"]
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.summary_rows():
             eps = [e for e in row["epsilon"] if e is not None]
@@ -295,7 +331,7 @@ class Report:
                      _mean_std(row["clip"]) if row["clip"] else "-",
                      "-" if row["sigma"] is None else f"{row['sigma']:.4f}",
                      "-" if row["effective_sigma"] is None else f"{row['effective_sigma']:.4f}",
-                     f"{max(eps):.3f}" if eps else "none",
+                     f"{max(eps):.3f}" if eps else "none", str(row["backprops"]),
                      f"{statistics.fmean(row['per_round_s']):.2f}", str(len(row["seeds"]))]
             out.append("| " + " | ".join(cells) + " |")
         return out
