@@ -95,9 +95,11 @@ class RunOutput:
     wall_s: float
 
 
-def run_local(config: Mapping[str, Any], num_nodes: int, folder: Path) -> RunOutput:
-    """Run Plateau's ServerApp loop with ``config`` over ``num_nodes`` in-process ClientApps;
-    results go to ``folder`` (``results-dir``/``run-name`` are set here)."""
+def run_local(config: Mapping[str, Any], num_nodes: int, folder: Path,
+              grid: LocalGrid | None = None) -> RunOutput:
+    """Run Plateau's ServerApp loop with ``config`` over ``num_nodes`` in-process ClientApps
+    (or over ``grid``, whose nodes keep their state from an earlier run); results go to
+    ``folder`` (``results-dir``/``run-name`` are set here)."""
     from client_app.app import app as client_app
     from server_app.loop import run
 
@@ -106,7 +108,7 @@ def run_local(config: Mapping[str, Any], num_nodes: int, folder: Path) -> RunOut
               "run-name": folder.name}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
     started = time.monotonic()
-    run(LocalGrid(client_app, num_nodes, config), config)
+    run(grid or LocalGrid(client_app, num_nodes, config), config)
     wall = time.monotonic() - started
     summary = json.loads((folder / "summary.json").read_text())
     rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
