@@ -16,7 +16,7 @@ class FedACG(PlateauStrategy):
     """FedACG.
 
     Kim, Kim and Han, "Communication-Efficient Federated Learning with Accelerated Client
-    Gradient", CVPR 2024 (arXiv:2201.03172); spec: algorithms.md section 9.10.
+    Gradient", CVPR 2024 (arXiv:2201.03172); rule: docs/algorithms.md §5.3.
 
     The server broadcasts one model, the look-ahead z_t = x_t + lambda*m_t. Clients start there
     and minimise loss + (beta/2)|y - z_t|^2 (a real gradient, beta*(y - z_t)), releasing

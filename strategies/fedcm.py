@@ -11,7 +11,7 @@ class FedCM(GlobalDirection):
     """FedCM.
 
     Xu, Wang, Wang et al., "FedCM: Federated Learning with Client-level Momentum",
-    arXiv:2106.10874 (2021); spec: algorithms.md section 9.8.
+    arXiv:2106.10874 (2021); rule: docs/algorithms.md §5.4.
 
     Clients step along alpha*g + (1-alpha)*c_t, where c_t is the last global update per local
     step (``cm-alpha``), and release Delta_i = y_K - x_t (the whole movement: unlike DP-FedPGN

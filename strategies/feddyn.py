@@ -11,7 +11,7 @@ class FedDyn(DynamicRegulariser):
     """FedDyn.
 
     Acar, Zhao, Matas et al., "Federated Learning Based on Dynamic Regularization", ICLR 2021
-    (arXiv:2111.04263); spec: algorithms.md section 9.14, accumulated-update form.
+    (arXiv:2111.04263); rule: docs/algorithms.md §5.9, accumulated-update form.
 
     Clients keep H_i (their accumulated updates, -h_i/alpha) in ``Context.state`` and minimise
     loss + alpha*<H_i - x_t, y> + (alpha/2)|y|^2 around x_t, i.e. step along

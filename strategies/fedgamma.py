@@ -9,7 +9,7 @@ class FedGAMMA(Scaffold):
     """FedGAMMA.
 
     Dai, Chen, Zhou et al., "FedGAMMA: Federated Learning with Global Sharpness-Aware
-    Minimization", IEEE TNNLS 2023; spec: algorithms.md section 9.13.
+    Minimization", IEEE TNNLS 2023; rule: docs/algorithms.md §5.8.
 
     Each local step uses the SAM gradient at y + rho*g/|g| corrected by the control variates,
     g_SAM - c_i + c (two backprops); control variates and server as SCAFFOLD. With sam-rho = 0 it

@@ -10,7 +10,7 @@ class FedLESAM(FedCM):
 
     Fan, Zhou, Wang et al., "Locally Estimated Global Perturbations are Better than Local
     Perturbations for Federated Sharpness-aware Minimization", ICML 2024 (arXiv:2405.18890);
-    spec: algorithms.md section 9.9.
+    rule: docs/algorithms.md §5.6.
 
     The ascent direction is the last global update, broadcast as c_t (the gradient direction,
     normalised with one global L2 norm, not the official code's sum of per-tensor norms): each

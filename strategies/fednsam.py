@@ -17,7 +17,7 @@ class FedNSAM(PlateauStrategy):
 
     Liu, Shang, Tian et al., "FedNSAM: Consistency of Local and Global Flatness for Federated
     Learning", ACM MM 2025 (doi:10.1145/3746027.3755226; arXiv:2602.23827); the reconstructed
-    paper form of the implementation spec (algorithms.md, section 7.2).
+    paper form of the implementation spec (docs/algorithms.md §4).
 
     The server keeps the momentum m_t (descent direction, m_0 = 0) and broadcasts it. Clients take
     K steps with the gradient evaluated at y + gamma*m_t - rho*m_t/|m_t| (one backprop; with

@@ -12,7 +12,7 @@ class FedPGN(GlobalDirection):
 
     Liu, Tian, Shang et al., "DP-FedPGN: Finding Global Flat Minima for Differentially Private
     Federated Learning via Penalizing Gradient Norm", arXiv:2510.27504 (2025); rules as in the
-    implementation spec (algorithms.md, section 6.6).
+    implementation spec (docs/algorithms.md §3).
 
     The server broadcasts the global direction c_t (the previous round's noisy global update per
     local step, c_0 = 0). In the ``mix`` form clients step along pgn-gamma*g + (1-pgn-gamma)*c_t

@@ -18,7 +18,7 @@ class FedSMOO(DynamicRegulariser):
 
     Sun, Shen, Chen et al., "Dynamic Regularized Sharpness Aware Minimization in Federated
     Learning: Approaching Global Consistency and Smooth Landscape", ICML 2023
-    (arXiv:2305.11584); the rule of ``woodenchild95/FL-Simulator`` (algorithms.md section 9.15).
+    (arXiv:2305.11584); the rule of ``woodenchild95/FL-Simulator`` (docs/algorithms.md §5.10).
 
     Clients keep H_i and the perturbation dual mu_i in ``Context.state``. Per step:
     g_hat = g - mu_i - s_t, s_hat = rho*g_hat/(|g_hat| + 1e-7), mu_i <- mu_i + s_hat - s_t, and

@@ -11,7 +11,7 @@ class Scaffold(ServerControlVariate):
     """SCAFFOLD (option II).
 
     Karimireddy, Kale, Mohri et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated
-    Learning", ICML 2020 (arXiv:1910.06378); spec: algorithms.md section 9.12.
+    Learning", ICML 2020 (arXiv:1910.06378); rule: docs/algorithms.md §5.7.
 
     Clients keep c_i in their ``Context.state`` and step along g - c_i + c; then
     c_i+ = c_i - c + (x_t - y_K)/(K*lr_t) and they release (Delta_y, Delta_c = c_i+ - c_i),

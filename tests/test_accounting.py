@@ -69,7 +69,7 @@ def test_pld_is_never_above_rdp_and_fine_orders_never_loosen_rdp(sigma: float, q
                          [(100, 12.35, 8.34), (200, 17.18, 12.20), (300, 21.22, 15.49)])
 def test_reference_points_of_the_dp_fedsam_accountant(rounds: int, at_1e5: float,
                                                       at_2e3: float) -> None:
-    """sigma 0.8, q 0.1: the values of DP-FedSAM's eps_computer (algorithms.md, section 5.3)."""
+    """sigma 0.8, q 0.1: the values of DP-FedSAM's eps_computer (docs/algorithms.md §8)."""
     accountant = PrivacyAccountant("rdp", "poisson")
     accountant.compose(poisson(0.8, 0.1), rounds)
     assert accountant.epsilon(1e-5) == pytest.approx(at_1e5, abs=0.01)
