@@ -74,7 +74,7 @@ def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> D
         cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed, num_partitions=num,
         partition_id=pid, partitioner=cfg.partitioner, alpha=cfg.dirichlet_alpha,
         classes_per_client=cfg.classes_per_client, spec=input_spec(cfg),
-        validation_fraction=cfg.validation_fraction,
+        validation_fraction=cfg.validation_fraction, min_size=cfg.min_partition_size,
     ).to(device)
 
 

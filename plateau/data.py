@@ -327,6 +327,7 @@ def partition_indices(
     alpha: float,
     classes_per_client: int,
     seed: int,
+    min_size: int = -1,
 ) -> list[np.ndarray]:
     """Split sample indices among clients with the flwr-datasets partitioner of that name."""
     import datasets
@@ -344,10 +345,11 @@ def partition_indices(
     elif partitioner == "dirichlet":
         part = DirichletPartitioner(
             num_partitions=num_partitions, partition_by="label", alpha=alpha,
-            # at least 10 examples each, or a quarter of the fair share when that is less (with
-            # many clients a larger floor makes the draw fail; a client left without data
-            # declines its rounds)
-            min_partition_size=min(10, len(labels) // (4 * num_partitions)), seed=seed,
+            # by default at least 10 examples each, or a quarter of the fair share when that is
+            # less (with many clients a larger floor makes the draw fail; a client left without
+            # data declines its rounds); min-partition-size sets the floor explicitly
+            min_partition_size=(min(10, len(labels) // (4 * num_partitions)) if min_size < 0
+                                else min_size), seed=seed,
         )
     elif partitioner == "pathological":
         part = PathologicalPartitioner(
@@ -370,7 +372,7 @@ def partition_indices(
         raise DataError(
             f"partitioner={partitioner!r} cannot split {len(labels)} samples into "
             f"{num_partitions} partitions ({err}); allowed: fewer clients, a larger "
-            "dirichlet-alpha, or partitioner='iid'"
+            "dirichlet-alpha, min-partition-size=0 (dirichlet), or partitioner='iid'"
         ) from None
 
 
@@ -436,13 +438,16 @@ class PartitionSpec:
     alpha: float
     classes_per_client: int
     validation_fraction: float = 0.0
+    min_size: int = -1
 
     def folder(self) -> Path:
         """Where the split is stored: one folder per spec (and flwr-datasets version)."""
         from importlib.metadata import version  # not the package: it imports datasets (2 s)
 
-        # without a validation split, the digest of the fields before it (caches stay valid)
-        fields = astuple(self) if self.validation_fraction else astuple(self)[:-1]
+        # fields added later enter the digest only when set, so earlier caches stay valid
+        fields = (astuple(self)[:7]
+                  + ((self.validation_fraction,) if self.validation_fraction else ())
+                  + ((("min-size", self.min_size),) if self.min_size != -1 else ()))
         digest = hashlib.sha256(repr((fields, version("flwr-datasets"),
                                       CACHE_FORMAT)).encode()).hexdigest()[:16]
         return (offline.data_dir() / "partitions" /
@@ -458,7 +463,7 @@ def ensure_partitions(spec: PartitionSpec) -> Path:
     train, _ = load_splits(spec.name, spec.test_fraction, spec.seed, spec.validation_fraction)
     parts = partition_indices(train.labels, spec.num_partitions, spec.partitioner,
                               alpha=spec.alpha, classes_per_client=spec.classes_per_client,
-                              seed=spec.seed)
+                              seed=spec.seed, min_size=spec.min_size)
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
     indices = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
     _atomic_save(folder / "indices.npy", indices)
@@ -481,7 +486,7 @@ def partition_sizes(spec: PartitionSpec) -> np.ndarray:
 def client_partition(
     name: str, *, test_fraction: float, seed: int, num_partitions: int, partition_id: int,
     partitioner: str, alpha: float, classes_per_client: int, spec: InputSpec = InputSpec(),
-    validation_fraction: float = 0.0,
+    validation_fraction: float = 0.0, min_size: int = -1,
 ) -> Tensors:
     """One client's training tensors (tokenised once for text): its rows of the stored split,
     computed once per process and reused every round."""
@@ -489,7 +494,7 @@ def client_partition(
         raise DataError(f"partition-id={partition_id} is outside 0..{num_partitions - 1}")
     indices, offsets = _partition_table(PartitionSpec(
         name, test_fraction, seed, num_partitions, partitioner, alpha, classes_per_client,
-        validation_fraction))
+        validation_fraction, min_size))
     train, _ = load_splits(name, test_fraction, seed, validation_fraction)
     rows = np.asarray(indices[offsets[partition_id]:offsets[partition_id + 1]])
     return prepare(train, DATASETS[name], spec, rows)

@@ -46,7 +46,7 @@ def prepare_partitions(config: RunConfig, num_partitions: int) -> None:
     dataset that cannot be loaded, is a one-line config error here, not a failure per client."""
     spec = PartitionSpec(config.dataset, config.test_fraction, config.seed, num_partitions,
                          config.partitioner, config.dirichlet_alpha, config.classes_per_client,
-                         config.validation_fraction)
+                         config.validation_fraction, config.min_partition_size)
     try:
         ensure_partitions(spec)
     except DataError as err:

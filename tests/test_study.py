@@ -290,3 +290,34 @@ config = { algorithm = "fedsam" }
     assert rerun.returncode == 0, rerun.stderr
     assert f"({len(finished)} already finished)" in rerun.stdout
     assert len(list((out / "cells").glob("*.json"))) == 6
+
+
+def test_a_split_that_cannot_be_drawn_stops_the_study_before_any_cell(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Dirichlet 0.05 among 300 digits clients with a floor of 5 examples: one error naming the
+    keys and the seed, before any cell runs."""
+    spec = write_spec(tmp_path, """
+clients = 300
+seeds = [0]
+[base]
+dataset = "digits"
+dirichlet-alpha = 0.05
+min-partition-size = 5
+[[arms]]
+name = "A"
+config = { algorithm = "fedavg" }
+""")
+    out = tmp_path / "out"
+    assert main([str(spec), "--out", str(out)]) == 1
+    assert not (out / "cells").exists()
+    assert re.search(r"error: dataset='digits', partitioner='dirichlet', 300 clients: .*cannot "
+                     r"split.* \(seed 0\)", capsys.readouterr().err)
+
+
+def test_min_partition_size_zero_makes_heavy_skew_possible() -> None:
+    from plateau.data import PartitionSpec, ensure_partitions, load_splits, partition_sizes
+
+    spec = PartitionSpec("digits", 0.2, 0, 300, "dirichlet", 0.05, 2, min_size=0)
+    ensure_partitions(spec)
+    sizes = partition_sizes(spec)
+    assert len(sizes) == 300 and sizes.sum() == len(load_splits("digits", 0.2, 0)[0].labels)

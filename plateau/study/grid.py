@@ -101,12 +101,15 @@ def run_local(config: Mapping[str, Any], num_nodes: int, folder: Path,
     (or over ``grid``, whose nodes keep their state from an earlier run); results go to
     ``folder`` (``results-dir``/``run-name`` are set here)."""
     from client_app.app import app as client_app
+    from server_app.build import load_config, prepare_partitions
     from server_app.loop import run
 
     # every node is there from the start: no waiting for simulated SuperNodes to register
     config = {"population-size": num_nodes, **config, "results-dir": str(folder.parent),
               "run-name": folder.name}
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    # as the launcher does before Flower starts: a split that cannot be made is one error here
+    prepare_partitions(load_config(config), num_nodes)
     started = time.monotonic()
     run(grid or LocalGrid(client_app, num_nodes, config), config)
     wall = time.monotonic() - started

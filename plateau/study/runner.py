@@ -21,7 +21,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from plateau.config import RunConfig
+from plateau.config import ConfigError, RunConfig
 
 from .spec import Arm, Study
 
@@ -248,18 +248,33 @@ def _progress(index: int, total: int, result: Mapping[str, Any], started: float)
             f"{result['wall_s']:.0f} s ({result['id']})")
 
 
-def preflight(study: Study) -> None:
-    """Load every dataset the study needs before any cell starts: a dataset that cannot be
-    loaded offline is one error now, not one per cell."""
-    from plateau.data import DataError, load_splits
+PARTITION_KEYS = ("dataset", "test-fraction", "seed", "partitioner", "dirichlet-alpha",
+                  "classes-per-client", "validation-fraction", "min-partition-size")
 
-    configs = [{**study.base, **point} for point in study.points()]
-    for name in sorted({RunConfig.from_mapping(
-            {k: v for k, v in c.items() if k != "target-epsilon"}).dataset for c in configs}):
+
+def preflight(study: Study) -> None:
+    """Load every dataset and make every split the study needs before any cell starts: a
+    dataset that cannot be loaded offline, or a split that cannot be drawn (say Dirichlet 0.1
+    among 500 clients with a floor of 10 examples), is one error now, not one per cell an hour
+    in. The splits are stored, so the cells only read them."""
+    from server_app.build import prepare_partitions
+
+    point = study.tuning_point()
+    configs = [{**study.base, **p, **arm.config, "seed": seed}
+               for p in study.points() for arm in study.arms for seed in study.seeds]
+    if study.tuning.budget:
+        configs += [{**study.base, **point, **arm.config, "seed": study.tuning.seed,
+                     "validation-fraction": study.tuning.validation_fraction}
+                    for arm in study.arms]
+    splits = {}
+    for config in configs:
+        cfg = RunConfig.from_mapping({k: v for k, v in config.items() if k in PARTITION_KEYS})
+        splits[tuple(cfg.to_dict()[k] for k in PARTITION_KEYS)] = cfg
+    for cfg in splits.values():
         try:
-            load_splits(name, RunConfig().test_fraction, 0)
-        except DataError as err:
-            raise StudyError(f"dataset={name!r}: {err}") from None
+            prepare_partitions(cfg, study.clients)
+        except ConfigError as err:
+            raise StudyError(f"{err} (seed {cfg.seed})") from None
 
 
 def run_study(study: Study, out: Path, jobs: int, say: Callable[[str], None] = print
