@@ -186,12 +186,14 @@ def execute(cells: Iterable[Cell], out: Path, jobs: int,
             say: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
     """Run the cells not yet finished, ``jobs`` at a time (each with its share of the CPUs)."""
     done = load_results(out)
+    cells = list(cells)
     pending = [c.as_dict() for c in cells if c.id not in done]
     unique = list({c["id"]: c for c in pending}.values())
     if not unique:
         return done
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    say(f"{len(unique)} cells to run ({len(done)} already finished), {jobs} at a time")
+    finished = len({c.id for c in cells} - {c["id"] for c in unique})
+    say(f"{len(unique)} cells to run ({finished} already finished), {jobs} at a time")
     started = time.monotonic()
     failed = []
 
