@@ -74,6 +74,8 @@ tune = { lr = [0.1, 0.2] }
     trials = wide.trials(study.tuning.budget, study.name)
     assert len(trials) == 3 and len({json.dumps(t, sort_keys=True) for t in trials}) == 3
     assert trials == wide.trials(study.tuning.budget, study.name)  # a fixed draw
+    assert {t["lr"] for t in trials} == {0.01, 0.1, 1.0}  # every value of a key is tried
+    assert {t["clip-norm"] for t in trials} == {0.5, 1.0}
     assert len(narrow.trials(study.tuning.budget, study.name)) == 2  # all of a smaller space
 
 

@@ -51,15 +51,27 @@ class Arm:
     note: str = ""
 
     def trials(self, budget: int, salt: str) -> list[dict[str, Any]]:
-        """The tuning points: ``budget`` of the product of the arm's candidate values, drawn
-        without replacement by a fixed stream per (study, arm), so every arm gets the same
-        number of trials (all of them when its space is smaller)."""
+        """The tuning points: ``budget`` distinct points of the product of the arm's candidate
+        values, so every arm gets the same number of trials (all of them when its space is
+        smaller). A Latin draw by a fixed stream per (study, arm): each key cycles through its
+        values in a shuffled order, so with a budget of at least a key's number of values every
+        value is tried (a plain random draw once gave FedSAM three trials at its worst lr)."""
         keys = sorted(self.tune)
         space = [dict(zip(keys, values, strict=True))
                  for values in itertools.product(*(self.tune[k] for k in keys))]
         if len(space) <= budget:
             return space
-        return random.Random(f"{salt}/{self.name}").sample(space, budget)
+        stream = random.Random(f"{salt}/{self.name}")
+        orders = {k: stream.sample(self.tune[k], len(self.tune[k])) for k in keys}
+        chosen: list[dict[str, Any]] = []
+        for index in range(budget):
+            point = {k: orders[k][(index + index // len(orders[k]) * (k_index + 1))
+                                  % len(orders[k])]
+                     for k_index, k in enumerate(keys)}
+            if point in chosen:  # the cycles met again: any point not yet tried
+                point = stream.choice([p for p in space if p not in chosen])
+            chosen.append(point)
+        return chosen
 
 
 @dataclass(frozen=True)
