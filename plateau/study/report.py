@@ -76,7 +76,9 @@ class Report:
     def __init__(self, study: Study, out: Path, results: Mapping[str, dict[str, Any]]) -> None:
         self.study, self.out = study, out
         calibrator = Calibrator(out / "calibration.json")
-        self.trials = [results[c.id] for c in tuning_cells(study, calibrator) if c.id in results]
+        expected_trials = tuning_cells(study, calibrator)
+        self.trials = [results[c.id] for c in expected_trials if c.id in results]
+        self.missing_trials = len(expected_trials) - len(self.trials)
         self.finals = [c for c in final_cells(study, calibrator, results)]
         self.results = results
         self.missing = [c for c in self.finals if c.id not in results]
@@ -114,6 +116,11 @@ class Report:
                     "effective_sigma": statistics.fmean(effective) if effective else None,
                     "per_round_s": per_round, "rounds_to_target": reach,
                     "backprops": backprops_per_step(runs[0]["config"]),
+                    "sharpness": [r["rounds"][-1]["sharpness"] for r in runs
+                                  if r["rounds"] and r["rounds"][-1].get("sharpness") is not None],
+                    "hessian": [r["rounds"][-1]["hessian_top_eigenvalue"] for r in runs
+                                if r["rounds"]
+                                and r["rounds"][-1].get("hessian_top_eigenvalue") is not None],
                     "ids": [r["id"] for r in runs]})
         return rows
 
@@ -216,28 +223,26 @@ class Report:
     def _figure_flatness(self, folder: Path) -> str | None:
         import matplotlib.pyplot as plt
 
-        point = self.study.tuning_point()
-        names, sharp, eigen = [], [], []
-        for arm in self.study.arms:
-            runs = self.group(point, arm.name)
-            last = [(r["rounds"][-1].get("sharpness"),
-                     r["rounds"][-1].get("hessian_top_eigenvalue")) for r in runs if r["rounds"]]
-            last = [x for x in last if x[0] is not None]
-            if last:
-                names.append(arm.name)
-                sharp.append(statistics.fmean(x[0] for x in last))
-                eigen.append(statistics.fmean(x[1] for x in last))
-        if not names:
+        rows = [r for r in self.summary_rows() if r["sharpness"]]
+        if not rows:
             return None
-        fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.0))
-        axes[0].bar(names, sharp)
-        axes[0].set_title("SAM sharpness of the final model", fontsize=8)
-        axes[1].bar(names, eigen)
-        axes[1].set_title("top Hessian eigenvalue of the final model", fontsize=8)
-        for ax in axes:
+        arms = [a.name for a in self.study.arms if any(r["arm"] == a.name for r in rows)]
+        points = [p for p in self.study.points() if any(r["point"] == p for r in rows)]
+        width = 0.8 / len(points)
+        fig, axes = plt.subplots(1, 2, figsize=(max(8.4, 1.2 * len(arms) * 2), 3.0))
+        for ax, key, title in ((axes[0], "sharpness", "SAM sharpness of the final model"),
+                               (axes[1], "hessian", "top Hessian eigenvalue of the final model")):
+            for index, point in enumerate(points):
+                values = [next((statistics.fmean(r[key]) for r in rows
+                                if r["arm"] == arm and r["point"] == point), float("nan"))
+                          for arm in arms]
+                ax.bar([i + index * width for i in range(len(arms))], values, width,
+                       label=_point_label(point))
+            ax.set_xticks([i + width * (len(points) - 1) / 2 for i in range(len(arms))], arms)
             ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-        fig.suptitle(f"flatness at {_point_label(point)} (mean over seeds; lower = flatter)",
-                     fontsize=9)
+            ax.set_title(title, fontsize=8)
+        _legend(fig, axes[0])
+        fig.suptitle("flatness at the end (mean over seeds; lower = flatter)", fontsize=9)
         return self._save(fig, folder, "flatness.png")
 
     def _figure_wall(self, folder: Path) -> str | None:
@@ -296,6 +301,9 @@ class Report:
                  f"Scale `{study.scale}`: {study.clients} clients, seeds {study.seeds}, "
                  f"{len(study.arms)} arms x {len(study.points())} grid points. Rerun (finished "
                  f"cells are reused): `{rerun}`.", ""]
+        if self.missing_trials:
+            lines += [f"**Tuning incomplete: {self.missing_trials} trials have not run yet**, so "
+                      "the chosen values below are provisional.", ""]
         if self.missing:
             lines += [f"**Incomplete: {len(self.missing)} of {len(self.finals)} final cells have "
                       "not run yet**; the tables show what has.", ""]
@@ -316,18 +324,22 @@ class Report:
     def _main_table(self) -> list[str]:
         axes = list(self.study.grid)
         target = self.study.target_accuracy
+        rows = self.summary_rows()
+        flat = any(r["sharpness"] for r in rows)
         header = ["arm", *axes, "final accuracy", "best accuracy",
                   *([f"rounds to {target:g}"] if target is not None else []),
+                  *(["sharpness", "Hessian top eigenvalue"] if flat else []),
                   "clip fraction", "sigma", "effective sigma", "epsilon (run)", "backprops/step",
                   "s/round", "seeds"]
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for row in self.summary_rows():
+        for row in rows:
             eps = [e for e in row["epsilon"] if e is not None]
             reach = row["rounds_to_target"]
             cells = [row["arm"], *(_fmt(row["point"][k]) for k in axes),
                      _mean_std(row["final"]), _mean_std(row["best"]),
                      *([" ".join("-" if r is None else str(r) for r in reach)]
                        if target is not None else []),
+                     *([_mean_std(row["sharpness"]), _mean_std(row["hessian"])] if flat else []),
                      _mean_std(row["clip"]) if row["clip"] else "-",
                      "-" if row["sigma"] is None else f"{row['sigma']:.4f}",
                      "-" if row["effective_sigma"] is None else f"{row['effective_sigma']:.4f}",
