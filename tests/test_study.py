@@ -323,3 +323,26 @@ def test_min_partition_size_zero_makes_heavy_skew_possible() -> None:
     ensure_partitions(spec)
     sizes = partition_sizes(spec)
     assert len(sizes) == 300 and sizes.sum() == len(load_splits("digits", 0.2, 0)[0].labels)
+
+
+def test_only_this_draws_trials_choose_the_values(tmp_path: Path) -> None:
+    """A study folder may hold trials of an earlier draw (a changed spec): they must not give
+    an arm more than its budget, even when one of them scored best."""
+    from plateau.study.runner import final_cells, tuning_cells
+
+    study = load_spec(write_spec(tmp_path, """
+[tuning]
+budget = 2
+[[arms]]
+name = "A"
+config = { algorithm = "fedavg" }
+tune = { lr = [0.1, 0.2, 0.3] }
+"""))
+    calibrator = Calibrator(tmp_path / "calibration.json")
+    trials = tuning_cells(study, calibrator)
+    results = {c.id: {**c.as_dict(), "rounds": [{"test_accuracy": 0.5 + 0.1 * i}]}
+               for i, c in enumerate(trials)}
+    stale = {"id": "stale", "kind": "tune", "arm": "A", "tuned": {"lr": 9.9},
+             "rounds": [{"test_accuracy": 0.99}]}
+    finals = final_cells(study, calibrator, {**results, "stale": stale})
+    assert {json.dumps(f.tuned) for f in finals} == {json.dumps(trials[-1].tuned)}

@@ -366,7 +366,7 @@ class Report:
                 lines.append(f"| {arm.name} | 0 | (fixed: {_short(arm.config)}) | - | - |")
                 continue
             scores = [trial_score(t) for t in trials]
-            chosen = chosen_values(arm, study, {t["id"]: t for t in trials})
+            chosen = chosen_values(arm, trials)
             lines.append(f"| {arm.name} | {len(trials)} | {_short(chosen)} | {max(scores):.4f} | "
                          f"{min(scores):.4f} |")
         lines += ["", "<details><summary>every trial</summary>", "",

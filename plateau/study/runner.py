@@ -122,19 +122,21 @@ def trial_score(result: Mapping[str, Any]) -> float:
     return statistics.fmean(accuracies) if accuracies else float("nan")
 
 
-def chosen_values(arm: Arm, study: Study, results: Mapping[str, dict[str, Any]]
-                  ) -> dict[str, Any]:
-    """The arm's best trial (ties: the first in the drawn order); {} when it has no tuning."""
-    trials = [r for r in results.values() if r["kind"] == "tune" and r["arm"] == arm.name]
-    if not trials:
+def chosen_values(arm: Arm, trials: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The arm's best trial among ``trials`` (this study's finished trials, in the drawn order;
+    ties: the first); {} when it has none. Only this draw counts: a folder may also hold trials
+    of an earlier draw, which would give the arm more than its budget."""
+    mine = [t for t in trials if t["kind"] == "tune" and t["arm"] == arm.name]
+    if not mine:
         return {}
-    return max(trials, key=trial_score)["tuned"]
+    return dict(max(mine, key=trial_score)["tuned"])
 
 
 def final_cells(study: Study, calibrator: Calibrator,
                 results: Mapping[str, dict[str, Any]]) -> list[Cell]:
     """Every arm with its chosen values at every point and seed, on the test split."""
-    tuned = {arm.name: chosen_values(arm, study, results) for arm in study.arms}
+    trials = [results[c.id] for c in tuning_cells(study, calibrator) if c.id in results]
+    tuned = {arm.name: chosen_values(arm, trials) for arm in study.arms}
     cells = []
     for seed in study.seeds:  # seed by seed: a study stopped early still covers every arm
         for point in study.points():
