@@ -20,7 +20,10 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+RUN_ID = 1
 
 
 class LocalGrid(Grid):
@@ -31,7 +34,7 @@ class LocalGrid(Grid):
                  ) -> None:
         self.client_app = client_app
         self.contexts = {
-            node_id: Context(run_id=1, node_id=node_id,
+            node_id: Context(run_id=RUN_ID, node_id=node_id,
                              node_config={"partition-id": node_id - 1,
                                           "num-partitions": num_nodes},
                              state=RecordDict(), run_config=dict(run_config))
@@ -40,8 +43,9 @@ class LocalGrid(Grid):
         self.sent = 0
 
     @property
-    def run(self) -> Any:
-        raise NotImplementedError("a LocalGrid has no SuperLink run")
+    def run(self) -> Run:
+        """The grid's one run (id 1, the id its nodes' contexts carry)."""
+        return Run.create_empty(RUN_ID)
 
     def set_run(self, run_id: int) -> None:
         """Nothing to attach to: the grid is its own federation."""
@@ -59,7 +63,7 @@ class LocalGrid(Grid):
             self.sent += 1
             message_id = f"local-{self.sent}"
             message.metadata.__dict__["_message_id"] = message_id
-            message.metadata.__dict__["_run_id"] = 1
+            message.metadata.__dict__["_run_id"] = RUN_ID
             self.replies[message_id] = self._handle(message)
             ids.append(message_id)
         return ids
@@ -107,7 +111,7 @@ def run_local(config: Mapping[str, Any], num_nodes: int, folder: Path,
     # every node is there from the start: no waiting for simulated SuperNodes to register
     config = {"population-size": num_nodes, **config, "results-dir": str(folder.parent),
               "run-name": folder.name}
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK_NODE_ID, 1
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SUPERLINK_NODE_ID, 1
     # as the launcher does before Flower starts: a split that cannot be made is one error here
     prepare_partitions(load_config(config), num_nodes)
     started = time.monotonic()

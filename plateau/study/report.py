@@ -54,16 +54,10 @@ def code_clip_multiplier(config: Mapping[str, Any]) -> list[float]:
 
 def backprops_per_step(config: Mapping[str, Any]) -> int:
     """Backprops per local step of the cell's rule (what a two-backprop rule pays in time)."""
-    import torch
-
-    from client_app.training import LOCAL_RULES
     from plateau.config import RunConfig
-    from strategies import STRATEGIES
+    from server_app.algorithms import backprops_per_step as of_config
 
-    cfg = RunConfig.from_mapping(config)
-    strategy = STRATEGIES[cfg.algorithm](cfg, parameter_names=["w"], buffer_names=[])
-    strategy.current = {"w": torch.zeros(1)}
-    return LOCAL_RULES[strategy.local_rule].backprops_per_step
+    return of_config(RunConfig.from_mapping(config))
 
 
 def _series(rounds: Sequence[Mapping[str, Any]], key: str) -> list[float]:
