@@ -10,7 +10,7 @@ GPUS_PER_CLIENT ?= 0
 CONFIG ?=
 TIMEOUT ?= 3600
 
-.PHONY: install data run test test-containers audit audit-study record-study study bench algorithms clean
+.PHONY: install data run test test-containers audit audit-study record-study study bench algorithms docs clean
 
 # the stamp names the torch build, so asking for another one reinstalls torch
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -69,6 +69,12 @@ study: install
 
 algorithms: install
 	$(BIN)/python -m server_app.algorithms
+
+# regenerate what is derived from the schema and the algorithm registry: pyproject.toml's
+# run-config table and the README's config and algorithms tables (tests/test_config.py checks)
+docs: install
+	$(BIN)/python -m plateau.config --write .
+	$(BIN)/python -m server_app.algorithms --write README.md
 
 bench: install
 	$(BIN)/python benchmarks/algorithms.py

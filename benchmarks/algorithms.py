@@ -18,11 +18,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client_app.app import local_round
-from client_app.training import LocalTask
+from client_app.app import local_round, public_mask
 from plateau.config import RunConfig
 from plateau.data import DATASETS, client_partition
 from plateau.device import seeded_generator
+from plateau.local import LocalTask
 from plateau.models import build_model
 from server_app.app import build_strategy, load_config
 from server_app.launcher import app_defaults, parse_overrides
@@ -78,10 +78,9 @@ def one_round(strategy: PlateauStrategy, config: RunConfig, server_round: int,
                          lr=float(round_config["round-lr"]), broadcast=broadcast,
                          generator=seeded_generator(config.seed, server_round, pid),
                          state=states.setdefault(pid, {}))
-        mask_seed = round_config.get("mask-seed")
         content = local_round(task, str(round_config["local-rule"]),
                               float(round_config["expected-cohort"]), {},
-                              int(mask_seed) if mask_seed is not None else None)
+                              public_mask(round_config))
         replies.append(Message(content=content, reply_to=message))
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
     return new_arrays if new_arrays is not None else arrays

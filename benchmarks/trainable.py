@@ -45,10 +45,10 @@ def step_times(modes: list[str], steps: int = 8) -> None:
 
     import torch
 
-    from client_app.training import LocalTask
     from plateau.config import RunConfig
     from plateau.data import client_partition
     from plateau.device import seeded_generator
+    from plateau.local import LocalTask
     from plateau.models import input_spec, model_from_config
 
     print(f"{'trainable':9} {'coords':>11} {'payload MiB':>11} {'s/step':>7}  (torch threads "

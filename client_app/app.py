@@ -25,7 +25,8 @@ app = ClientApp()
 DECLINE_KEY = "decline"  # a reply that trains nothing, with its reason
 TRAIN_REPLY_KEYS = frozenset({"update", "metrics", "buffers"})
 # torch-side names that live in compute.py and are imported from there on first use
-_COMPUTE_NAMES = frozenset({"STATE_ROUNDS", "local_round", "load_state", "save_state"})
+_COMPUTE_NAMES = frozenset({"STATE_ROUNDS", "local_round", "load_state", "public_mask",
+                            "save_state"})
 
 
 class NodeConfigError(ValueError):
@@ -95,8 +96,8 @@ def identify(msg: Message, context: Context) -> Message:
     round 1 then costs what later rounds do."""
     pid, num = partition_of(context)
     question = msg.content.config_records.get("config", ConfigRecord())
-    if RunConfig.keys() <= set(question):
-        cfg = RunConfig.from_record(question)
+    if RunConfig.key_fields().keys() <= set(question):
+        cfg = RunConfig.from_record(question, algorithm_keys=False)
         if _admitted(cfg, context.node_config):
             path = trainer_socket(context.node_config)
             if path is None:
@@ -126,7 +127,7 @@ def train(msg: Message, context: Context) -> Message:
     """Run the local rule the server asked for and reply with the released update. The node
     policy is enforced here, in the process Flower started, before any work is done or handed
     to the node's trainer."""
-    cfg = RunConfig.from_record(msg.content["config"])
+    cfg = RunConfig.from_record(msg.content["config"], algorithm_keys=False)
     partition_of(context)
     enforce_node_policy(cfg, context.node_config)
     path = trainer_socket(context.node_config)

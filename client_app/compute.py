@@ -10,9 +10,11 @@ and the noise is drawn here, per release, from :func:`plateau.noise.secure_sourc
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
@@ -23,6 +25,7 @@ from plateau.config import RunConfig
 from plateau.data import Tensors as DataTensors
 from plateau.data import client_partition
 from plateau.device import resolve_device, seeded_generator
+from plateau.local import LocalTask
 from plateau.models import (
     float_buffer_names,
     frozen_digest,
@@ -45,9 +48,9 @@ from plateau.record_dp import (
     per_sample_module,
     plan_for,
 )
+from strategies import LOCAL_RULES
 
 from .app import NodeConfigError, declined, partition_of
-from .training import LOCAL_RULES, LocalTask
 
 STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
 
@@ -78,13 +81,24 @@ def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> D
     ).to(device)
 
 
+def public_mask(round_config: Mapping[str, Any]) -> tuple[int, float] | None:
+    """The round's public random subset of coordinates (seed, kept fraction in (0, 1]), when
+    the server announced one."""
+    seed, keep = round_config.get("mask-seed"), round_config.get("mask-keep")
+    if seed is None:
+        return None
+    if not isinstance(keep, int | float) or not 0 < keep <= 1:
+        raise ValueError(f"mask-keep={keep!r} with mask-seed: expected a fraction in (0, 1]")
+    return int(seed), float(keep)
+
+
 def local_round(task: LocalTask, rule: str, cohort: float,
-                start_buffers: dict[str, torch.Tensor], mask_seed: int | None = None,
+                start_buffers: dict[str, torch.Tensor], mask: tuple[int, float] | None = None,
                 noise_labels: tuple[int, ...] = ()) -> RecordDict:
     """Run a local rule, privatise what it releases, and build the reply's records.
 
-    ``mask_seed`` (FedSMP) restricts the release to the round's public random subset of
-    coordinates: the update is sparsified, then clipped, then noised on that subset only.
+    ``mask`` (FedSMP: seed, kept fraction) restricts the release to the round's public random
+    subset of coordinates: the update is sparsified, then clipped, then noised on that subset only.
     ``noise_labels`` name the draw for the test-only seeded path (PLATEAU_TEST_SEED); otherwise
     the noise is keyed by the operating system.
     """
@@ -93,8 +107,7 @@ def local_round(task: LocalTask, rule: str, cohort: float,
     released = LOCAL_RULES[rule].run(task)
     state = task.model.state_dict()
     buffers = {name: state[name] - start for name, start in start_buffers.items()}
-    support = (random_support(released, config.smp_keep, mask_seed)
-               if mask_seed is not None else None)
+    support = (random_support(released, mask[1], mask[0]) if mask is not None else None)
     metrics: dict[str, int | float] = {"num-examples": len(task.data)}
     diagnostics = {"train-loss": task.mean_loss(), "state-rounds": state_rounds}
     if task.record is not None:  # the loss and the update's norm are not private per record
@@ -194,9 +207,8 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     # A server claiming a larger cohort would shrink each client's distributed noise share;
     # the cohort can never exceed the population this node belongs to.
     cohort = min(float(round_config["expected-cohort"]), float(num))
-    mask_seed = round_config.get("mask-seed")
     reply = local_round(task, rule, cohort, start_buffers,
-                        int(mask_seed) if mask_seed is not None else None,
+                        public_mask(round_config),
                         noise_labels=(server_round, pid))
     save_state(context, cfg.algorithm, task.state)
     if silo is not None and task.record is not None:

@@ -1,10 +1,13 @@
 """The run configuration: one schema, validated once, before anything trains.
 
 Every knob of a run is a key of ``[tool.flwr.app.config]`` in ``pyproject.toml`` and can be
-overridden with ``flwr run . --run-config "k=v ..."``. This module declares each key once (type,
-default, allowed values, meaning); ``tests/test_config.py`` checks that ``pyproject.toml`` and the
-README table agree with it. ``RunConfig.from_mapping`` turns a raw mapping into a typed, frozen
-object or raises ``ConfigError`` with one line naming the key, the value and what is allowed.
+overridden with ``flwr run . --run-config "k=v ..."``. This module declares the keys every run
+has (type, default, allowed values, meaning); each algorithm declares its own hyper-parameters
+as a ``Params`` dataclass in its module (``plateau.registry``), and they join the schema from
+there. ``python -m plateau.config --write .`` regenerates ``pyproject.toml``'s table and the
+README's from the schema; ``tests/test_config.py`` fails when they are stale.
+``RunConfig.from_mapping`` turns a raw mapping into a typed, frozen object or raises
+``ConfigError`` with one line naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 ConfigValue = bool | int | float | str
 
@@ -69,6 +72,27 @@ class Check:
 def key(default: ConfigValue, doc: str, **check: Any) -> Any:
     """Declare one run-config key: its default, its meaning and what it accepts."""
     return field(default=default, metadata={"doc": doc, "check": Check(**check)})
+
+
+@dataclass(frozen=True)
+class Params:
+    """An algorithm's typed hyper-parameters, declared with ``key`` like the run config's own.
+
+    Field ``gamma`` of a group with ``prefix = "pgn"`` is the run-config key ``pgn-gamma``. A
+    group belongs to the algorithm module that declares it; algorithms that share a knob (the
+    SAM radius) list the same group. Read one with ``RunConfig.hparams(Group)``.
+    """
+
+    prefix: ClassVar[str] = ""
+
+    @classmethod
+    def key_fields(cls) -> dict[str, dataclasses.Field[Any]]:
+        """Run-config key -> field."""
+        return {f"{cls.prefix}-{f.name.rstrip('_').replace('_', '-')}": f
+                for f in dataclasses.fields(cls)}
+
+
+P = TypeVar("P", bound=Params)
 
 
 IMAGE_DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
@@ -231,45 +255,6 @@ class RunConfig:
         "/ |D|^2) with s the noise multiplier on the sum, m the cohort and d the released "
         "coordinates (positive-part James-Stein; post-processing, no privacy cost); 'off' = the "
         "papers' rules.", choices=("off", "snr"))
-    pgn_gamma: float = key(
-        0.2, "DP-FedPGN: weight of the local gradient; 1 - pgn-gamma goes to the global "
-        "direction c_t (authors' run: 0.2).", min=0, max=1,
-    )
-    pgn_form: str = key(
-        "mix", "DP-FedPGN local direction: 'mix' = pgn-gamma*g + (1-pgn-gamma)*c_t (1 backprop); "
-        "'perturb' = (1-pgn-alpha)*g(y) + pgn-alpha*g(y + pgn-radius*c_t/|c_t|) (2 backprops).",
-        choices=("mix", "perturb"),
-    )
-    pgn_alpha: float = key(0.5, "DP-FedPGN 'perturb' form: weight of the gradient at the "
-                           "perturbed point (penalty lambda / radius).", min=0, max=1)
-    pgn_radius: float = key(0.05, "DP-FedPGN 'perturb' form: finite-difference radius r along "
-                            "the global direction.", min=0)
-    ls_sigma: float = key(1.0, "fedpgn-ls: Laplacian-smoothing strength lambda of "
-                          "(I - lambda*L)^-1; 0 = identity.", min=0)
-    nsam_gamma: float = key(0.85, "FedNSAM: server momentum / Nesterov extrapolation "
-                            "coefficient.", min=0, max=1, max_exclusive=True)
-    nsam_rho: float = key(0.05, "FedNSAM: SAM radius along the global momentum.", min=0)
-    nsam_form: str = key(
-        "paper", "FedNSAM client: 'paper' = gradient at y + gamma*m - rho*m/|m| (1 backprop); "
-        "'code' = local SAM from the look-ahead start x + gamma*m (2 backprops), as the authors' "
-        "code, with correct momentum.", choices=("paper", "code"),
-    )
-    server_momentum: float = key(0.9, "fedavgm: server momentum beta.", min=0, max=1,
-                                 max_exclusive=True)
-    server_lr: float = key(1.0, "fedavgm: server learning rate.", min=0, min_exclusive=True)
-    acg_lambda: float = key(0.85, "fedacg: momentum / look-ahead coefficient lambda.", min=0,
-                            max=1, max_exclusive=True)
-    acg_beta: float = key(0.01, "fedacg: weight beta of the proximal term (beta/2)|y - z_t|^2.",
-                          min=0)
-    cm_alpha: float = key(0.1, "fedcm, mofedsam: weight of the local gradient; 1 - cm-alpha "
-                          "goes to the last global update.", min=0, max=1)
-    sam_rho: float = key(0.05, "fedsam, mofedsam, fedlesam, fedgamma, fedsmoo: SAM radius.",
-                         min=0)
-    dyn_alpha: float = key(0.01, "feddyn, fedsmoo: weight of the dynamic regulariser.", min=0)
-    smp_keep: float = key(0.6, "fedsmp: fraction of coordinates kept by the round's public "
-                          "random mask.", min=0, max=1, min_exclusive=True)
-    blur_alpha: float = key(0.4, "fedavg-blur: weight of the bounded-update regulariser "
-                            "(alpha/2)*max(0, |y - x|^2 - clip-norm^2).", min=0)
     max_test_examples: int = key(2000, "Central evaluation uses at most this many held-out "
                                  "examples (a fixed random subset); 0 = all.", min=0)
     sharpness_every: int = key(0, "Every this many rounds, measure the global model's SAM "
@@ -311,22 +296,49 @@ class RunConfig:
     run_name: str = key("", "Sub-folder of results-dir; '' = <algorithm>-<dataset>-<time>.",
                         pattern=r"(?!\.+$)[A-Za-z0-9._-]*")
 
+    # every algorithm's hyper-parameters, validated (key -> value; not a key itself)
+    algorithm_options: tuple[tuple[str, ConfigValue], ...] = field(default=(), repr=False)
+
+    @classmethod
+    def key_fields(cls) -> dict[str, dataclasses.Field[Any]]:
+        """The keys every run has (not the algorithms' own): key -> field."""
+        return {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)
+                if "check" in f.metadata}
+
     @classmethod
     def from_mapping(cls, raw: Mapping[str, ConfigValue]) -> RunConfig:
-        """Validate a flat key -> value mapping (missing keys take their defaults)."""
-        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(fields))
+        """Validate a flat key -> value mapping (missing keys take their defaults), every
+        algorithm's hyper-parameters included."""
+        from plateau.registry import param_keys
+
+        fields, options = cls.key_fields(), param_keys()
+        unknown = sorted(set(raw) - set(fields) - set(options))
         if unknown:
             raise ConfigError(
-                f"unknown run-config key {unknown[0]!r}; known keys: {', '.join(sorted(fields))}"
+                f"unknown run-config key {unknown[0]!r}; known keys: "
+                + ", ".join(sorted({*fields, *options}))
             )
-        values: dict[str, Any] = {}
-        for name, f in fields.items():
-            value = raw.get(name, f.default)
-            values[f.name] = _coerce(name, value, type(f.default), f.metadata["check"])
+        values: dict[str, Any] = {
+            f.name: _coerce(name, raw.get(name, f.default), type(f.default), f.metadata["check"])
+            for name, f in fields.items()
+        }
+        values["algorithm_options"] = tuple(
+            (name, _coerce(name, raw.get(name, f.default), type(f.default), f.metadata["check"]))
+            for name, (_, f) in options.items()
+        )
         config = cls(**values)
         config._check_combinations()
         return config
+
+    def hparams(self, kind: type[P]) -> P:
+        """The typed hyper-parameters of one group (validated in ``from_mapping``)."""
+        options = dict(self.algorithm_options)
+        missing = sorted(set(kind.key_fields()) - set(options))
+        if missing:
+            raise ConfigError(f"this config was read without the algorithm keys ({missing[0]!r} "
+                              "missing): use RunConfig.from_mapping or from_record(..., "
+                              "algorithm_keys=True)")
+        return kind(**{f.name: options[name] for name, f in kind.key_fields().items()})
 
     def _check_combinations(self) -> None:
         text_model, text_data = self.model in TEXT_MODELS, self.dataset in TEXT_DATASETS
@@ -406,18 +418,33 @@ class RunConfig:
 
     @classmethod
     def keys(cls) -> frozenset[str]:
-        """Every run-config key."""
-        return frozenset(f.name.replace("_", "-") for f in dataclasses.fields(cls))
+        """Every run-config key, the algorithms' included."""
+        from plateau.registry import param_keys
+
+        return frozenset(cls.key_fields()) | frozenset(param_keys())
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> RunConfig:
-        """Validate the run-config keys of a message's config record, ignoring round scalars."""
-        names = cls.keys()
-        return cls.from_mapping({k: v for k, v in record.items() if k in names})
+    def from_record(cls, record: Mapping[str, Any], *, algorithm_keys: bool = True) -> RunConfig:
+        """Validate the run-config keys of a message's config record, ignoring round scalars.
+
+        ``algorithm_keys=False`` reads only the keys every run has, without importing the
+        algorithms (torch): for a process that only checks the node's policy and hands the work
+        on. ``hparams`` is then refused.
+        """
+        if algorithm_keys:
+            names = cls.keys()
+            return cls.from_mapping({k: v for k, v in record.items() if k in names})
+        fields = cls.key_fields()
+        values = {f.name: _coerce(name, record.get(name, f.default), type(f.default),
+                                  f.metadata["check"]) for name, f in fields.items()}
+        config = cls(**values)
+        config._check_combinations()
+        return config
 
     def to_dict(self) -> dict[str, ConfigValue]:
         """The resolved config with its run-config keys, as written to summary.json."""
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**{name: getattr(self, f.name) for name, f in self.key_fields().items()},
+                **dict(self.algorithm_options)}
 
     @property
     def sampling_method(self) -> str:
@@ -448,12 +475,16 @@ def _coerce(name: str, value: Any, kind: type, check: Check) -> ConfigValue:
 
 
 def describe_keys() -> list[tuple[str, ConfigValue, str, str]]:
-    """(key, default, allowed, meaning) for every key, in declaration order: the README table."""
+    """(key, default, allowed, meaning) for every key: the run's own in declaration order, then
+    the algorithms' by key: the README table."""
+    from plateau.registry import param_keys
+
+    algorithm_fields = sorted((name, f) for name, (_, f) in param_keys().items())
     rows = []
-    for f in dataclasses.fields(RunConfig):
+    for name, f in [*RunConfig.key_fields().items(), *algorithm_fields]:
         check: Check = f.metadata["check"]
         allowed = "true / false" if isinstance(f.default, bool) else check.describe()
-        rows.append((f.name.replace("_", "-"), f.default, allowed, f.metadata["doc"]))
+        rows.append((name, f.default, allowed, f.metadata["doc"]))
     return rows
 
 

@@ -6,12 +6,14 @@ clients release; the local rule's cost in backprops per step.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
-from client_app.training import LOCAL_RULES
 from plateau.config import RunConfig
 from plateau.release import CONTROL_PREFIX, DUAL_PREFIX
-from strategies import STRATEGIES, PlateauStrategy
+from strategies import LOCAL_RULES, STRATEGIES, PlateauStrategy
 
 UPLOADS = {CONTROL_PREFIX: "control-variate change", DUAL_PREFIX: "perturbation dual"}
 
@@ -47,5 +49,15 @@ def algorithms_table() -> str:
     return "\n".join(lines)
 
 
+def write_table(readme: Path) -> None:
+    """Replace the algorithms table in the README with the generated one."""
+    text = readme.read_text()
+    start = text.index("| `algorithm` | paper |")
+    readme.write_text(text[:start] + algorithms_table() + text[text.index("\n\n", start):])
+
+
 if __name__ == "__main__":
-    print(algorithms_table())
+    if sys.argv[1:2] == ["--write"]:
+        write_table(Path(sys.argv[2] if len(sys.argv) > 2 else "README.md"))
+    else:
+        print(algorithms_table())

@@ -19,14 +19,13 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from client_app.training import LOCAL_RULES
 from plateau.accounting import PrivacyAccountant
 from plateau.canaries import audit_flags
 from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
 from plateau.noise import TEST_SEED_ENV, test_seed
 from plateau.privacy import mechanism_from_config
-from strategies import PlateauStrategy
+from strategies import LOCAL_RULES, PlateauStrategy
 from strategies.base import exchange, short_reason
 
 from .build import build_strategy, load_config, prepare_partitions

@@ -1,44 +1,15 @@
-"""Server-side rules of every algorithm, one file each, built on a shared base."""
+"""Every algorithm, one module each: its server rule, its client rule(s) and its typed
+hyper-parameters, registered once (``plateau.registry``). The tables below are derived."""
 
 from __future__ import annotations
 
+from plateau.registry import algorithms, local_rules
+
 from .base import PlateauStrategy
-from .fedacg import FedACG
-from .fedavg import FedAvg
-from .fedavg_blur import FedAvgBLUR
-from .fedavg_ls import FedAvgLS
-from .fedavgm import FedAvgM
-from .fedcm import FedCM
-from .feddyn import FedDyn
-from .fedgamma import FedGAMMA
-from .fedlesam import FedLESAM
-from .fednsam import FedNSAM
-from .fedpgn import FedPGN
-from .fedpgn_ls import FedPGNLS
-from .fedsam import FedSAM
-from .fedsmoo import FedSMOO
-from .fedsmp import FedSMP
-from .mofedsam import MoFedSAM
-from .scaffold import Scaffold
 
+ALGORITHMS = algorithms()
 STRATEGIES: dict[str, type[PlateauStrategy]] = {
-    "fedavg": FedAvg,
-    "fedpgn": FedPGN,
-    "fedpgn-ls": FedPGNLS,
-    "fednsam": FedNSAM,
-    "fedavgm": FedAvgM,
-    "fedacg": FedACG,
-    "fedcm": FedCM,
-    "scaffold": Scaffold,
-    "feddyn": FedDyn,
-    "fedsam": FedSAM,
-    "mofedsam": MoFedSAM,
-    "fedlesam": FedLESAM,
-    "fedgamma": FedGAMMA,
-    "fedsmoo": FedSMOO,
-    "fedavg-ls": FedAvgLS,
-    "fedsmp": FedSMP,
-    "fedavg-blur": FedAvgBLUR,
-}
+    name: algorithm.strategy for name, algorithm in ALGORITHMS.items()}
+LOCAL_RULES = local_rules()
 
-__all__ = ["STRATEGIES", "PlateauStrategy"]
+__all__ = ["ALGORITHMS", "LOCAL_RULES", "STRATEGIES", "PlateauStrategy"]

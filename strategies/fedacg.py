@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord
 
-from plateau.config import RunConfig
+from plateau.config import Params, RunConfig, key
+from plateau.local import LocalTask, combine, run_steps
 from plateau.privacy import Tensors
+from plateau.registry import Algorithm, LocalRule, register
 
 from .base import PlateauStrategy
+
+
+@dataclass(frozen=True)
+class ACGParams(Params):
+    """FedACG's look-ahead and proximal weight (keys ``acg-lambda``, ``acg-beta``)."""
+
+    prefix = "acg"
+    lambda_: float = key(0.85, "fedacg: momentum / look-ahead coefficient lambda.", min=0, max=1,
+                         max_exclusive=True)
+    beta: float = key(0.01, "fedacg: weight beta of the proximal term (beta/2)|y - z_t|^2.",
+                      min=0)
 
 
 class FedACG(PlateauStrategy):
@@ -32,13 +46,14 @@ class FedACG(PlateauStrategy):
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
+        self.hparams = config.hparams(ACGParams)
         self.momentum: Tensors = {}
 
     def broadcast_model(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """z_t = x_t + lambda*m_t (buffers unchanged)."""
         if not self.momentum:
             return arrays
-        lam = self.config.acg_lambda
+        lam = self.hparams.lambda_
         ahead = {k: v + lam * self.momentum[k] if k in self.momentum else v
                  for k, v in self.current.items()}
         return self.as_record(ahead)
@@ -46,6 +61,17 @@ class FedACG(PlateauStrategy):
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
         """m <- lambda*m + mean(Delta); x <- x + m."""
         momentum = self.momentum or self.zeros()
-        lam = self.config.acg_lambda
+        lam = self.hparams.lambda_
         self.momentum = {k: lam * momentum[k] + mean_update[k] for k in self.parameter_names}
         return {k: self.current[k] + self.momentum[k] for k in self.parameter_names}
+
+
+def prox(task: LocalTask) -> Tensors:
+    """clip(g) + beta*(y - z_t), z_t the received look-ahead; releases y_K - z_t."""
+    beta = task.hparams(ACGParams).beta
+    run_steps(task, lambda x, y: combine(task.stability_clip(task.gradients(x, y)),
+                                         task.drift(task.start), weights=(1.0, beta)))
+    return task.delta()
+
+
+register(Algorithm("fedacg", FedACG, rules={"prox": LocalRule(prox, 1)}, params=(ACGParams,)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from plateau.local import LocalTask, run_steps
 from plateau.privacy import Tensors
+from plateau.registry import Algorithm, LocalRule, register
 
 from .base import PlateauStrategy
 
@@ -28,3 +30,12 @@ class FedAvg(PlateauStrategy):
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
         """x_{t+1} = x_t + mean(Delta)."""
         return {k: self.current[k] + mean_update[k] for k in self.parameter_names}
+
+
+def sgd(task: LocalTask) -> Tensors:
+    """K steps of SGD; releases Delta = y_K - x_t."""
+    run_steps(task, lambda x, y: task.stability_clip(task.gradients(x, y)))
+    return task.delta()
+
+
+register(Algorithm("fedavg", FedAvg, rules={"sgd": LocalRule(sgd, 1)}))

@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
+from plateau.config import Params, key
+from plateau.local import Grads, LocalTask, combine, run_steps
+from plateau.privacy import Tensors, flat_norm
+from plateau.registry import Algorithm, LocalRule, register
+
 from .fedavg import FedAvg
+
+
+@dataclass(frozen=True)
+class BlurParams(Params):
+    """Weight of the bounded-update regulariser (key ``blur-alpha``)."""
+
+    prefix = "blur"
+    alpha: float = key(0.4, "fedavg-blur: weight of the bounded-update regulariser "
+                       "(alpha/2)*max(0, |y - x|^2 - clip-norm^2).", min=0)
 
 
 class FedAvgBLUR(FedAvg):
@@ -21,3 +39,21 @@ class FedAvgBLUR(FedAvg):
     server_state = "x"
 
     local_rule = "blur"
+
+
+def blur(task: LocalTask) -> Tensors:
+    """clip(g) + alpha*(y - x_t) while |y - x_t| > C (a real gradient)."""
+    alpha, bound = task.hparams(BlurParams).alpha, task.config.clip_norm
+
+    def direction(x: torch.Tensor, y: torch.Tensor) -> Grads:
+        drift = task.drift(task.start)
+        outside = flat_norm(dict(enumerate(drift))) > bound
+        g = task.stability_clip(task.gradients(x, y))
+        return combine(g, drift, weights=(1.0, alpha)) if outside else g
+
+    run_steps(task, direction)
+    return task.delta()
+
+
+register(Algorithm("fedavg-blur", FedAvgBLUR, rules={"blur": LocalRule(blur, 1)},
+                   params=(BlurParams,)))

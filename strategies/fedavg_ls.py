@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from plateau.privacy import Tensors
+from plateau.registry import Algorithm, register
 
 from .base import PlateauStrategy
-from .smoothing import laplacian_smooth
+from .smoothing import SmoothingParams, laplacian_smooth
 
 
 class FedAvgLS(PlateauStrategy):
@@ -25,5 +26,9 @@ class FedAvgLS(PlateauStrategy):
 
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
         """x <- x + LS(mean(Delta))."""
-        return {k: self.current[k] + laplacian_smooth(mean_update[k], self.config.ls_sigma)
+        sigma = self.config.hparams(SmoothingParams).sigma
+        return {k: self.current[k] + laplacian_smooth(mean_update[k], sigma)
                 for k in self.parameter_names}
+
+
+register(Algorithm("fedavg-ls", FedAvgLS, params=(SmoothingParams,)))

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from plateau.config import RunConfig
+from plateau.config import Params, RunConfig, key
 from plateau.privacy import Tensors
+from plateau.registry import Algorithm, register
 
 from .base import PlateauStrategy
+
+
+@dataclass(frozen=True)
+class ServerMomentumParams(Params):
+    """FedAvgM's server optimiser (keys ``server-momentum``, ``server-lr``)."""
+
+    prefix = "server"
+    momentum: float = key(0.9, "fedavgm: server momentum beta.", min=0, max=1,
+                          max_exclusive=True)
+    lr: float = key(1.0, "fedavgm: server learning rate.", min=0, min_exclusive=True)
 
 
 class FedAvgM(PlateauStrategy):
@@ -28,11 +40,15 @@ class FedAvgM(PlateauStrategy):
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
+        self.hparams = config.hparams(ServerMomentumParams)
         self.momentum: Tensors = {}
 
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
         """m <- beta*m + mean(Delta); x <- x + server_lr*m."""
         momentum = self.momentum or self.zeros()
-        beta, lr = self.config.server_momentum, self.config.server_lr
+        beta, lr = self.hparams.momentum, self.hparams.lr
         self.momentum = {k: beta * momentum[k] + mean_update[k] for k in self.parameter_names}
         return {k: self.current[k] + lr * self.momentum[k] for k in self.parameter_names}
+
+
+register(Algorithm("fedavgm", FedAvgM, params=(ServerMomentumParams,)))

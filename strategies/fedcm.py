@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from plateau.config import Params, key
+from plateau.local import LocalTask, combine, run_steps
 from plateau.privacy import Tensors
+from plateau.registry import Algorithm, LocalRule, register
 
 from .shared import GlobalDirection
+
+
+@dataclass(frozen=True)
+class CMParams(Params):
+    """Weight of the local gradient against the global direction (key ``cm-alpha``)."""
+
+    prefix = "cm"
+    alpha: float = key(0.1, "fedcm, mofedsam: weight of the local gradient; 1 - cm-alpha goes "
+                       "to the last global update.", min=0, max=1)
 
 
 class FedCM(GlobalDirection):
@@ -28,3 +42,15 @@ class FedCM(GlobalDirection):
         """x <- x + mean(Delta); c <- -mean(Delta)/(K lr)."""
         self.remember_step(server_round, {k: -mean_update[k] for k in self.parameter_names})
         return {k: self.current[k] + mean_update[k] for k in self.parameter_names}
+
+
+def cm(task: LocalTask) -> Tensors:
+    """alpha*clip(g) + (1-alpha)*c_t; releases the whole Delta."""
+    alpha = task.hparams(CMParams).alpha
+    direction = task.vector("direction")
+    run_steps(task, lambda x, y: combine(task.stability_clip(task.gradients(x, y)), direction,
+                                         weights=(alpha, 1 - alpha)))
+    return task.delta()
+
+
+register(Algorithm("fedcm", FedCM, rules={"cm": LocalRule(cm, 1)}, params=(CMParams,)))

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from plateau.config import Params, key
+from plateau.local import LocalTask, combine, run_steps
 from plateau.privacy import Tensors
+from plateau.registry import Algorithm, LocalRule, register
 
 from .shared import DynamicRegulariser
+
+
+@dataclass(frozen=True)
+class DynParams(Params):
+    """Weight of FedDyn's dynamic regulariser (key ``dyn-alpha``)."""
+
+    prefix = "dyn"
+    alpha: float = key(0.01, "feddyn, fedsmoo: weight of the dynamic regulariser.", min=0)
 
 
 class FedDyn(DynamicRegulariser):
@@ -28,3 +41,17 @@ class FedDyn(DynamicRegulariser):
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
         """x_{t+1} = mean(y) + H."""
         return self.step_with_regulariser(mean_update)
+
+
+def dyn(task: LocalTask) -> Tensors:
+    """clip(g) + alpha*(y - x_t + H_i); then H_i <- H_i + Delta (H_i in the state)."""
+    alpha = task.hparams(DynParams).alpha
+    accumulated, anchor = task.accumulated_anchor()
+    run_steps(task, lambda x, y: combine(task.stability_clip(task.gradients(x, y)),
+                                         task.drift(anchor), weights=(1.0, alpha)))
+    delta = task.delta()
+    task.keep_state("accumulated", combine(accumulated, list(delta.values())))
+    return delta
+
+
+register(Algorithm("feddyn", FedDyn, rules={"dyn": LocalRule(dyn, 1)}, params=(DynParams,)))

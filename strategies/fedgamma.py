@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from .scaffold import Scaffold
+from plateau.local import LocalTask, sam_gradient
+from plateau.privacy import Tensors
+from plateau.registry import Algorithm, LocalRule, register
+
+from .fedsam import SAMParams
+from .scaffold import Scaffold, controlled
 
 
 class FedGAMMA(Scaffold):
@@ -21,3 +26,13 @@ class FedGAMMA(Scaffold):
     client_state = "c_i"
 
     local_rule = "gamma"
+
+
+def gamma(task: LocalTask) -> Tensors:
+    """SCAFFOLD's control variates around the SAM gradient."""
+    rho = task.hparams(SAMParams).rho
+    return controlled(task, lambda x, y: sam_gradient(task, x, y, rho))
+
+
+register(Algorithm("fedgamma", FedGAMMA, rules={"gamma": LocalRule(gamma, 2)},
+                   params=(SAMParams,)))

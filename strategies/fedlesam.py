@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from plateau.local import LocalTask, run_steps, unit
+from plateau.privacy import Tensors
+from plateau.registry import Algorithm, LocalRule, register
+
 from .fedcm import FedCM
+from .fedsam import SAMParams
 
 
 class FedLESAM(FedCM):
@@ -22,3 +27,17 @@ class FedLESAM(FedCM):
     server_state = "x, c_t"
 
     local_rule = "lesam"
+
+
+def lesam(task: LocalTask) -> Tensors:
+    """The gradient at y + rho*c_t/|c_t| (one backprop); releases Delta."""
+    rho = task.hparams(SAMParams).rho
+    direction = task.vector("direction")
+    ascent = unit(direction) if direction is not None else None
+    shift = [rho * a for a in ascent] if ascent is not None else None
+    run_steps(task, lambda x, y: task.stability_clip(task.gradients_at(shift, x, y)))
+    return task.delta()
+
+
+register(Algorithm("fedlesam", FedLESAM, rules={"lesam": LocalRule(lesam, 1)},
+                   params=(SAMParams,)))

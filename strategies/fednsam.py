@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord
 
-from plateau.config import RunConfig
+from plateau.config import Params, RunConfig, key
+from plateau.local import LocalTask, combine, run_steps, sam_gradient, unit
 from plateau.privacy import Tensors
+from plateau.registry import Algorithm, LocalRule, register
 
 from .base import PlateauStrategy
+
+
+@dataclass(frozen=True)
+class NSAMParams(Params):
+    """FedNSAM's momentum, radius and client form (keys ``nsam-*``)."""
+
+    prefix = "nsam"
+    gamma: float = key(0.85, "FedNSAM: server momentum / Nesterov extrapolation coefficient.",
+                       min=0, max=1, max_exclusive=True)
+    rho: float = key(0.05, "FedNSAM: SAM radius along the global momentum.", min=0)
+    form: str = key(
+        "paper", "FedNSAM client: 'paper' = gradient at y + gamma*m - rho*m/|m| (1 backprop); "
+        "'code' = local SAM from the look-ahead start x + gamma*m (2 backprops), as the authors' "
+        "code, with correct momentum.", choices=("paper", "code"))
 
 
 class FedNSAM(PlateauStrategy):
@@ -35,12 +53,13 @@ class FedNSAM(PlateauStrategy):
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
+        self.hparams = config.hparams(NSAMParams)
         self.momentum: Tensors = {}
 
     @property
     def local_rule(self) -> str:  # type: ignore[override]
         """'nsam' (paper) or 'nsam-code'."""
-        return "nsam" if self.config.nsam_form == "paper" else "nsam-code"
+        return "nsam" if self.hparams.form == "paper" else "nsam-code"
 
     def global_momentum(self) -> Tensors:
         """m_t (zeros before the first update)."""
@@ -54,7 +73,37 @@ class FedNSAM(PlateauStrategy):
 
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
         """m_{t+1} = gamma*m_t + mean(Delta); x_{t+1} = x_t + m_{t+1}."""
-        gamma = self.config.nsam_gamma
+        gamma = self.hparams.gamma
         momentum = self.global_momentum()
         self.momentum = {k: gamma * momentum[k] + mean_update[k] for k in self.parameter_names}
         return {k: self.current[k] + self.momentum[k] for k in self.parameter_names}
+
+
+def nsam(task: LocalTask) -> Tensors:
+    """The gradient at y + gamma*m - rho*m/|m| (one backprop); releases Delta."""
+    params = task.hparams(NSAMParams)
+    momentum = task.vector("momentum")
+    direction = unit(momentum) if momentum is not None else None
+    shift = None
+    if momentum is not None and direction is not None:
+        shift = combine(momentum, direction, weights=(params.gamma, -params.rho))
+    run_steps(task, lambda x, y: task.stability_clip(task.gradients_at(shift, x, y)))
+    return task.delta()
+
+
+def nsam_code(task: LocalTask) -> Tensors:
+    """As the authors' code runs it: start at z_0 = x_t + gamma*m, then local SAM (two
+    backprops); releases Delta = z_K - z_0."""
+    params = task.hparams(NSAMParams)
+    momentum = task.vector("momentum")
+    if momentum is not None:
+        with torch.no_grad():
+            for p, m in zip(task.params, momentum, strict=True):
+                p.add_(params.gamma * m)
+        task.start = [p.detach().clone() for p in task.params]
+    run_steps(task, lambda x, y: task.stability_clip(sam_gradient(task, x, y, params.rho)))
+    return task.delta()
+
+
+register(Algorithm("fednsam", FedNSAM, params=(NSAMParams,), core=True, rules={
+    "nsam": LocalRule(nsam, 1), "nsam-code": LocalRule(nsam_code, 2)}))

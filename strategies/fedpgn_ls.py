@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from plateau.privacy import Tensors
+from plateau.registry import Algorithm, register
 
-from .fedpgn import FedPGN
-from .smoothing import laplacian_smooth
+from .fedpgn import FedPGN, PGNParams
+from .smoothing import SmoothingParams, laplacian_smooth
 
 
 class FedPGNLS(FedPGN):
@@ -24,4 +25,8 @@ class FedPGNLS(FedPGN):
 
     def smooth(self, update: Tensors) -> Tensors:
         """Per-tensor implicit Laplacian smoothing."""
-        return {k: laplacian_smooth(v, self.config.ls_sigma) for k, v in update.items()}
+        sigma = self.config.hparams(SmoothingParams).sigma
+        return {k: laplacian_smooth(v, sigma) for k, v in update.items()}
+
+
+register(Algorithm("fedpgn-ls", FedPGNLS, params=(PGNParams, SmoothingParams)))

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from plateau.config import Params, key
+from plateau.local import LocalTask, run_steps, sam_gradient
+from plateau.privacy import Tensors
+from plateau.registry import Algorithm, LocalRule, register
+
 from .fedavg import FedAvg
+
+
+@dataclass(frozen=True)
+class SAMParams(Params):
+    """The SAM radius, shared by every algorithm with a local SAM step (key ``sam-rho``)."""
+
+    prefix = "sam"
+    rho: float = key(0.05, "fedsam, mofedsam, fedlesam, fedgamma, fedsmoo: SAM radius.", min=0)
 
 
 class FedSAM(FedAvg):
@@ -19,3 +34,13 @@ class FedSAM(FedAvg):
     server_state = "x"
 
     local_rule = "sam"
+
+
+def sam(task: LocalTask) -> Tensors:
+    """The gradient at y + rho*g/|g| (two backprops); releases Delta."""
+    rho = task.hparams(SAMParams).rho
+    run_steps(task, lambda x, y: task.stability_clip(sam_gradient(task, x, y, rho)))
+    return task.delta()
+
+
+register(Algorithm("fedsam", FedSAM, rules={"sam": LocalRule(sam, 2)}, params=(SAMParams,)))

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord
 
 from plateau.config import RunConfig
+from plateau.local import Grads, LocalTask, combine, run_steps
 from plateau.privacy import Tensors, flat_norm
+from plateau.registry import Algorithm, LocalRule, register
 from plateau.release import DUAL_PREFIX
 
+from .feddyn import DynParams
+from .fedsam import SAMParams
 from .shared import DynamicRegulariser
 
 
@@ -52,6 +57,39 @@ class FedSMOO(DynamicRegulariser):
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
         """FedDyn's model update; s_{t+1} = rho * mean(mu) / (|mean(mu)| + 1e-7)."""
         mean_dual = {k: mean_update[DUAL_PREFIX + k] for k in self.parameter_names}
-        scale = self.config.sam_rho / (flat_norm(mean_dual) + 1e-7)
+        scale = self.config.hparams(SAMParams).rho / (flat_norm(mean_dual) + 1e-7)
         self.perturbation = {k: scale * v for k, v in mean_dual.items()}
         return self.step_with_regulariser(mean_update)
+
+
+def smoo(task: LocalTask) -> Tensors:
+    """The corrected SAM perturbation and FedDyn's regulariser, the step
+    y <- y - lr * clip(g(y + s) + lam*(y - x_t + H_i) + wd*y) as in FL-Simulator; releases
+    (Delta, mu_i) and keeps H_i, mu_i in the state."""
+    rho, lam = task.hparams(SAMParams).rho, task.hparams(DynParams).alpha
+    perturbation = task.vector("perturbation") or task.zeros()
+    dual = task.own_state("dual", task.zeros())
+    accumulated, anchor = task.accumulated_anchor()
+
+    def direction(x: torch.Tensor, y: torch.Tensor) -> Grads:
+        nonlocal dual
+        g = task.gradients(x, y)
+        corrected = combine(g, dual, perturbation, weights=(1.0, -1.0, -1.0))
+        norm = flat_norm(dict(enumerate(corrected)))
+        shift = [rho * c / (norm + 1e-7) for c in corrected]
+        dual = combine(dual, shift, perturbation, weights=(1.0, 1.0, -1.0))
+        sharp = task.gradients_at(shift, x, y, record=False)
+        # the stability clip covers the whole step: SAM gradient, regulariser and weight decay
+        decay = [task.config.weight_decay * p.detach() for p in task.params]
+        return task.stability_clip(combine(sharp, task.drift(anchor), decay,
+                                           weights=(1.0, lam, 1.0)))
+
+    run_steps(task, direction, decay=False)
+    delta = task.delta()
+    task.keep_state("dual", dual)
+    task.keep_state("accumulated", combine(accumulated, list(delta.values())))
+    return {**delta, **{DUAL_PREFIX + n: m for n, m in zip(delta, dual, strict=True)}}
+
+
+register(Algorithm("fedsmoo", FedSMOO, rules={"smoo": LocalRule(smoo, 2)},
+                   params=(SAMParams, DynParams)))

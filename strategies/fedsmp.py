@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from plateau.config import Params, key
 from plateau.device import derive_seed
 from plateau.privacy import Tensors, random_support
+from plateau.registry import Algorithm, register
 
 from .base import PlateauStrategy
 
 MASK_SALT = 7331
+
+
+@dataclass(frozen=True)
+class SMPParams(Params):
+    """The kept fraction of DP-FedSMP's public mask (key ``smp-keep``)."""
+
+    prefix = "smp"
+    keep: float = key(0.6, "fedsmp: fraction of coordinates kept by the round's public random "
+                      "mask.", min=0, max=1, min_exclusive=True)
 
 
 class FedSMP(PlateauStrategy):
@@ -30,18 +43,22 @@ class FedSMP(PlateauStrategy):
     local_rule = "sgd"
 
     def round_config(self, server_round: int) -> dict[str, bool | int | float | str]:
-        """The public seed of this round's mask."""
-        return {"mask-seed": self.mask_seed(server_round)}
+        """The public seed of this round's mask and the fraction it keeps."""
+        return {"mask-seed": self.mask_seed(server_round),
+                "mask-keep": self.config.hparams(SMPParams).keep}
 
     def mask_seed(self, server_round: int) -> int:
         return derive_seed(self.config.seed, server_round, MASK_SALT)
 
     def support(self, server_round: int) -> Tensors | None:
         """This round's mask over the trainable parameters."""
-        return random_support(self.release_template(), self.config.smp_keep,
+        return random_support(self.release_template(), self.config.hparams(SMPParams).keep,
                               self.mask_seed(server_round))
 
     def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
         """x <- x + mean(Delta), which is zero outside the mask."""
         mask = self.support(server_round)
         return {k: self.current[k] + mean_update[k] * mask[k] for k in self.parameter_names}
+
+
+register(Algorithm("fedsmp", FedSMP, params=(SMPParams,)))

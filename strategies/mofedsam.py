@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from .fedcm import FedCM
+from plateau.local import LocalTask, combine, run_steps, sam_gradient
+from plateau.privacy import Tensors
+from plateau.registry import Algorithm, LocalRule, register
+
+from .fedcm import CMParams, FedCM
+from .fedsam import SAMParams
 
 
 class MoFedSAM(FedCM):
@@ -20,3 +25,16 @@ class MoFedSAM(FedCM):
     server_state = "x, c_t"
 
     local_rule = "mosam"
+
+
+def mosam(task: LocalTask) -> Tensors:
+    """alpha*clip(g_SAM) + (1-alpha)*c_t (two backprops); releases Delta."""
+    alpha, rho = task.hparams(CMParams).alpha, task.hparams(SAMParams).rho
+    direction = task.vector("direction")
+    run_steps(task, lambda x, y: combine(task.stability_clip(sam_gradient(task, x, y, rho)),
+                                         direction, weights=(alpha, 1 - alpha)))
+    return task.delta()
+
+
+register(Algorithm("mofedsam", MoFedSAM, rules={"mosam": LocalRule(mosam, 2)},
+                   params=(CMParams, SAMParams)))

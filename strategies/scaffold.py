@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+
+from plateau.local import Grads, LocalTask, combine, run_steps
 from plateau.privacy import Tensors
+from plateau.registry import Algorithm, LocalRule, register
+from plateau.release import CONTROL_PREFIX
 
 from .shared import ServerControlVariate
 
@@ -29,3 +36,29 @@ class Scaffold(ServerControlVariate):
         """x <- x + mean(Delta_y); c <- c + (1/N) sum(Delta_c)."""
         self.update_control(mean_update)
         return {k: self.current[k] + mean_update[k] for k in self.parameter_names}
+
+
+def controlled(task: LocalTask, gradient: Callable[[torch.Tensor, torch.Tensor], Grads]
+               ) -> Tensors:
+    """SCAFFOLD's loop around any gradient: step along clip(g) - c_i + c, then
+    c_i+ = c_i - c + (x_t - y_K)/(K lr); release (Delta_y, Delta_c) and keep c_i+."""
+    control = task.vector("control") or task.zeros()
+    own = task.own_state("control", task.zeros())
+    correction = combine(control, own, weights=(1.0, -1.0))
+    run_steps(task, lambda x, y: combine(task.stability_clip(gradient(x, y)), correction))
+    delta = task.delta()
+    per_step = task.config.local_steps * task.lr
+    updated = [ci - c - d / per_step
+               for ci, c, d in zip(own, control, delta.values(), strict=True)]
+    task.keep_state("control", updated)
+    change = {CONTROL_PREFIX + n: u - ci
+              for n, u, ci in zip(delta, updated, own, strict=True)}
+    return {**delta, **change}
+
+
+def scaffold(task: LocalTask) -> Tensors:
+    """Option II (c_i in the node's state)."""
+    return controlled(task, task.gradients)
+
+
+register(Algorithm("scaffold", Scaffold, rules={"scaffold": LocalRule(scaffold, 1)}))

@@ -15,8 +15,20 @@ for 2-D/4-D tensors, which sharpens instead; that is deliberately not reproduced
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from plateau.config import Params, key
+
+
+@dataclass(frozen=True)
+class SmoothingParams(Params):
+    """Strength of the implicit Laplacian smoother (key ``ls-sigma``)."""
+
+    prefix = "ls"
+    sigma: float = key(1.0, "fedpgn-ls, fedavg-ls: Laplacian-smoothing strength lambda of "
+                       "(I - lambda*L)^-1; 0 = identity.", min=0)
 
 
 def smoothing_spectrum(length: int, strength: float, device: torch.device | str = "cpu",

@@ -16,9 +16,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from torch import nn
 
-from client_app.app import local_round
-from client_app.training import LocalTask
+from client_app.app import local_round, public_mask
 from plateau.data import Tensors
+from plateau.local import LocalTask
 from plateau.privacy import mechanism_from_config
 from strategies import STRATEGIES, PlateauStrategy
 from tests.helpers import FakeGrid, make_config
@@ -106,9 +106,8 @@ def one_round(algorithm: str, *, server_state: dict[str, np.ndarray] | None = No
                          config=strategy.config, lr=float(round_config["round-lr"]),
                          generator=torch.Generator().manual_seed(0), broadcast=broadcast,
                          state=state)
-        mask_seed = round_config.get("mask-seed")
         content = local_round(task, str(round_config["local-rule"]), 2.0, {},
-                              int(mask_seed) if mask_seed is not None else None)
+                              public_mask(round_config))
         uploads.append({k: v.numpy() for k, v in content["update"].items()})
         replies.append(Message(content=content, reply_to=message))
     new_arrays, _ = strategy.aggregate_train(server_round, replies)

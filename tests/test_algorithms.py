@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from client_app.training import LOCAL_RULES
 from plateau.noise import ChaChaSource
 from plateau.privacy import flat_norm, mechanism_from_config
-from strategies import STRATEGIES
+from strategies import LOCAL_RULES, STRATEGIES
 from strategies.smoothing import laplacian_smooth
 from tests.helpers import make_config
 from tests.reference import (

@@ -24,7 +24,7 @@ from plateau.canaries import (
 from plateau.config import ConfigError
 from plateau.privacy import ClipReport, GaussianClientDP
 from server_app.privacy_plan import PrivacyLedger
-from strategies import FedAvg
+from strategies.fedavg import FedAvg
 from tests.helpers import FakeGrid, make_config, reply, simulate
 
 DIM = 650  # the default model's size on digits

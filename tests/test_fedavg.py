@@ -19,10 +19,10 @@ from flwr.app import (
 )
 from torch import nn
 
-from client_app.training import LocalTask, sgd
 from plateau.data import Tensors
+from plateau.local import LocalTask
 from plateau.privacy import GaussianClientDP
-from strategies import FedAvg
+from strategies.fedavg import FedAvg, sgd
 from tests.helpers import FakeGrid, make_config, reply
 
 

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from client_app.app import DECLINE_KEY
 from plateau.privacy import GaussianClientDP
-from strategies import FedAvg
+from strategies.fedavg import FedAvg
 from tests.helpers import FakeGrid, identity_reply, make_config, reply
 
 ARRAYS = ArrayRecord({"weight": torch.zeros(2, 2)})

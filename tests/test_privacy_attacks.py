@@ -10,11 +10,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from client_app.app import local_round
-from client_app.training import LocalTask
 from plateau.config import ConfigError
 from plateau.data import Tensors as DataTensors
+from plateau.local import LocalTask
 from plateau.privacy import GaussianClientDP
-from strategies import FedAvg
+from strategies.fedavg import FedAvg
 from tests.helpers import FakeGrid, make_config, reply
 
 NODES = [11, 12, 13, 14]
