@@ -51,8 +51,10 @@ from plateau.record_dp import (
 from strategies import LOCAL_RULES
 
 from .app import NodeConfigError, declined, partition_of
+from .node_state import clear, load_before, save_after, state_folder
 
 STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
+STATE_RUN_KEY = "node-state"  # the Flower run whose algorithm state this node's files hold
 
 
 @functools.lru_cache(maxsize=4)
@@ -199,7 +201,7 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     task = LocalTask(
         model=model, data=data, config=cfg, lr=lr,
         broadcast=broadcast, generator=seeded_generator(cfg.seed, server_round, pid),
-        state=load_state(context, cfg.algorithm, device),
+        state=_own_state(cfg, context, pid, server_round, device),
         record=None if silo is None else RecordPrivatiser(
             _per_sample(cfg, device), silo.plan, cfg.record_per_sample,
             secure_source("record-noise", server_round, pid)),
@@ -211,6 +213,12 @@ def train(content: RecordDict, context: Context) -> RecordDict:
                         public_mask(round_config),
                         noise_labels=(server_round, pid))
     save_state(context, cfg.algorithm, task.state)
+    if (folder := state_folder(context.node_config, cfg.run_name, cfg.algorithm, pid)) is not None:
+        if not cfg.resume and context.state.config_records.get(STATE_RUN_KEY, {}).get(
+                "run-id") != context.run_id:
+            clear(folder)  # a fresh run of this name: an older run's state must not leak in
+        context.state[STATE_RUN_KEY] = ConfigRecord({"run-id": context.run_id})
+        save_after(folder, server_round, task.state)
     if silo is not None and task.record is not None:
         # charged before the reply leaves: what the server can see is always on the ledger
         reply["metrics"] = MetricRecord({**reply["metrics"],
@@ -271,6 +279,19 @@ class SiloRound:
                 "record-delta": self.plan.delta,
                 "record-noise-multiplier": self.plan.noise_multiplier,
                 "record-steps": sum(s for _, _, s in self.ledger.history)}
+
+
+def _own_state(cfg: RunConfig, context: Context, partition: int, server_round: int,
+               device: torch.device) -> dict[str, Tensors]:
+    """The node's algorithm state for this round: in a resumed run the node's own file from
+    before this round (``client_app.node_state``), else what ``Context.state`` holds."""
+    folder = state_folder(context.node_config, cfg.run_name, cfg.algorithm, partition)
+    if cfg.resume and folder is not None:
+        persisted = load_before(folder, server_round)
+        if persisted is not None:
+            return {name: {k: v.to(device) for k, v in tensors.items()}
+                    for name, tensors in persisted.items()}
+    return load_state(context, cfg.algorithm, device)
 
 
 def load_state(context: Context, algorithm: str, device: torch.device) -> dict[str, Tensors]:

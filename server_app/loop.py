@@ -187,8 +187,9 @@ class RunLoop:
             self.start_round, records = int(saved["round"]) + 1, saved["records"]
             log(INFO, "resuming %s after round %d", run_name, saved["round"])
             if self.strategy.client_state:
-                log(WARNING, "%s keeps per-client state (%s) on the SuperNodes; a resumed run "
-                    "starts it afresh", config.algorithm, self.strategy.client_state)
+                log(WARNING, "%s keeps per-client state (%s) on the SuperNodes: nodes with a "
+                    "state-dir (node config) or PLATEAU_NODE_STATE_DIR continue it, others "
+                    "start it afresh", config.algorithm, self.strategy.client_state)
         if self.void_reason is None and (earlier := next(
                 (r["epsilon_void_reason"] for r in records if r.get("epsilon_void_reason")),
                 None)) is not None:
@@ -200,8 +201,9 @@ class RunLoop:
             self.strategy.participations.update(
                 {int(k): int(v) for k, v in ledger.get("participations", {}).items()})
             log(INFO, "epsilon already spent: %.4f", self.ledger.epsilon)
-        self.strategy.config, self.strategy.privacy = config, mechanism_from_config(config)
+        # clients see the resolved run name: nodes keep their algorithm state under it
         self.config = dataclasses.replace(config, run_name=run_name)
+        self.strategy.config, self.strategy.privacy = self.config, mechanism_from_config(config)
         self.recorder = RunRecorder(self.config, records=records)
         self.metrics = RunMetrics(self.config, run_name)
         self.failed_in_a_row = 0

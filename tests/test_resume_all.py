@@ -2,9 +2,10 @@
 model and the same server state (momentum, directions, control variates, accumulated updates,
 perturbations). Forgetting a name in a strategy's ``state_attributes`` fails here.
 
-Runs use the in-process grid of the studies (no Ray: a few seconds for all of them). Algorithms
-whose clients keep state (SCAFFOLD's c_i, FedDyn's H_i, FedSMOO's H_i and mu_i) resume with the
-nodes that kept it, as SuperNodes that stay up do; the server's half is what is checked here.
+Runs use the in-process grid of the studies (no Ray: a few seconds for all of them). The resumed
+run gets fresh nodes (new ``Context``s, as a new Flower run does): algorithms whose clients keep
+state (SCAFFOLD's c_i, FedDyn's and FedSpeed's H_i, FedSMOO's H_i and mu_i) continue it from the
+nodes' state folder (``client_app.node_state``), so the client half is checked too.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from client_app.app import app as client_app
-from plateau.study.grid import LocalGrid, run_local
+from client_app.node_state import STATE_DIR_ENV, clear, load_before, save_after
+from plateau.study.grid import run_local
 from server_app.checkpoint import CHECKPOINT
 from strategies import STRATEGIES
 
@@ -39,14 +40,20 @@ def assert_same(mine: object, theirs: object, where: str) -> None:
         assert mine == theirs, where
 
 
-@pytest.mark.parametrize("algorithm", list(STRATEGIES))
-def test_resume_continues_exactly(tmp_path: Path, algorithm: str) -> None:
+def straight_and_resumed(folder: Path, algorithm: str) -> tuple:
     config = {**CONFIG, "algorithm": algorithm}
-    straight = run_local({**config, "num-server-rounds": 4}, NODES, tmp_path / "straight")
-    grid = LocalGrid(client_app, NODES, config)
-    run_local({**config, "num-server-rounds": 2}, NODES, tmp_path / "split", grid=grid)
+    straight = run_local({**config, "num-server-rounds": 4}, NODES, folder / "straight")
+    run_local({**config, "num-server-rounds": 2}, NODES, folder / "split")
     resumed = run_local({**config, "num-server-rounds": 4, "resume": True}, NODES,
-                        tmp_path / "split", grid=grid)
+                        folder / "split")
+    return straight, resumed
+
+
+@pytest.mark.parametrize("algorithm", list(STRATEGIES))
+def test_resume_continues_exactly(tmp_path: Path, algorithm: str,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "node-state"))
+    straight, resumed = straight_and_resumed(tmp_path, algorithm)
     assert [r["round"] for r in resumed.rounds] == [1, 2, 3, 4]
     assert [r["test_loss"] for r in resumed.rounds] == [r["test_loss"] for r in straight.rounds]
     split, whole = checkpoint(tmp_path / "split"), checkpoint(tmp_path / "straight")
@@ -55,3 +62,25 @@ def test_resume_continues_exactly(tmp_path: Path, algorithm: str) -> None:
     assert_same(split["strategy"], whole["strategy"], "strategy")
     for name in STRATEGIES[algorithm].state_attributes:  # state that exists is compared
         assert name in whole["strategy"]["tensors"], name
+
+
+def test_without_a_state_folder_client_state_restarts_and_the_runs_differ(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above can fail: SCAFFOLD's nodes without their c_i give another model."""
+    monkeypatch.delenv(STATE_DIR_ENV, raising=False)
+    straight, resumed = straight_and_resumed(tmp_path, "scaffold")
+    assert resumed.rounds[3]["test_loss"] != straight.rounds[3]["test_loss"]
+
+
+def test_node_state_files_replay_and_keep_the_newest_two(tmp_path: Path) -> None:
+    def state(value: float) -> dict:
+        return {"control": {"w": torch.full((2,), value)}}
+
+    for server_round in (1, 3, 4):
+        save_after(tmp_path, server_round, state(float(server_round)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-3.pt", "round-4.pt"]
+    assert load_before(tmp_path, 1) is None
+    assert float(load_before(tmp_path, 4)["control"]["w"][0]) == 3.0  # round 4 replayed
+    assert float(load_before(tmp_path, 9)["control"]["w"][0]) == 4.0
+    clear(tmp_path)
+    assert load_before(tmp_path, 9) is None
