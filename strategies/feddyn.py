@@ -38,10 +38,6 @@ class FedDyn(DynamicRegulariser):
 
     local_rule = "dyn"
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
-        """x_{t+1} = mean(y) + H."""
-        return self.step_with_regulariser(mean_update)
-
 
 def dyn(task: LocalTask) -> Tensors:
     """clip(g) + alpha*(y - x_t + H_i); then H_i <- H_i + Delta (H_i in the state)."""

@@ -32,7 +32,7 @@ class FedSpeed(DynamicRegulariser):
 
     Sun, Shen, Huang et al., "FedSpeed: Larger Local Interval, Less Communication Round, and
     Higher Generalization Accuracy", ICLR 2023 (arXiv:2302.10429); the update of
-    ``woodenchild95/FL-Simulator``.
+    ``woodenchild95/FL-Simulator`` (docs/algorithms.md §5.15).
 
     Clients keep H_i (their accumulated updates; the paper's prox-correction g_hat_i is
     -H_i/lambda) in ``Context.state``. Every step moves along
@@ -49,10 +49,6 @@ class FedSpeed(DynamicRegulariser):
     client_state = "H_i"
 
     local_rule = "speed"
-
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
-        """x_{t+1} = x_t + mean(Delta) + H."""
-        return self.step_with_regulariser(mean_update)
 
 
 def speed(task: LocalTask) -> Tensors:

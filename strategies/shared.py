@@ -116,6 +116,10 @@ class DynamicRegulariser(PlateauStrategy):
         super().__init__(config, **kwargs)
         self.accumulated: Tensors = {}
 
+    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+        """FedDyn's server step (FedSMOO adds its perturbation to it)."""
+        return self.step_with_regulariser(mean_update)
+
     def step_with_regulariser(self, mean_delta: Tensors) -> Tensors:
         """H <- H + (1/N) sum_{i in S} Delta_i;  x_{t+1} = x_t + mean(Delta) + H."""
         if not self.accumulated:
