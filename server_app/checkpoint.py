@@ -31,6 +31,10 @@ from plateau.config import ConfigError, RunConfig
 PRIVACY_KEYS = ("algorithm", "dp", "dp-clip-mode", "clip-norm", "noise-multiplier",
                 "target-delta", "sampling", "sample-rate", "population-size", "audit-canaries",
                 "accountant", "norm", "dp-allow-batchnorm", "dataset", "model", "model-width")
+# what the saved model's tensors mean: a change is refused before any tensor is loaded (checked
+# when the checkpoint names them; older checkpoints did not)
+MODEL_KEYS = ("trainable", "trainable-layers", "lora-rank", "lora-alpha", "lora-targets",
+              "max-length")
 CHECKPOINT = "checkpoint.pt"
 LEDGER = "ledger.json"
 
@@ -38,7 +42,7 @@ LEDGER = "ledger.json"
 def privacy_settings(config: RunConfig) -> dict[str, Any]:
     """The privacy-relevant part of a config."""
     values = config.to_dict()
-    return {key: values[key] for key in PRIVACY_KEYS}
+    return {key: values[key] for key in (*PRIVACY_KEYS, *MODEL_KEYS)}
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -83,6 +87,11 @@ class Checkpointer:
         if changed:
             diffs = ", ".join(f"{k} {saved.get(k)!r} -> {current[k]!r}" for k in changed)
             raise ConfigError(f"resume refused: privacy-relevant settings changed ({diffs}); "
+                              "they must match the checkpoint")
+        reshaped = [k for k in MODEL_KEYS if k in saved and saved[k] != current[k]]
+        if reshaped:
+            diffs = ", ".join(f"{k} {saved[k]!r} -> {current[k]!r}" for k in reshaped)
+            raise ConfigError(f"resume refused: what the saved model holds changed ({diffs}); "
                               "they must match the checkpoint")
         ledger_path = self.folder / LEDGER
         ledger = None

@@ -151,3 +151,19 @@ def test_too_many_failed_rounds_end_the_run_with_a_clear_summary(tmp_path: Path)
     assert summary["status"] == "failed" and summary["rounds_completed"] == 1
     assert "2 rounds in a row with fewer than min-replies=1" in summary["error"]
     assert "injected client failure" in summary["error"]
+
+
+def test_resume_with_another_trainable_part_is_refused_before_any_tensor_loads(
+        tmp_path: Path) -> None:
+    text = {"dataset": "rotten-tomatoes", "model": "minilm"}
+    checkpointer, _ = saved_run(tmp_path, **text, trainable="lora")
+    checkpointer.save_ledger(2, privacy_settings(make_config(dp="central", run_name="r", **text,
+                                                             trainable="lora")), [])
+    for key, value, message in (("trainable", "head", r"trainable 'lora' -> 'head'"),
+                                ("lora_rank", 4, r"lora-rank 8 -> 4")):
+        changed = make_config(dp="central", run_name="r", resume=True, **text,
+                              **{"trainable": "lora", key: value})
+        with pytest.raises(ConfigError, match=message):
+            checkpointer.load(changed)
+    assert checkpointer.load(make_config(dp="central", run_name="r", resume=True, **text,
+                                         trainable="lora"))[0]["round"] == 2
