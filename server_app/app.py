@@ -10,7 +10,8 @@ from flwr.serverapp import Grid, ServerApp
 from plateau.config import ConfigValue
 
 from .build import build_strategy, load_config
-from .loop import RunFailed, run
+from .callbacks import RunFailed
+from .loop import run
 
 __all__ = ["RunFailed", "app", "build_server_app", "build_strategy", "load_config", "run"]
 

@@ -1,9 +1,10 @@
-"""The round loop: sample, train, privatise, account, checkpoint, evaluate, record, export.
+"""The round loop: sample, train, privatise, account, then the round's callbacks.
 
 Per round, in this order: the budget check (stop before overspending); the strategy's round
 (sample, broadcast, screen, aggregate, server rule); the accountant's event, written to the
-ledger before anything of the round is released; the failure policy; central evaluation and the
-flatness probes; the round record, the metrics and the console line; the checkpoint.
+ledger before anything of the round is released; then the callbacks of ``server_app.callbacks``
+in order (failure policy, central evaluation, flatness probes, privacy keys, round record,
+Prometheus, console line, checkpoint), each owning its record keys and its saved state.
 """
 
 from __future__ import annotations
@@ -26,20 +27,28 @@ from plateau.data import DataError
 from plateau.noise import TEST_SEED_ENV, test_seed
 from plateau.privacy import mechanism_from_config
 from strategies import LOCAL_RULES, PlateauStrategy
-from strategies.base import exchange, short_reason
+from strategies.base import exchange
 
 from .build import build_strategy, load_config, prepare_partitions
+from .callbacks import (
+    Checkpoint,
+    Console,
+    Evaluation,
+    FailurePolicy,
+    FlatnessProbes,
+    PrivacyRecord,
+    Prometheus,
+    Recorder,
+    RoundCallback,
+    RoundOutcome,
+    fmt,
+)
 from .checkpoint import Checkpointer, privacy_settings
 from .evaluation import CentralEvaluator
-from .flatness import Flatness, FlatnessProbe
+from .flatness import FlatnessProbe
 from .metrics import RunMetrics
 from .privacy_plan import PrivacyLedger, plan_privacy
 from .results import RunRecorder, default_run_name
-
-
-class RunFailed(RuntimeError):
-    """A run that cannot go on (too many failed rounds in a row)."""
-
 
 ADJACENCY = ("zero-out: one client's data replaced by a null client that releases a zero "
              "update; its node still takes part, so every count is the same in both worlds")
@@ -65,15 +74,12 @@ NOISE_SOURCE = ("ChaCha20 keystream (OpenSSL) under a fresh 256-bit OS key per r
                 "added in float64 and rounded once; no generator state is stored")
 
 
-def round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float, loss: float,
-                 lr: float, wall_s: float, dp: bool, flatness: Flatness | None,
+def round_record(server_round: int, metrics: Mapping[str, Any], lr: float, dp: bool,
                  rejected: Mapping[str, int],
                  declined: Mapping[str, int] | None = None) -> dict[str, Any]:
-    """One line of rounds.jsonl."""
+    """The strategy's part of a rounds.jsonl line (callbacks add theirs)."""
     record: dict[str, Any] = {
         "round": server_round,
-        "test_accuracy": accuracy,
-        "test_loss": loss,
         "train_loss": metrics.get("train-loss"),
         "num_clients": metrics.get("num-clients", 0),
         "num_sampled": metrics.get("num-sampled"),
@@ -90,14 +96,11 @@ def round_record(server_round: int, metrics: Mapping[str, Any], accuracy: float,
         record["clip_fraction"] = metrics.get("clip-fraction")
         record["mean_clip_error"] = metrics.get("mean-clip-error")
         record["effective_noise_multiplier"] = metrics.get("effective-noise-multiplier")
-    record["sharpness"] = flatness.sharpness if flatness else None
-    record["hessian_top_eigenvalue"] = flatness.hessian_top_eigenvalue if flatness else None
     record["mean_state_rounds"] = metrics.get("mean-state-rounds")
     record["population"] = metrics.get("population")
     record["expected_cohort"] = metrics.get("expected-cohort")
     if "direction-shrinkage" in metrics:
         record["direction_shrinkage"] = metrics["direction-shrinkage"]
-    record["wall_s"] = round(wall_s, 4)
     return record
 
 
@@ -140,10 +143,6 @@ def privacy_statement(config: RunConfig, ledger: PrivacyLedger | None,
     }
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
 class RunLoop:
     """One run of the ServerApp, from the validated config to summary.json."""
 
@@ -174,7 +173,7 @@ class RunLoop:
         except (ConfigError, RuntimeError) as err:
             log(ERROR, "cannot start the run: %s", err)
             raise
-        self.start_round, records, ledger = 1, [], None
+        self.start_round, records, ledger, saved_callbacks = 1, [], None, None
         if config.resume:
             assert self.checkpointer is not None
             saved, ledger = self.checkpointer.load(config)
@@ -185,6 +184,7 @@ class RunLoop:
             self.strategy.restore_state(saved["strategy"])
             population = self.strategy.population
             self.start_round, records = int(saved["round"]) + 1, saved["records"]
+            saved_callbacks = saved.get("callbacks")
             log(INFO, "resuming %s after round %d", run_name, saved["round"])
             if self.strategy.client_state:
                 log(WARNING, "%s keeps per-client state (%s) on the SuperNodes: nodes with a "
@@ -206,7 +206,25 @@ class RunLoop:
         self.strategy.config, self.strategy.privacy = self.config, mechanism_from_config(config)
         self.recorder = RunRecorder(self.config, records=records)
         self.metrics = RunMetrics(self.config, run_name)
-        self.failed_in_a_row = 0
+        has_ledger = self.ledger is not None
+        self.callbacks: dict[str, RoundCallback] = {
+            "failure-policy": FailurePolicy(self.config),
+            "evaluation": Evaluation(self.evaluator, self.strategy),
+            "flatness": FlatnessProbes(self.probe, self.strategy),
+            "privacy-record": PrivacyRecord(
+                self.config, self.strategy, void_reason=lambda: self.void_reason,
+                has_ledger=has_ledger, audit=self.audit,
+                epsilon_against_server=self.epsilon_against_server),
+            "recorder": Recorder(self.recorder),
+            "prometheus": Prometheus(self.metrics),
+            "console": Console(self.config, has_ledger),
+            "checkpoint": Checkpoint(self.save_checkpoint),
+        }
+        for name, state in (saved_callbacks or {}).items():
+            if name not in self.callbacks:
+                raise ConfigError(f"resume refused: the checkpoint holds state of a round-loop "
+                                  f"feature this version does not have ({name!r})")
+            self.callbacks[name].load_state_dict(state)
 
     def run(self) -> dict[str, Any]:
         """All remaining rounds; returns the summary written to summary.json."""
@@ -246,7 +264,7 @@ class RunLoop:
                                                   self.epsilon_against_server()), **outcome)
             self.metrics.close()
         log(INFO, "finished (%s): final accuracy %s, best %s (round %s)%s, %.1f s", status,
-            _fmt(summary["final_accuracy"]), _fmt(summary["best_accuracy"]),
+            fmt(summary["final_accuracy"]), fmt(summary["best_accuracy"]),
             summary["best_round"], self.epsilon_phrase(), summary["total_time_s"])
         return summary
 
@@ -280,7 +298,7 @@ class RunLoop:
         log(INFO, "audit (%d canaries, %d inserted): epsilon lower bound %.4f (%.0f%% "
             "confidence), one-shot estimate %s, accountant's epsilon %s", report.canaries,
             report.inserted, report.epsilon_lower_bound, 100 * report.confidence,
-            _fmt(report.epsilon_estimate), _fmt(epsilon))
+            fmt(report.epsilon_estimate), fmt(epsilon))
         return result | {"flags": flags, "accountant_epsilon": epsilon}
 
     def epsilon_against_server(self) -> float | None:
@@ -337,6 +355,8 @@ class RunLoop:
         }
 
     def one_round(self, server_round: int) -> None:
+        """The strategy's round, then the ledger (before anything of the round is released),
+        then every callback in order."""
         config, strategy = self.config, self.strategy
         started = time.monotonic()
         arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
@@ -356,82 +376,26 @@ class RunLoop:
             self.void_epsilon(f"{stats.test_seeded_nodes} SuperNode(s) drew their noise from "
                               f"{TEST_SEED_ENV} in round {server_round}: predictable, hence "
                               "not private")
-        if self.void_reason is not None:
-            epsilon = None
-        self.check_failures(server_round, replies)
-        result = self.evaluator(strategy.current)
-        wall_s = time.monotonic() - started
-        flatness = (self.probe(strategy.current, server_round)
-                    if self.probe is not None and self.probe.due(server_round) else None)
-        record = round_record(server_round, metrics or {}, result.accuracy, result.loss,
-                              strategy.learning_rate(server_round), wall_s, config.dp_enabled,
-                              flatness, stats.rejected, stats.declined)
-        record["epsilon"] = epsilon
-        if config.record_dp == "on" and self.void_reason is None:
-            spent = strategy.record_epsilon
-            record["record_epsilon"] = {str(p): e for p, e in sorted(spent.items())}
-            record["record_epsilon_min"] = min(spent.values(), default=None)
-            record["record_epsilon_max"] = max(spent.values(), default=None)
-        every = config.audit_every
-        if (every and server_round % every == 0 and server_round < config.num_server_rounds
-                and (audit := self.audit()) is not None):
-            record["audit_epsilon_lower_bound"] = audit["epsilon_lower_bound"]
-            record["audit_epsilon_estimate"] = audit["epsilon_estimate"]
-        if self.ledger is not None:
-            record["epsilon_against_server"] = self.epsilon_against_server()
-            if self.void_reason is not None:
-                record["epsilon_void_reason"] = self.void_reason
-        self.recorder.record_round(record)
-        failed = {"error": stats.failed, "no-reply": stats.missing}
-        self.metrics.observe_round(record, stats.norms, stats.rejected,
-                                   {k: v for k, v in failed.items() if v},
-                                   (stats.bytes_sent, stats.bytes_received))
-        self.log_round(record, stats.sampled, flatness)
-        if self.checkpointer is not None and config.checkpoint:
-            self.checkpointer.save({
-                "round": server_round, "model": {k: v.cpu() for k, v in strategy.current.items()},
-                "strategy": strategy.checkpoint_state(), "records": self.recorder.records,
-                "config": config.to_dict(), "privacy": self.settings,
-                "ledger": self.ledger.accountant.state() if self.ledger else None,
-            })
+        record = round_record(server_round, metrics or {}, strategy.learning_rate(server_round),
+                              config.dp_enabled, stats.rejected, stats.declined)
+        record["epsilon"] = None if self.void_reason is not None else epsilon
+        outcome = RoundOutcome(server_round, started, stats, list(replies), record)
+        for callback in self.callbacks.values():
+            callback.after_round(outcome)
 
-    def check_failures(self, server_round: int, replies: list[Any]) -> None:
-        """Count a round with fewer than min-replies accepted replies as failed; stop after
-        max-failed-rounds of them in a row."""
-        stats, config = self.strategy.last_stats, self.config
-        # a client that declined (no data) is not a failure
-        willing = stats.sampled - sum(stats.declined.values())
-        required = min(config.min_replies, willing)
-        if willing <= 0 or stats.accepted >= required:
-            self.failed_in_a_row = 0
+    def save_checkpoint(self, server_round: int) -> None:
+        """The whole server state after a completed round, callbacks' state included."""
+        if self.checkpointer is None or not self.config.checkpoint:
             return
-        self.failed_in_a_row += 1
-        log(WARNING, "round %d failed: %d of %d sampled clients accepted (min-replies %d); %d "
-            "failed round(s) in a row", server_round, stats.accepted, stats.sampled,
-            config.min_replies, self.failed_in_a_row)
-        if self.failed_in_a_row >= config.max_failed_rounds:
-            reasons = sorted({short_reason(r.error.reason) for r in replies if r.has_error()})
-            raise RunFailed(
-                f"{self.failed_in_a_row} rounds in a row with fewer than min-replies="
-                f"{config.min_replies} accepted replies (last: {stats.failed} errors, "
-                f"{stats.missing} without reply, rejected {dict(stats.rejected)})"
-                + (f"; client errors: {'; '.join(reasons)[:400]}" if reasons else ""))
-
-    def log_round(self, record: dict[str, Any], sampled: int, flatness: Flatness | None) -> None:
-        """The console's one line per round (plus the flatness line when measured)."""
-        clipping = (f" | clipped {_fmt(record['clip_fraction'])}, clip error "
-                    f"{_fmt(record['mean_clip_error'])}" if self.config.dp_enabled else "")
-        epsilon = ("" if self.ledger is None else " | epsilon n/a (not private)"
-                   if record["epsilon"] is None else f" | epsilon {record['epsilon']:.4f}")
-        log(INFO, "[round %d/%d] test accuracy %.4f, loss %.4f | train loss %s | clients %d/%d | "
-            "update norm %s, global %s%s%s | %.2f s", record["round"],
-            self.config.num_server_rounds, record["test_accuracy"], record["test_loss"],
-            _fmt(record["train_loss"]), record["num_clients"], sampled,
-            _fmt(record["mean_update_norm"]), _fmt(record["global_update_norm"]), clipping,
-            epsilon, record["wall_s"])
-        if flatness is not None:
-            log(INFO, "[round %d] sharpness %.5f, top Hessian eigenvalue %.4f", record["round"],
-                flatness.sharpness, flatness.hessian_top_eigenvalue)
+        strategy = self.strategy
+        self.checkpointer.save({
+            "round": server_round, "model": {k: v.cpu() for k, v in strategy.current.items()},
+            "strategy": strategy.checkpoint_state(), "records": self.recorder.records,
+            "config": self.config.to_dict(), "privacy": self.settings,
+            "ledger": self.ledger.accountant.state() if self.ledger else None,
+            "callbacks": {name: callback.state_dict()
+                          for name, callback in self.callbacks.items()},
+        })
 
 
 def pace_reply_pulls(interval: float) -> bool:
