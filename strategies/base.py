@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from plateau.canaries import CanaryClients
-from plateau.config import RunConfig
+from plateau.config import ConfigError, RunConfig
 from plateau.noise import secure_source
 from plateau.privacy import (
     PrivacyMechanism,
@@ -535,8 +535,21 @@ class PlateauStrategy(FedAvg):
         }
 
     def restore_state(self, state: Mapping[str, Any]) -> None:
-        """Load what ``checkpoint_state`` saved (secret state in an old checkpoint is ignored)."""
-        for name, tensors in state["tensors"].items():
+        """Load what ``checkpoint_state`` saved (secret state in an old checkpoint is ignored).
+
+        Refused, before anything is set: state of another algorithm (other names), and tensors
+        whose names or shapes are not the model's (``current`` must be loaded first)."""
+        saved = state["tensors"]
+        if set(saved) != set(self.state_attributes):
+            raise ConfigError(f"resume refused: the checkpoint holds server state {sorted(saved)}; "
+                             f"{type(self).__name__} keeps {sorted(self.state_attributes)}")
+        for name, tensors in saved.items():
+            for key, tensor in tensors.items():
+                if key not in self.current or tuple(tensor.shape) != tuple(
+                        self.current[key].shape):
+                    raise ConfigError(f"resume refused: the checkpoint's {name}[{key!r}] does "
+                                      f"not fit the model ({tuple(tensor.shape)})")
+        for name, tensors in saved.items():
             setattr(self, name, {k: v.to(self.device) for k, v in tensors.items()})
         self.population = int(state["population"])
         self.real_population = self.population - self.config.audit_canaries

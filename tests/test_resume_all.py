@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from client_app.node_state import STATE_DIR_ENV, clear, load_before, save_after
+from plateau.config import ConfigError
 from plateau.study.grid import run_local
+from server_app.build import build_strategy, load_config
 from server_app.checkpoint import CHECKPOINT
 from strategies import STRATEGIES
 
@@ -84,3 +86,22 @@ def test_node_state_files_replay_and_keep_the_newest_two(tmp_path: Path) -> None
     assert float(load_before(tmp_path, 9)["control"]["w"][0]) == 4.0
     clear(tmp_path)
     assert load_before(tmp_path, 9) is None
+
+
+def test_server_state_that_does_not_fit_is_refused_before_anything_is_set(
+        tmp_path: Path) -> None:
+    config = {**CONFIG, "algorithm": "fedavgm", "num-server-rounds": 1}
+    run_local(config, NODES, tmp_path / "m")
+    saved = checkpoint(tmp_path / "m")
+    other = build_strategy(load_config({**config, "algorithm": "fedpgn"}))
+    other.current = dict(saved["model"])
+    with pytest.raises(ConfigError, match=r"holds server state \['momentum'\]; FedPGN keeps "
+                                          r"\['direction'\]"):
+        other.restore_state(saved["strategy"])
+    same = build_strategy(load_config(config))
+    same.current = dict(saved["model"])
+    name = next(iter(saved["strategy"]["tensors"]["momentum"]))
+    saved["strategy"]["tensors"]["momentum"][name] = torch.zeros(7)
+    with pytest.raises(ConfigError, match="does not fit the model"):
+        same.restore_state(saved["strategy"])
+    assert same.momentum == {}
