@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from . import offline
+from .errors import DataError
 
 FASHION_MNIST_DIRS = (
     os.environ.get("PLATEAU_FASHION_MNIST_DIR", ""),
@@ -32,10 +33,6 @@ OFFLINE_HINT = (
     "datasets that work offline: 'digits' (bundled with scikit-learn), 'fashion-mnist' "
     "(apt-get install dataset-fashion-mnist), 'rotten-tomatoes' and '20newsgroups' (make data)"
 )
-
-
-class DataError(RuntimeError):
-    """A dataset that cannot be loaded or split as configured."""
 
 
 @dataclass(frozen=True)
@@ -396,7 +393,7 @@ def tokenise(split: Split, tokenizer: str, max_length: int,
     Padding to a fixed length lets a partition be cached as one tensor; the model trims each
     batch to its longest sequence, so short texts do not pay for the padding.
     """
-    from .hf import load_tokenizer
+    from .hub import load_tokenizer
 
     texts = split.inputs if index is None else split.inputs[index]
     labels = split.labels if index is None else split.labels[index]

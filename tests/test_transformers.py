@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client_app.app import app as client_app
 from plateau import config as config_module
-from plateau import hf, offline
+from plateau import hf, hub, offline
 from plateau.config import ConfigError, RunConfig
 from plateau.data import DATASETS, InputSpec, client_partition, held_out_tensors, load_splits
 from plateau.models import (
@@ -143,10 +143,10 @@ def test_a_missing_offline_file_fails_with_the_command_that_fetches_it(
 def test_a_hub_model_offline_fails_in_one_line_naming_the_offline_models(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hf, "HUB_TEXT_MODELS", {**hf.HUB_TEXT_MODELS,
-                                                "roberta-base": "plateau-test/absent-model"})
-    with pytest.raises(hf.ModelError, match="models that work offline"):
-        hf.load_tokenizer("plateau-test/absent-model")
+    monkeypatch.setattr(hub, "HUB_TEXT_MODELS", {**hub.HUB_TEXT_MODELS,
+                                                 "roberta-base": "plateau-test/absent-model"})
+    with pytest.raises(hub.ModelError, match="models that work offline"):
+        hub.load_tokenizer("plateau-test/absent-model")
 
 
 # ----- what is trained, what travels -------------------------------------------------------------
