@@ -362,7 +362,7 @@ class RunLoop:
         arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)
         replies = exchange(self.grid, messages, config.round_timeout, config.reply_poll_interval)
-        _, metrics = strategy.aggregate_train(server_round, replies)
+        result = strategy.train_round(server_round, replies)
         epsilon = None
         if self.ledger is not None:
             epsilon = self.ledger.commit_round()
@@ -371,7 +371,7 @@ class RunLoop:
                     server_round, self.settings, self.ledger.accountant.state(),
                     dict(strategy.participations),
                     self.ledger.budget[0] if self.ledger.budget else 0.0)
-        stats = strategy.last_stats
+        stats, metrics = result.stats, result.metrics
         if stats.test_seeded_nodes and (self.ledger is not None or config.record_dp == "on"):
             self.void_epsilon(f"{stats.test_seeded_nodes} SuperNode(s) drew their noise from "
                               f"{TEST_SEED_ENV} in round {server_round}: predictable, hence "

@@ -95,6 +95,27 @@ class RoundStats:
     canaries: int = 0  # uploads of the audit's canaries in the aggregate
 
 
+@dataclass(frozen=True)
+class Aggregate:
+    """The round's released mean, with the public numbers it was formed with: what a server
+    rule reads (never the individual uploads)."""
+
+    mean: Tensors
+    denominator: float  # the expected cohort under DP, the number of clients averaged otherwise
+    population: int  # N, canaries included
+    noise_multiplier: float | None = None  # the accounted noise on the sum, over C (None: no DP)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round's aggregation produced: the new model (None: unchanged), its metrics and
+    what happened to the replies."""
+
+    arrays: ArrayRecord | None
+    metrics: MetricRecord | None
+    stats: RoundStats
+
+
 def short_reason(reason: str) -> str:
     """The last line of a client's error (Ray wraps it in a traceback), at most 200 chars."""
     lines = [line.strip(" '>") for line in reason.strip().splitlines() if line.strip(" '>")]
@@ -187,10 +208,8 @@ class PlateauStrategy(FedAvg):
         self.partitions: dict[int, int] = {}
         self.partition_counts: set[int] = set()  # num-partitions the nodes reported
         self.cohort = Cohort(nodes=[], expected=1.0, population=0)
-        self.mean_denominator = 0.0
         self.released_dim = 0  # coordinates each client releases (and noises) this round
         self.bytes_sent = 0
-        self.last_stats = RoundStats()
         # uploads each partition's node has handed the server: its epsilon against the server
         # (kept in the ledger, written before a round's results are released)
         self.participations: Counter[int] = Counter()
@@ -238,8 +257,8 @@ class PlateauStrategy(FedAvg):
         return None
 
     @abstractmethod
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
-        """Next global parameters from the current ones and the mean released vector."""
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
+        """Next global parameters from the current ones and the round's released mean."""
 
     # ----- sampling and broadcast -------------------------------------------------------------
 
@@ -450,7 +469,8 @@ class PlateauStrategy(FedAvg):
             tensors[name] = tensor.to(self.device)
         return tensors
 
-    def accept_replies(self, replies: Iterable[Message]) -> list[ClientUpload]:
+    def accept_replies(self, replies: Iterable[Message]
+                       ) -> tuple[list[ClientUpload], RoundStats]:
         """Screen every reply; count and log the rejected ones (one upload per node at most,
         and only from nodes this round sampled)."""
         stats = RoundStats(sampled=len(self.cohort.nodes), bytes_sent=self.bytes_sent)
@@ -498,8 +518,7 @@ class PlateauStrategy(FedAvg):
         uploads = self._drop_outliers(uploads, stats)
         stats.accepted = len(uploads)
         stats.norms = [u.update_norm for u in uploads if u.update_norm is not None]
-        self.last_stats = stats
-        return uploads
+        return uploads, stats
 
     def _drop_outliers(self, uploads: list[ClientUpload], stats: RoundStats
                        ) -> list[ClientUpload]:
@@ -568,34 +587,42 @@ class PlateauStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's interface to ``train_round``: the new model and the round's metrics."""
+        result = self.train_round(server_round, replies)
+        return result.arrays, result.metrics
+
+    def train_round(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
         """Screen, privatise and average the released vectors, then apply the algorithm's rule."""
-        uploads = self.accept_replies(replies)
+        uploads, stats = self.accept_replies(replies)
         if not uploads and self.privacy is None:
             log(WARNING, "round %d: no usable replies; the model is unchanged", server_round)
-            return None, None
+            return RoundResult(None, None, stats)
         template = self.release_template()
-        # the mean's denominator: the expected cohort under DP, the clients averaged otherwise
-        self.mean_denominator = self.cohort.expected if self.privacy is not None else len(uploads)
         if self.privacy is not None:
             support = self.support(server_round)
             canary_uploads = (self.canaries.uploads(self.cohort.slots, self.privacy,
                                                     self.cohort.expected, template,
                                                     server_round, support)
                               if self.canaries is not None else [])
-            self.last_stats.canaries = len(canary_uploads)
-            mean_update = self.privacy.aggregate(
+            stats.canaries = len(canary_uploads)
+            mean = self.privacy.aggregate(
                 [u.update for u in uploads] + canary_uploads, self.cohort.expected, template,
                 secure_source("server-noise", server_round), support=support,
             )
             if self.canaries is not None:
-                self.canaries.observe(mean_update)
+                self.canaries.observe(mean)
+            # the mean's denominator under DP is the public expected cohort
+            aggregate = Aggregate(
+                mean, self.cohort.expected, self.population,
+                self.privacy.accounted_noise_multiplier(self.cohort.expected))
         else:
             weights = [
                 float(u.num_examples) if self.config.weighting == "num-examples" else 1.0
                 for u in uploads
             ]
-            mean_update = weighted_mean([u.update for u in uploads], weights, template)
-        new_params = self.apply_update(server_round, mean_update)
+            aggregate = Aggregate(weighted_mean([u.update for u in uploads], weights, template),
+                                  float(len(uploads)), self.population)
+        new_params = self.apply_update(server_round, aggregate)
         new_state = dict(self.current)
         new_state.update(new_params)
         if self.buffer_names and uploads:
@@ -605,12 +632,11 @@ class PlateauStrategy(FedAvg):
                               for k, v in buffer_sum.items()})
         global_update = {k: new_state[k] - self.current[k] for k in self.parameter_names}
         self.current = new_state
-        return self.as_record(new_state), self._metrics(
-            uploads, global_update
-        )
+        return RoundResult(self.as_record(new_state),
+                           self._metrics(uploads, global_update, stats), stats)
 
-    def _metrics(self, uploads: list[ClientUpload], global_update: Tensors) -> MetricRecord:
-        stats = self.last_stats
+    def _metrics(self, uploads: list[ClientUpload], global_update: Tensors,
+                 stats: RoundStats) -> MetricRecord:
         metrics: dict[str, int | float] = {
             "num-sampled": stats.sampled,
             "expected-cohort": self.cohort.expected,

@@ -12,7 +12,7 @@ from plateau.local import LocalTask, combine, run_steps
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import PlateauStrategy
+from .base import Aggregate, PlateauStrategy
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,11 @@ class FedACG(PlateauStrategy):
                  for k, v in self.current.items()}
         return self.as_record(ahead)
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m <- lambda*m + mean(Delta); x <- x + m."""
         momentum = self.momentum or self.zeros()
         lam = self.hparams.lambda_
-        self.momentum = {k: lam * momentum[k] + mean_update[k] for k in self.parameter_names}
+        self.momentum = {k: lam * momentum[k] + aggregate.mean[k] for k in self.parameter_names}
         return {k: self.current[k] + self.momentum[k] for k in self.parameter_names}
 
 

@@ -6,7 +6,7 @@ from plateau.local import LocalTask, run_steps
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import PlateauStrategy
+from .base import Aggregate, PlateauStrategy
 
 
 class FedAvg(PlateauStrategy):
@@ -27,9 +27,9 @@ class FedAvg(PlateauStrategy):
 
     local_rule = "sgd"
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """x_{t+1} = x_t + mean(Delta)."""
-        return {k: self.current[k] + mean_update[k] for k in self.parameter_names}
+        return {k: self.current[k] + aggregate.mean[k] for k in self.parameter_names}
 
 
 def sgd(task: LocalTask) -> Tensors:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, register
 
-from .base import PlateauStrategy
+from .base import Aggregate, PlateauStrategy
 from .smoothing import SmoothingParams, laplacian_smooth
 
 
@@ -24,10 +24,10 @@ class FedAvgLS(PlateauStrategy):
 
     local_rule = "sgd"
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """x <- x + LS(mean(Delta))."""
         sigma = self.config.hparams(SmoothingParams).sigma
-        return {k: self.current[k] + laplacian_smooth(mean_update[k], sigma)
+        return {k: self.current[k] + laplacian_smooth(aggregate.mean[k], sigma)
                 for k in self.parameter_names}
 
 

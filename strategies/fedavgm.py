@@ -9,7 +9,7 @@ from plateau.config import Params, RunConfig, key
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, register
 
-from .base import PlateauStrategy
+from .base import Aggregate, PlateauStrategy
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ class FedAvgM(PlateauStrategy):
         self.hparams = config.hparams(ServerMomentumParams)
         self.momentum: Tensors = {}
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m <- beta*m + mean(Delta); x <- x + server_lr*m."""
         momentum = self.momentum or self.zeros()
         beta, lr = self.hparams.momentum, self.hparams.lr
-        self.momentum = {k: beta * momentum[k] + mean_update[k] for k in self.parameter_names}
+        self.momentum = {k: beta * momentum[k] + aggregate.mean[k] for k in self.parameter_names}
         return {k: self.current[k] + lr * self.momentum[k] for k in self.parameter_names}
 
 

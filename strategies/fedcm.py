@@ -9,6 +9,7 @@ from plateau.local import LocalTask, combine, run_steps
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
+from .base import Aggregate
 from .shared import GlobalDirection
 
 
@@ -38,10 +39,11 @@ class FedCM(GlobalDirection):
 
     local_rule = "cm"
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """x <- x + mean(Delta); c <- -mean(Delta)/(K lr)."""
-        self.remember_step(server_round, {k: -mean_update[k] for k in self.parameter_names})
-        return {k: self.current[k] + mean_update[k] for k in self.parameter_names}
+        self.remember_step(server_round, {k: -aggregate.mean[k] for k in self.parameter_names},
+                           aggregate)
+        return {k: self.current[k] + aggregate.mean[k] for k in self.parameter_names}
 
 
 def cm(task: LocalTask) -> Tensors:

@@ -13,7 +13,7 @@ from plateau.local import LocalTask, combine, run_steps, sam_gradient, unit
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import PlateauStrategy
+from .base import Aggregate, PlateauStrategy
 
 
 @dataclass(frozen=True)
@@ -71,11 +71,11 @@ class FedNSAM(PlateauStrategy):
         """m_t as the second ArrayRecord, ``momentum``."""
         return {"momentum": self.as_record(self.global_momentum())}
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m_{t+1} = gamma*m_t + mean(Delta); x_{t+1} = x_t + m_{t+1}."""
         gamma = self.hparams.gamma
         momentum = self.global_momentum()
-        self.momentum = {k: gamma * momentum[k] + mean_update[k] for k in self.parameter_names}
+        self.momentum = {k: gamma * momentum[k] + aggregate.mean[k] for k in self.parameter_names}
         return {k: self.current[k] + self.momentum[k] for k in self.parameter_names}
 
 

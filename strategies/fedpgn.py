@@ -12,6 +12,7 @@ from plateau.local import Grads, LocalTask, combine, run_steps, unit
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
+from .base import Aggregate
 from .shared import GlobalDirection
 
 
@@ -73,13 +74,13 @@ class FedPGN(GlobalDirection):
         """Post-processing applied to D before the model update (identity here)."""
         return update
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """D = R + (1-gamma)K lr c_t; x_{t+1} = x_t - smooth(D); c_{t+1} = D / (K lr_t)."""
         scale = self.public_part_scale(server_round)
         direction = self.global_direction()
-        full = {k: mean_update[k] + scale * direction[k] for k in self.parameter_names}
+        full = {k: aggregate.mean[k] + scale * direction[k] for k in self.parameter_names}
         step = self.smooth(full)
-        self.remember_step(server_round, full)
+        self.remember_step(server_round, full, aggregate)
         return {k: self.current[k] - step[k] for k in self.parameter_names}
 
 

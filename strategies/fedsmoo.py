@@ -13,6 +13,7 @@ from plateau.privacy import Tensors, flat_norm
 from plateau.registry import Algorithm, LocalRule, register
 from plateau.release import DUAL_PREFIX
 
+from .base import Aggregate
 from .feddyn import DynParams
 from .fedsam import SAMParams
 from .shared import DynamicRegulariser
@@ -54,12 +55,12 @@ class FedSMOO(DynamicRegulariser):
         params = super().release_template()
         return {**params, **{DUAL_PREFIX + k: v for k, v in params.items()}}
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """FedDyn's model update; s_{t+1} = rho * mean(mu) / (|mean(mu)| + 1e-7)."""
-        mean_dual = {k: mean_update[DUAL_PREFIX + k] for k in self.parameter_names}
+        mean_dual = {k: aggregate.mean[DUAL_PREFIX + k] for k in self.parameter_names}
         scale = self.config.hparams(SAMParams).rho / (flat_norm(mean_dual) + 1e-7)
         self.perturbation = {k: scale * v for k, v in mean_dual.items()}
-        return self.step_with_regulariser(mean_update)
+        return self.step_with_regulariser(aggregate)
 
 
 def smoo(task: LocalTask) -> Tensors:

@@ -9,7 +9,7 @@ from plateau.device import derive_seed
 from plateau.privacy import Tensors, random_support
 from plateau.registry import Algorithm, register
 
-from .base import PlateauStrategy
+from .base import Aggregate, PlateauStrategy
 
 MASK_SALT = 7331
 
@@ -55,10 +55,10 @@ class FedSMP(PlateauStrategy):
         return random_support(self.release_template(), self.config.hparams(SMPParams).keep,
                               self.mask_seed(server_round))
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """x <- x + mean(Delta), which is zero outside the mask."""
         mask = self.support(server_round)
-        return {k: self.current[k] + mean_update[k] * mask[k] for k in self.parameter_names}
+        return {k: self.current[k] + aggregate.mean[k] * mask[k] for k in self.parameter_names}
 
 
 register(Algorithm("fedsmp", FedSMP, params=(SMPParams,)))

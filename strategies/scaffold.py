@@ -11,6 +11,7 @@ from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 from plateau.release import CONTROL_PREFIX
 
+from .base import Aggregate
 from .shared import ServerControlVariate
 
 
@@ -32,10 +33,10 @@ class Scaffold(ServerControlVariate):
 
     local_rule = "scaffold"
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """x <- x + mean(Delta_y); c <- c + (1/N) sum(Delta_c)."""
-        self.update_control(mean_update)
-        return {k: self.current[k] + mean_update[k] for k in self.parameter_names}
+        self.update_control(aggregate)
+        return {k: self.current[k] + aggregate.mean[k] for k in self.parameter_names}
 
 
 def controlled(task: LocalTask, gradient: Callable[[torch.Tensor, torch.Tensor], Grads]

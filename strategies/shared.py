@@ -22,7 +22,7 @@ from plateau.config import RunConfig
 from plateau.privacy import Tensors
 from plateau.release import CONTROL_PREFIX
 
-from .base import PlateauStrategy
+from .base import Aggregate, PlateauStrategy
 
 
 class GlobalDirection(PlateauStrategy):
@@ -45,26 +45,25 @@ class GlobalDirection(PlateauStrategy):
         """c_t as the ArrayRecord ``direction``."""
         return {"direction": self.as_record(self.global_direction())}
 
-    def remember_step(self, server_round: int, descent: Tensors) -> None:
+    def remember_step(self, server_round: int, descent: Tensors, released: Aggregate) -> None:
         """c_{t+1} = s * descent / (K * lr_t), descent = x_t - x_{t+1} before any smoothing, s
         the noise-aware shrinkage (1 unless direction-shrinkage='snr')."""
         per_step = self.config.local_steps * self.learning_rate(server_round)
-        factor = self.shrinkage(descent)
+        factor = self.shrinkage(descent, released)
         self.direction = {k: factor * v / per_step for k, v in descent.items()}
 
-    def shrinkage(self, aggregate: Tensors) -> float:
+    def shrinkage(self, descent: Tensors, released: Aggregate) -> float:
         """max(0, 1 - d v / |D|^2): the share of |D|^2 that is not the DP noise's expected
         power (v per coordinate, d coordinates), so a direction that is mostly noise is not
         fed back into every client's steps. Computed from the released mean and public
         constants only; 1 without DP, with the option off, or without a formal noise scale."""
         self.last_shrinkage = None
-        multiplier = (self.privacy.accounted_noise_multiplier(self.mean_denominator)
-                      if self.privacy is not None else None)
+        multiplier = released.noise_multiplier
         if self.config.direction_shrinkage == "off" or not multiplier:
             return 1.0
-        variance = (multiplier * self.config.clip_norm / max(self.mean_denominator, 1.0)) ** 2
-        dim = sum(v.numel() for v in aggregate.values())
-        power = sum(float(v.double().square().sum()) for v in aggregate.values())
+        variance = (multiplier * self.config.clip_norm / max(released.denominator, 1.0)) ** 2
+        dim = sum(v.numel() for v in descent.values())
+        power = sum(float(v.double().square().sum()) for v in descent.values())
         self.last_shrinkage = max(0.0, 1.0 - dim * variance / power) if power > 0 else 0.0
         return self.last_shrinkage
 
@@ -99,11 +98,11 @@ class ServerControlVariate(PlateauStrategy):
         params = super().release_template()
         return {**params, **{CONTROL_PREFIX + k: v for k, v in params.items()}}
 
-    def update_control(self, mean_update: Tensors) -> None:
+    def update_control(self, aggregate: Aggregate) -> None:
         """c <- c + (1/N) sum_{i in S} delta_c_i (the sum is the mean times its denominator)."""
-        share = self.mean_denominator / max(self.population, 1)
+        share = aggregate.denominator / max(aggregate.population, 1)
         control = self.server_control()
-        self.control = {k: control[k] + share * mean_update[CONTROL_PREFIX + k]
+        self.control = {k: control[k] + share * aggregate.mean[CONTROL_PREFIX + k]
                         for k in self.parameter_names}
 
 
@@ -116,16 +115,16 @@ class DynamicRegulariser(PlateauStrategy):
         super().__init__(config, **kwargs)
         self.accumulated: Tensors = {}
 
-    def apply_update(self, server_round: int, mean_update: Tensors) -> Tensors:
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """FedDyn's server step (FedSMOO adds its perturbation to it)."""
-        return self.step_with_regulariser(mean_update)
+        return self.step_with_regulariser(aggregate)
 
-    def step_with_regulariser(self, mean_delta: Tensors) -> Tensors:
+    def step_with_regulariser(self, aggregate: Aggregate) -> Tensors:
         """H <- H + (1/N) sum_{i in S} Delta_i;  x_{t+1} = x_t + mean(Delta) + H."""
         if not self.accumulated:
             self.accumulated = self.zeros()
-        share = self.mean_denominator / max(self.population, 1)
-        self.accumulated = {k: self.accumulated[k] + share * mean_delta[k]
+        share = aggregate.denominator / max(aggregate.population, 1)
+        self.accumulated = {k: self.accumulated[k] + share * aggregate.mean[k]
                             for k in self.parameter_names}
-        return {k: self.current[k] + mean_delta[k] + self.accumulated[k]
+        return {k: self.current[k] + aggregate.mean[k] + self.accumulated[k]
                 for k in self.parameter_names}

@@ -16,6 +16,7 @@ from plateau.local import LocalTask
 from plateau.noise import ChaChaSource
 from plateau.privacy import flat_norm, mechanism_from_config
 from strategies import LOCAL_RULES, STRATEGIES
+from strategies.base import Aggregate
 from strategies.smoothing import laplacian_smooth
 from tests.helpers import make_config
 from tests.reference import (
@@ -106,7 +107,8 @@ def test_fedpgn_server_adds_back_exactly_the_public_part() -> None:
     strategy = STRATEGIES["fedpgn"](config, parameter_names=["weight"], buffer_names=[])
     strategy.current = {"weight": torch.tensor(W0)}
     strategy.direction = {"weight": torch.tensor(C_T)}
-    new = strategy.apply_update(1, {"weight": torch.zeros(3, 4, dtype=torch.float64)})
+    new = strategy.apply_update(1, Aggregate({"weight": torch.zeros(3, 4, dtype=torch.float64)},
+                                             2.0, 2))
     public = (1 - 0.25) * BASE["local_steps"] * BASE["lr"] * C_T
     close(new["weight"], W0 - public)
 

@@ -93,7 +93,11 @@ def test_scores_that_separate_give_a_bound_and_an_estimate() -> None:
 def test_canaries_are_population_slots_sampled_like_clients() -> None:
     strategy, _ = audited_run(GaussianClientDP(1.0, 4.0), canaries=300)
     assert strategy.real_population == 2 and strategy.population == 302
-    assert strategy.last_stats.canaries == 300  # q = 1: every canary released this round
+    messages = list(strategy.configure_train(2, ArrayRecord({"weight": torch.zeros(DIM)}),
+                                             ConfigRecord(), FakeGrid([1, 2])))
+    stats = strategy.train_round(2, [reply(m, {"weight": torch.zeros(DIM)})
+                                     for m in messages]).stats
+    assert stats.canaries == 300  # q = 1: every canary released this round
     assert strategy.canaries is not None and 100 < strategy.canaries.inserted.sum() < 200
 
 

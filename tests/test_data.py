@@ -95,7 +95,8 @@ def test_hub_dataset_offline_fails_with_one_clear_line(tmp_path: Path) -> None:
                           text=True, timeout=120, check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("plateau.errors.DataError: dataset 'cifar10' is fetched from the Hugging")
+    assert last.startswith("plateau.errors.DataError: dataset 'cifar10' is fetched from the "
+                           "Hugging")
     assert "work offline: 'digits'" in last and "'fashion-mnist'" in last
 
 

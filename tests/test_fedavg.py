@@ -145,9 +145,9 @@ def test_the_strategy_samples_from_the_population_each_round() -> None:
 def test_a_bad_reply_is_rejected_and_cannot_move_the_model(bad, reason: str) -> None:
     strategy, messages = fedavg_strategy(dp="central", noise_multiplier=0.0, clip_norm=1.0)
     good = torch.full((2, 2), 0.25)
-    arrays, metrics = strategy.aggregate_train(1, [reply(messages[0], {"weight": good}),
-                                                   bad(messages[1])])
-    assert strategy.last_stats.rejected == {reason: 1}
+    result = strategy.train_round(1, [reply(messages[0], {"weight": good}), bad(messages[1])])
+    arrays, metrics = result.arrays, result.metrics
+    assert result.stats.rejected == {reason: 1}
     assert metrics["num-rejected"] == 1 and metrics["num-clients"] == 1
     # fixed denominator: the one good update divided by the 2 clients sampled
     assert arrays["weight"].numpy() == pytest.approx(0.125)
@@ -165,9 +165,10 @@ def test_norm_outliers_are_rejected_without_dp() -> None:
     messages = list(strategy.configure_train(1, ArrayRecord({"weight": torch.zeros(2, 2)}),
                                              ConfigRecord(), FakeGrid([1, 2, 3, 4])))
     updates = [torch.full((2, 2), v) for v in (0.1, 0.12, 0.11, 50.0)]
-    arrays, _ = strategy.aggregate_train(1, [reply(m, {"weight": u})
-                                             for m, u in zip(messages, updates, strict=True)])
-    assert strategy.last_stats.rejected == {"norm-outlier": 1}
+    result = strategy.train_round(1, [reply(m, {"weight": u})
+                                      for m, u in zip(messages, updates, strict=True)])
+    arrays = result.arrays
+    assert result.stats.rejected == {"norm-outlier": 1}
     assert arrays["weight"].numpy() == pytest.approx(0.11)
 
 
@@ -190,8 +191,9 @@ def test_duplicate_and_error_replies_are_counted() -> None:
     first = reply(messages[0], {"weight": torch.ones(2, 2)})
     again = reply(messages[0], {"weight": torch.full((2, 2), 9.0)})
     failed = Message(Error(code=0, reason="boom"), reply_to=messages[1])
-    arrays, metrics = strategy.aggregate_train(1, [first, again, failed])
-    assert strategy.last_stats.rejected == {"duplicate": 1}
+    result = strategy.train_round(1, [first, again, failed])
+    arrays, metrics = result.arrays, result.metrics
+    assert result.stats.rejected == {"duplicate": 1}
     assert metrics["num-failed"] == 1 and metrics["num-clients"] == 1
     assert arrays["weight"].numpy() == pytest.approx(1.0)
 

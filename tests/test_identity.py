@@ -75,9 +75,10 @@ def declined(to: Message, reason: str = "no-data") -> Message:
 def test_a_client_without_data_declines_and_is_not_rejected() -> None:
     s = strategy(sample_rate=1.0)
     messages = list(s.configure_train(1, ARRAYS, ConfigRecord(), FakeGrid([5, 6])))
-    arrays, metrics = s.aggregate_train(1, [reply(messages[0], {"weight": torch.ones(2, 2)}),
-                                            declined(messages[1])])
-    assert s.last_stats.declined == {"no-data": 1} and not s.last_stats.rejected
+    result = s.train_round(1, [reply(messages[0], {"weight": torch.ones(2, 2)}),
+                               declined(messages[1])])
+    arrays, metrics = result.arrays, result.metrics
+    assert result.stats.declined == {"no-data": 1} and not result.stats.rejected
     assert metrics["num-declined"] == 1 and metrics["num-rejected"] == 0
     assert arrays["weight"].numpy() == pytest.approx(1.0)  # the one update, weight 1
 
@@ -94,9 +95,9 @@ def test_under_dp_a_declined_share_is_topped_up() -> None:
               for _ in range(2)]
     replies = [reply(messages[0], shares[0]), reply(messages[1], shares[1]),
                declined(messages[2]), declined(messages[3])]
-    arrays, _ = s.aggregate_train(1, replies)
-    total = torch.from_numpy(arrays["weight"].numpy()) * 4
-    assert s.last_stats.declined == {"no-data": 2}
+    result = s.train_round(1, replies)
+    total = torch.from_numpy(result.arrays["weight"].numpy()) * 4
+    assert result.stats.declined == {"no-data": 2}
     expected = s.privacy.effective_noise_multiplier(4, 90_000) * 1.0
     assert 2.0 <= expected <= 2.2
     assert total.std().item() == pytest.approx(expected, rel=0.03)

@@ -131,5 +131,4 @@ def test_the_server_counts_test_seeded_replies() -> None:
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid(NODES)))
     replies = [reply(m, {"weight": torch.zeros(8, 8)}, test_seeded=int(i == 0))
                for i, m in enumerate(messages)]
-    strategy.aggregate_train(1, replies)
-    assert strategy.last_stats.test_seeded_nodes == 1
+    assert strategy.train_round(1, replies).stats.test_seeded_nodes == 1
