@@ -365,7 +365,7 @@ class RunLoop:
         result = strategy.train_round(server_round, replies)
         epsilon = None
         if self.ledger is not None:
-            epsilon = self.ledger.commit_round()
+            epsilon = self.ledger.commit_round(result.event)
             if self.checkpointer is not None:
                 self.checkpointer.save_ledger(
                     server_round, self.settings, self.ledger.accountant.state(),

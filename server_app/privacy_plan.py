@@ -81,9 +81,17 @@ class PrivacyLedger:
                       / mechanism.clip_norm)
         return epsilon_per_client(per_upload, releases, self.delta)
 
-    def commit_round(self) -> float:
-        """Account for a round whose noisy aggregate now exists; epsilon after it."""
-        self.accountant.compose(self.event)
+    def commit_round(self, performed: RoundEvent | None) -> float:
+        """Account for a round whose noisy aggregate now exists, as the event the mechanism
+        says it performed (not the plan: noise that was not added is never counted); epsilon
+        after it. A formally private run whose round came without an event is refused."""
+        if performed is None:
+            raise RuntimeError("a round was released without the accounting event of its "
+                               "noise; refusing to record a privacy claim for it")
+        if performed != self.event:
+            log(WARNING, "round accounted as performed (%s), not as planned (%s)", performed,
+                self.event)
+        self.accountant.compose(performed)
         return self.epsilon
 
     def planned_epsilon(self) -> float:

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from plateau.accounting import RoundEvent
 from plateau.canaries import CanaryClients
 from plateau.config import ConfigError, RunConfig
 from plateau.noise import secure_source
@@ -104,6 +105,9 @@ class Aggregate:
     denominator: float  # the expected cohort under DP, the number of clients averaged otherwise
     population: int  # N, canaries included
     noise_multiplier: float | None = None  # the accounted noise on the sum, over C (None: no DP)
+    # what the mechanism performed this round, for the ledger: the noise it added and the
+    # sampling that chose the cohort (None without a formal guarantee)
+    event: RoundEvent | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class RoundResult:
     arrays: ArrayRecord | None
     metrics: MetricRecord | None
     stats: RoundStats
+    event: RoundEvent | None = None  # the accounting event of the round's release
 
 
 def short_reason(reason: str) -> str:
@@ -612,9 +617,12 @@ class PlateauStrategy(FedAvg):
             if self.canaries is not None:
                 self.canaries.observe(mean)
             # the mean's denominator under DP is the public expected cohort
-            aggregate = Aggregate(
-                mean, self.cohort.expected, self.population,
-                self.privacy.accounted_noise_multiplier(self.cohort.expected))
+            multiplier = self.privacy.accounted_noise_multiplier(self.cohort.expected)
+            event = None if multiplier is None else RoundEvent(
+                noise_multiplier=multiplier, sampling=self.sampler.method,
+                population=self.population, sample_rate=self.sampler.sample_rate,
+                cohort=self.sampler.cohort_size(self.population))
+            aggregate = Aggregate(mean, self.cohort.expected, self.population, multiplier, event)
         else:
             weights = [
                 float(u.num_examples) if self.config.weighting == "num-examples" else 1.0
@@ -633,7 +641,7 @@ class PlateauStrategy(FedAvg):
         global_update = {k: new_state[k] - self.current[k] for k in self.parameter_names}
         self.current = new_state
         return RoundResult(self.as_record(new_state),
-                           self._metrics(uploads, global_update, stats), stats)
+                           self._metrics(uploads, global_update, stats), stats, aggregate.event)
 
     def _metrics(self, uploads: list[ClientUpload], global_update: Tensors,
                  stats: RoundStats) -> MetricRecord:

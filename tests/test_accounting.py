@@ -8,7 +8,9 @@ import math
 import dp_accounting
 import numpy as np
 import pytest
+import torch
 from dp_accounting.rdp import RdpAccountant
+from flwr.app import ArrayRecord, ConfigRecord
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from plateau.accounting import (
@@ -19,8 +21,10 @@ from plateau.accounting import (
     default_delta,
     epsilon_per_client,
 )
+from plateau.privacy import GaussianClientDP
 from server_app.privacy_plan import PrivacyLedger, plan_privacy
-from tests.helpers import make_config
+from strategies.fedavg import FedAvg
+from tests.helpers import FakeGrid, make_config, reply
 
 SIGMAS, RATES, ROUNDS, DELTAS = (0.5, 0.8, 1.0, 2.0), (0.01, 0.1, 0.5, 1.0), (1, 10, 100, 300), \
     (1e-5, 1e-3)
@@ -188,7 +192,7 @@ def test_budget_stop_stops_before_the_round_that_would_overspend() -> None:
                                         delta=1e-5)[0] > 3.0)
     completed = 0
     while ledger.next_round_fits()[0]:
-        ledger.commit_round()
+        ledger.commit_round(ledger.event)
         completed += 1
     assert completed == allowed
     assert ledger.epsilon <= 3.0 < ledger.next_round_fits()[1]
@@ -204,7 +208,7 @@ def test_target_epsilon_is_a_cap_even_with_more_rounds_than_calibrated() -> None
     ledger = PrivacyLedger(extended, population=20)
     completed = 0
     while ledger.next_round_fits()[0]:
-        ledger.commit_round()
+        ledger.commit_round(ledger.event)
         completed += 1
     assert completed == 10 and ledger.epsilon <= 3.0
     assert ledger.budget == (3.0, "target-epsilon")
@@ -225,3 +229,22 @@ def test_no_claim_without_a_formal_mechanism() -> None:
     batchnorm = make_config(dp="central", norm="batch", dp_allow_batchnorm=True)
     assert plan_privacy(batchnorm, 20)[1] is None
     assert plan_privacy(make_config(), 20)[1] is None
+
+
+def test_the_ledger_records_the_noise_the_mechanism_added_not_the_plan() -> None:
+    """A strategy wired to a weaker mechanism than its config says (sigma 0.5 instead of 2):
+    the round's event comes from the mechanism that noised, so epsilon is the weaker one's."""
+    config = make_config(dp="central", noise_multiplier=2.0, clip_norm=1.0, sample_rate=1.0,
+                         sampling="fixed")
+    weak = FedAvg(config, parameter_names=["weight"], buffer_names=[],
+                  privacy=GaussianClientDP(1.0, 0.5))
+    messages = list(weak.configure_train(1, ArrayRecord({"weight": torch.zeros(4)}),
+                                         ConfigRecord(), FakeGrid([1, 2])))
+    result = weak.train_round(1, [reply(m, {"weight": torch.zeros(4)}) for m in messages])
+    assert result.event is not None and result.event.noise_multiplier == 0.5
+    planned, performed = PrivacyLedger(config, 2), PrivacyLedger(config, 2)
+    planned.commit_round(planned.event)
+    performed.commit_round(result.event)
+    assert performed.epsilon > 2 * planned.epsilon
+    with pytest.raises(RuntimeError, match="without the accounting event"):
+        performed.commit_round(None)

@@ -45,15 +45,17 @@ def audited_run(mechanism: GaussianClientDP, canaries: int = 300, rounds: int = 
                             "clip_norm": 1.0, "sample_rate": 1.0, "sampling": "fixed",
                             "audit_canaries": canaries, **config_kw})
     strategy = FedAvg(config, parameter_names=["weight"], buffer_names=[], privacy=mechanism)
-    arrays = ArrayRecord({"weight": torch.zeros(DIM)})
+    arrays, events = ArrayRecord({"weight": torch.zeros(DIM)}), []
     for server_round in range(1, rounds + 1):
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(),
                                                  FakeGrid([1, 2])))
-        arrays, _ = strategy.aggregate_train(
+        result = strategy.train_round(
             server_round, [reply(m, {"weight": torch.zeros(DIM)}) for m in messages])
+        arrays = result.arrays
+        events.append(result.event)
     ledger = PrivacyLedger(strategy.config, strategy.population)
-    for _ in range(rounds):
-        ledger.commit_round()
+    for event in events:
+        ledger.commit_round(event)
     return strategy, ledger.epsilon
 
 
