@@ -21,9 +21,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from client_app.app import local_round, public_mask
 from plateau.config import RunConfig
 from plateau.data import DATASETS, client_partition
-from plateau.device import seeded_generator
 from plateau.local import LocalTask
 from plateau.models import build_model
+from plateau.seeds import stream_generator
 from server_app.app import build_strategy, load_config
 from server_app.launcher import app_defaults, parse_overrides
 from strategies import STRATEGIES, PlateauStrategy
@@ -76,7 +76,8 @@ def one_round(strategy: PlateauStrategy, config: RunConfig, server_round: int,
                                 classes_per_client=config.classes_per_client)
         task = LocalTask(model=model, data=data, config=config,
                          lr=float(round_config["round-lr"]), broadcast=broadcast,
-                         generator=seeded_generator(config.seed, server_round, pid),
+                         generator=stream_generator(config.seed, "client-batches", server_round,
+                                                    pid),
                          state=states.setdefault(pid, {}))
         content = local_round(task, str(round_config["local-rule"]),
                               float(round_config["expected-cohort"]), {},

@@ -47,9 +47,9 @@ def step_times(modes: list[str], steps: int = 8) -> None:
 
     from plateau.config import RunConfig
     from plateau.data import client_partition
-    from plateau.device import seeded_generator
     from plateau.local import LocalTask
     from plateau.models import input_spec, model_from_config
+    from plateau.seeds import stream_generator
 
     print(f"{'trainable':9} {'coords':>11} {'payload MiB':>11} {'s/step':>7}  (torch threads "
           f"{torch.get_num_threads()})")
@@ -61,7 +61,7 @@ def step_times(modes: list[str], steps: int = 8) -> None:
                                 partition_id=0, partitioner="iid", alpha=0.5,
                                 classes_per_client=2, spec=input_spec(config))
         task = LocalTask(model=model, data=data, config=config, lr=0.1,
-                         generator=seeded_generator(0, 1))
+                         generator=stream_generator(0, "client-batches", 1, 0))
         model.train()
         times = []
         for x, y in (batch for _ in range(steps + 1) for batch in task.batches()):

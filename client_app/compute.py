@@ -24,7 +24,7 @@ from torch import nn
 from plateau.config import RunConfig
 from plateau.data import Tensors as DataTensors
 from plateau.data import client_partition
-from plateau.device import resolve_device, seeded_generator
+from plateau.device import resolve_device
 from plateau.local import LocalTask
 from plateau.models import (
     float_buffer_names,
@@ -48,6 +48,7 @@ from plateau.record_dp import (
     per_sample_module,
     plan_for,
 )
+from plateau.seeds import stream_generator
 from strategies import LOCAL_RULES
 
 from .app import NodeConfigError, declined, partition_of
@@ -200,7 +201,8 @@ def train(content: RecordDict, context: Context) -> RecordDict:
             return declined(silo.refusal)
     task = LocalTask(
         model=model, data=data, config=cfg, lr=lr,
-        broadcast=broadcast, generator=seeded_generator(cfg.seed, server_round, pid),
+        broadcast=broadcast,
+        generator=stream_generator(cfg.seed, "client-batches", server_round, pid),
         state=_own_state(cfg, context, pid, server_round, device),
         record=None if silo is None else RecordPrivatiser(
             _per_sample(cfg, device), silo.plan, cfg.record_per_sample,

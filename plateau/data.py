@@ -24,6 +24,7 @@ import torch
 
 from . import offline
 from .errors import DataError
+from .seeds import stream_rng
 
 FASHION_MNIST_DIRS = (
     os.environ.get("PLATEAU_FASHION_MNIST_DIR", ""),
@@ -289,13 +290,10 @@ def load_splits(name: str, test_fraction: float, seed: int,
     if not 0 < count < len(train.labels):
         raise DataError(f"validation-fraction={validation_fraction:g} leaves no validation or no "
                         f"training example of {len(train.labels)}")
-    order = np.random.default_rng([seed, VALIDATION_STREAM]).permutation(len(train.labels))
+    order = stream_rng(seed, "validation-split").permutation(len(train.labels))
     held, kept = np.sort(order[:count]), np.sort(order[count:])
     return (Split(train.inputs[kept], train.labels[kept]),
             Split(train.inputs[held], train.labels[held]))
-
-
-VALIDATION_STREAM = 0x76616C  # names the validation draw's seed stream apart from the others
 
 
 def _train_and_test(name: str, test_fraction: float, seed: int) -> tuple[Split, Split]:
@@ -506,5 +504,6 @@ def held_out_tensors(name: str, *, test_fraction: float, seed: int, max_examples
     _, test = load_splits(name, test_fraction, seed, validation_fraction)
     index = None
     if 0 < max_examples < len(test.labels):
-        index = np.sort(np.random.default_rng(seed).permutation(len(test.labels))[:max_examples])
+        index = np.sort(stream_rng(seed, "test-subset").permutation(len(test.labels))
+                        [:max_examples])
     return prepare(test, DATASETS[name], spec, index)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .device import derive_seed
 from .noise import secure_source
+from .seeds import stream_rng
 
 
 @dataclass(frozen=True)
@@ -97,4 +97,4 @@ class ClientSampler:
         if self.secret:
             return secure_source("sampling", server_round).uniform_(
                 torch.empty(count, dtype=torch.float64)).numpy()
-        return np.random.default_rng(derive_seed(self.seed, server_round)).random(count)
+        return stream_rng(self.seed, "cohort", server_round).random(count)

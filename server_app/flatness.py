@@ -16,8 +16,8 @@ from torch import nn
 
 from plateau.config import RunConfig
 from plateau.data import held_out_tensors
-from plateau.device import seeded_generator
 from plateau.models import input_spec, load_travelling, model_from_config
+from plateau.seeds import stream_generator
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -87,7 +87,7 @@ class FlatnessProbe:
                                 seed=config.seed, max_examples=config.max_test_examples,
                                 spec=input_spec(config),
                                 validation_fraction=config.validation_fraction)
-        generator = seeded_generator(config.seed, 1729)
+        generator = stream_generator(config.seed, "flatness-batch")
         pick = torch.randperm(len(data), generator=generator)[: config.sharpness_batch_size]
         self.x, self.y = data.x[pick].to(device), data.y[pick].to(device)
 
@@ -104,5 +104,5 @@ class FlatnessProbe:
             sharpness=sam_sharpness(self.model, self.x, self.y, self.config.sharpness_rho),
             hessian_top_eigenvalue=top_hessian_eigenvalue(
                 self.model, self.x, self.y, self.config.sharpness_iters,
-                seeded_generator(self.config.seed, server_round, 4242)),
+                stream_generator(self.config.seed, "flatness-probe", server_round)),
         )

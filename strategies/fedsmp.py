@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from plateau.config import Params, key
-from plateau.device import derive_seed
 from plateau.privacy import Tensors, random_support
 from plateau.registry import Algorithm, register
+from plateau.seeds import stream_seed
 
 from .base import Aggregate, PlateauStrategy
-
-MASK_SALT = 7331
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class FedSMP(PlateauStrategy):
                 "mask-keep": self.config.hparams(SMPParams).keep}
 
     def mask_seed(self, server_round: int) -> int:
-        return derive_seed(self.config.seed, server_round, MASK_SALT)
+        return stream_seed(self.config.seed, "public-mask", server_round)
 
     def support(self, server_round: int) -> Tensors | None:
         """This round's mask over the trainable parameters."""
