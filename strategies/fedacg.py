@@ -12,7 +12,8 @@ from plateau.local import LocalTask, combine, run_steps
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import Aggregate, PlateauStrategy
+from .base import Aggregate
+from .shared import ServerMomentum
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class ACGParams(Params):
                       min=0)
 
 
-class FedACG(PlateauStrategy):
+class FedACG(ServerMomentum):
     """FedACG.
 
     Kim, Kim and Han, "Communication-Efficient Federated Learning with Accelerated Client
@@ -41,13 +42,11 @@ class FedACG(PlateauStrategy):
     paper = "Kim et al., CVPR 2024"
     server_state = "x, m_t"
 
-    state_attributes = ("momentum",)
     local_rule = "prox"
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.hparams = config.hparams(ACGParams)
-        self.momentum: Tensors = {}
 
     def broadcast_model(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """z_t = x_t + lambda*m_t (buffers unchanged)."""
@@ -60,10 +59,8 @@ class FedACG(PlateauStrategy):
 
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m <- lambda*m + mean(Delta); x <- x + m."""
-        momentum = self.momentum or self.zeros()
-        lam = self.hparams.lambda_
-        self.momentum = {k: lam * momentum[k] + aggregate.mean[k] for k in self.parameter_names}
-        return {k: self.current[k] + self.momentum[k] for k in self.parameter_names}
+        momentum = self.momentum_step(self.hparams.lambda_, aggregate)
+        return {k: self.current[k] + momentum[k] for k in self.parameter_names}
 
 
 def prox(task: LocalTask) -> Tensors:

@@ -9,7 +9,8 @@ from plateau.config import Params, RunConfig, key
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, register
 
-from .base import Aggregate, PlateauStrategy
+from .base import Aggregate
+from .shared import ServerMomentum
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class ServerMomentumParams(Params):
     lr: float = key(1.0, "fedavgm: server learning rate.", min=0, min_exclusive=True)
 
 
-class FedAvgM(PlateauStrategy):
+class FedAvgM(ServerMomentum):
     """FedAvg with server momentum.
 
     Hsu, Qi and Brown, "Measuring the Effects of Non-Identical Data Distribution for Federated
@@ -35,20 +36,16 @@ class FedAvgM(PlateauStrategy):
     paper = "Hsu et al., arXiv:1909.06335"
     server_state = "x, m_t"
 
-    state_attributes = ("momentum",)
     local_rule = "sgd"
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.hparams = config.hparams(ServerMomentumParams)
-        self.momentum: Tensors = {}
 
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m <- beta*m + mean(Delta); x <- x + server_lr*m."""
-        momentum = self.momentum or self.zeros()
-        beta, lr = self.hparams.momentum, self.hparams.lr
-        self.momentum = {k: beta * momentum[k] + aggregate.mean[k] for k in self.parameter_names}
-        return {k: self.current[k] + lr * self.momentum[k] for k in self.parameter_names}
+        momentum = self.momentum_step(self.hparams.momentum, aggregate)
+        return {k: self.current[k] + self.hparams.lr * momentum[k] for k in self.parameter_names}
 
 
 register(Algorithm("fedavgm", FedAvgM, params=(ServerMomentumParams,)))

@@ -13,7 +13,8 @@ from plateau.local import LocalTask, combine, run_steps, sam_gradient, unit
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import Aggregate, PlateauStrategy
+from .base import Aggregate
+from .shared import ServerMomentum
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class NSAMParams(Params):
         "code, with correct momentum.", choices=("paper", "code"))
 
 
-class FedNSAM(PlateauStrategy):
+class FedNSAM(ServerMomentum):
     """FedNSAM.
 
     Liu, Shang, Tian et al., "FedNSAM: Consistency of Local and Global Flatness for Federated
@@ -49,34 +50,24 @@ class FedNSAM(PlateauStrategy):
     paper = "Liu, Shang, Tian et al., ACM MM 2025"
     server_state = "x, m_t"
 
-    state_attributes = ("momentum",)
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.hparams = config.hparams(NSAMParams)
-        self.momentum: Tensors = {}
 
     @property
     def local_rule(self) -> str:  # type: ignore[override]
         """'nsam' (paper) or 'nsam-code'."""
         return "nsam" if self.hparams.form == "paper" else "nsam-code"
 
-    def global_momentum(self) -> Tensors:
-        """m_t (zeros before the first update)."""
-        if not self.momentum:
-            self.momentum = self.zeros()
-        return self.momentum
-
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """m_t as the second ArrayRecord, ``momentum``."""
-        return {"momentum": self.as_record(self.global_momentum())}
+        return {"momentum": self.as_record(self.server_momentum())}
 
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m_{t+1} = gamma*m_t + mean(Delta); x_{t+1} = x_t + m_{t+1}."""
-        gamma = self.hparams.gamma
-        momentum = self.global_momentum()
-        self.momentum = {k: gamma * momentum[k] + aggregate.mean[k] for k in self.parameter_names}
-        return {k: self.current[k] + self.momentum[k] for k in self.parameter_names}
+        momentum = self.momentum_step(self.hparams.gamma, aggregate)
+        return {k: self.current[k] + momentum[k] for k in self.parameter_names}
 
 
 def nsam(task: LocalTask) -> Tensors:

@@ -1,5 +1,6 @@
 """Server state that several algorithms share, each written once.
 
+* ``ServerMomentum``: m_{t+1} = beta*m_t + mean(Delta). FedAvgM, FedACG and FedNSAM use it.
 * ``GlobalDirection``: c_t = (x_{t-1} - x_t) / (K * lr_{t-1}), the last global update per local
   step in the gradient direction (0 before the first update), broadcast as ``direction``.
   DP-FedPGN, FedCM, MoFedSAM and FedLESAM use it.
@@ -23,6 +24,29 @@ from plateau.privacy import Tensors
 from plateau.release import CONTROL_PREFIX
 
 from .base import Aggregate, PlateauStrategy
+
+
+class ServerMomentum(PlateauStrategy):
+    """A server momentum m_{t+1} = beta*m_t + mean(Delta) (m_0 = 0): FedAvgM's, FedACG's
+    look-ahead momentum and FedNSAM's broadcast momentum."""
+
+    state_attributes = ("momentum",)
+
+    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.momentum: Tensors = {}
+
+    def server_momentum(self) -> Tensors:
+        """m_t (zeros before the first update)."""
+        if not self.momentum:
+            self.momentum = self.zeros()
+        return self.momentum
+
+    def momentum_step(self, beta: float, aggregate: Aggregate) -> Tensors:
+        """m_{t+1} = beta*m_t + mean(Delta), kept and returned."""
+        momentum = self.server_momentum()
+        self.momentum = {k: beta * momentum[k] + aggregate.mean[k] for k in self.parameter_names}
+        return self.momentum
 
 
 class GlobalDirection(PlateauStrategy):
