@@ -18,10 +18,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from client_app.app import local_round, public_mask
+from client_app.compute import client_round
 from plateau.config import RunConfig
 from plateau.data import DATASETS, client_partition
-from plateau.local import LocalTask
 from plateau.models import build_model
 from plateau.seeds import stream_generator
 from server_app.app import build_strategy, load_config
@@ -66,22 +65,14 @@ def one_round(strategy: PlateauStrategy, config: RunConfig, server_round: int,
     replies = []
     for message in messages:
         pid = message.metadata.dst_node_id - 1
-        round_config = message.content["config"]
-        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-        broadcast = {n: r.to_torch_state_dict() for n, r in message.content.array_records.items()
-                     if n != "arrays"}
         data = client_partition(config.dataset, test_fraction=config.test_fraction,
                                 seed=config.seed, num_partitions=len(nodes.ids), partition_id=pid,
                                 partitioner=config.partitioner, alpha=config.dirichlet_alpha,
                                 classes_per_client=config.classes_per_client)
-        task = LocalTask(model=model, data=data, config=config,
-                         lr=float(round_config["round-lr"]), broadcast=broadcast,
-                         generator=stream_generator(config.seed, "client-batches", server_round,
-                                                    pid),
-                         state=states.setdefault(pid, {}))
-        content = local_round(task, str(round_config["local-rule"]),
-                              float(round_config["expected-cohort"]), {},
-                              public_mask(round_config))
+        content, _ = client_round(
+            message.content, config, model, data, state=states.setdefault(pid, {}),
+            generator=stream_generator(config.seed, "client-batches", server_round, pid),
+            num_partitions=len(nodes.ids))
         replies.append(Message(content=content, reply_to=message))
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
     return new_arrays if new_arrays is not None else arrays

@@ -166,16 +166,51 @@ def _warm(cfg: RunConfig, device: torch.device, x: torch.Tensor, y: torch.Tensor
 _WARMED: set[tuple[RunConfig, torch.device]] = set()
 
 
+def requested_rule(round_config: Mapping[str, Any]) -> str:
+    """The local rule the server named; one this client does not know is refused."""
+    rule = str(round_config["local-rule"])
+    if rule not in LOCAL_RULES:
+        raise ValueError(f"unknown local rule {rule!r}; this client knows {sorted(LOCAL_RULES)}")
+    return rule
+
+
+def client_round(content: RecordDict, cfg: RunConfig, model: nn.Module, data: DataTensors, *,
+                 state: dict[str, Tensors], generator: torch.Generator, num_partitions: int,
+                 noise_labels: tuple[int, ...] = (),
+                 record: RecordPrivatiser | None = None) -> tuple[RecordDict, LocalTask]:
+    """One client's round from a train message's content: load the broadcast model, run the
+    local rule the server named on ``data``, privatise and build the reply. The one path the
+    ClientApp, the numpy-reference tests and the per-round benchmark share; ``state`` (the
+    node's algorithm state) is updated in place."""
+    round_config = content["config"]
+    rule = requested_rule(round_config)
+    load_travelling(model, content["arrays"].to_torch_state_dict())
+    model_state = model.state_dict()
+    start_buffers = {name: model_state[name].detach().clone()
+                     for name in float_buffer_names(model)}
+    device = next(model.parameters()).device
+    broadcast = {
+        name: {k: v.to(device) for k, v in array_record.to_torch_state_dict().items()}
+        for name, array_record in content.array_records.items() if name != "arrays"
+    }
+    task = LocalTask(model=model, data=data, config=cfg, lr=float(round_config["round-lr"]),
+                     broadcast=broadcast, generator=generator, state=state, record=record)
+    # A server claiming a larger cohort would shrink each client's distributed noise share;
+    # the cohort can never exceed the population this node belongs to.
+    cohort = min(float(round_config["expected-cohort"]), float(num_partitions))
+    reply = local_round(task, rule, cohort, start_buffers, public_mask(round_config),
+                        noise_labels=noise_labels)
+    return reply, task
+
+
 def train(content: RecordDict, context: Context) -> RecordDict:
     """The reply's content to a train message: the local rule the server asked for, run on
     this node's partition, and the released update (or a decline). Writes the node's algorithm
     state back into ``context.state``."""
     round_config = content["config"]
     cfg = RunConfig.from_record(round_config)
-    server_round, lr = int(round_config["server-round"]), float(round_config["round-lr"])
-    rule = str(round_config["local-rule"])
-    if rule not in LOCAL_RULES:
-        raise ValueError(f"unknown local rule {rule!r}; this client knows {sorted(LOCAL_RULES)}")
+    server_round = int(round_config["server-round"])
+    rule = requested_rule(round_config)
     pid, num = partition_of(context)
     device = resolve_device(cfg.device)
 
@@ -187,33 +222,19 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     data = _partition_on(cfg, pid, num, device)
     if len(data) == 0:
         return declined("no-data")
-    load_travelling(model, content["arrays"].to_torch_state_dict())
-    state = model.state_dict()
-    start_buffers = {name: state[name].detach().clone() for name in float_buffer_names(model)}
-    broadcast = {
-        name: {k: v.to(device) for k, v in record.to_torch_state_dict().items()}
-        for name, record in content.array_records.items() if name != "arrays"
-    }
     silo = None
     if cfg.record_dp == "on":
         silo = SiloRound.open(cfg, context, len(data), LOCAL_RULES[rule].backprops_per_step)
         if silo.refusal is not None:
             return declined(silo.refusal)
-    task = LocalTask(
-        model=model, data=data, config=cfg, lr=lr,
-        broadcast=broadcast,
-        generator=stream_generator(cfg.seed, "client-batches", server_round, pid),
+    reply, task = client_round(
+        content, cfg, model, data,
         state=_own_state(cfg, context, pid, server_round, device),
+        generator=stream_generator(cfg.seed, "client-batches", server_round, pid),
+        num_partitions=num, noise_labels=(server_round, pid),
         record=None if silo is None else RecordPrivatiser(
             _per_sample(cfg, device), silo.plan, cfg.record_per_sample,
-            secure_source("record-noise", server_round, pid)),
-    )
-    # A server claiming a larger cohort would shrink each client's distributed noise share;
-    # the cohort can never exceed the population this node belongs to.
-    cohort = min(float(round_config["expected-cohort"]), float(num))
-    reply = local_round(task, rule, cohort, start_buffers,
-                        public_mask(round_config),
-                        noise_labels=(server_round, pid))
+            secure_source("record-noise", server_round, pid)))
     save_state(context, cfg.algorithm, task.state)
     if (folder := state_folder(context.node_config, cfg.run_name, cfg.algorithm, pid)) is not None:
         if not cfg.resume and context.state.config_records.get(STATE_RUN_KEY, {}).get(

@@ -3,7 +3,8 @@
 The model is softmax regression without bias (its cross-entropy gradient is (P - Y)^T X / n), in
 float64 with full-batch steps, so every expected number is computed here, independently of the
 code under test. ``one_round`` runs the real thing: the strategy's configure_train, each client's
-local rule, release and privacy layer (``local_round``), and the strategy's aggregate_train.
+round through ``client_round`` (the ClientApp's own path: model load, local rule, release and
+privacy layer), and the strategy's aggregate_train.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from torch import nn
 
-from client_app.app import local_round, public_mask
+from client_app.compute import client_round
 from plateau.data import Tensors
-from plateau.local import LocalTask
 from plateau.privacy import mechanism_from_config
 from strategies import STRATEGIES, PlateauStrategy
 from tests.helpers import FakeGrid, make_config
@@ -96,18 +96,10 @@ def one_round(algorithm: str, *, server_state: dict[str, np.ndarray] | None = No
     states = [dict(s) for s in (client_states or [{}, {}])]
     replies, uploads = [], []
     for message, (x, y), state in zip(messages, CLIENTS, states, strict=True):
-        model = nn.Linear(4, 3, bias=False, dtype=torch.float64)
-        model.load_state_dict(message.content["arrays"].to_torch_state_dict())
-        round_config = message.content["config"]
-        broadcast = {name: record.to_torch_state_dict()
-                     for name, record in message.content.array_records.items()
-                     if name != "arrays"}
-        task = LocalTask(model=model, data=Tensors(torch.tensor(x), torch.tensor(y)),
-                         config=strategy.config, lr=float(round_config["round-lr"]),
-                         generator=torch.Generator().manual_seed(0), broadcast=broadcast,
-                         state=state)
-        content = local_round(task, str(round_config["local-rule"]), 2.0, {},
-                              public_mask(round_config))
+        content, _ = client_round(
+            message.content, strategy.config, nn.Linear(4, 3, bias=False, dtype=torch.float64),
+            Tensors(torch.tensor(x), torch.tensor(y)), state=state,
+            generator=torch.Generator().manual_seed(0), num_partitions=2)
         uploads.append({k: v.numpy() for k, v in content["update"].items()})
         replies.append(Message(content=content, reply_to=message))
     new_arrays, _ = strategy.aggregate_train(server_round, replies)
