@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from .config import RunConfig
 
 Tensors = dict[str, torch.Tensor]
-PLACEMENTS = ("central", "distributed", "local")
 # Laurent-Massart tail exponent of the upload norm tests: an honest upload fails one with
 # probability below exp(-40) = 4e-18.
 NORM_TEST_EXPONENT = 40.0
@@ -115,8 +114,58 @@ class PrivacyMechanism(Protocol):
 
 
 @dataclass(frozen=True)
+class CentralNoise:
+    """The server adds all of V = (sigma*C)^2 to the sum of clipped updates (trusted server)."""
+
+    name = "central"
+    client_shares = False
+
+    def accounted_multiplier(self, sigma: float, cohort: float) -> float:
+        """The noise on the round's sum over C."""
+        return sigma
+
+    def client_std(self, sigma: float, clip_norm: float, cohort: float) -> float:
+        """Per-coordinate std each client adds before upload."""
+        return 0.0
+
+
+@dataclass(frozen=True)
+class DistributedNoise:
+    """Each of the m clients of a fixed-size cohort adds V/m; the server tops up missing or
+    uncredited shares, so the sum carries V."""
+
+    name = "distributed"
+    client_shares = True
+
+    def accounted_multiplier(self, sigma: float, cohort: float) -> float:
+        return sigma
+
+    def client_std(self, sigma: float, clip_norm: float, cohort: float) -> float:
+        return sigma * clip_norm / math.sqrt(max(cohort, 1.0))
+
+
+@dataclass(frozen=True)
+class LocalNoise:
+    """Each client adds V itself (every upload private on its own); the sum carries m V."""
+
+    name = "local"
+    client_shares = True
+
+    def accounted_multiplier(self, sigma: float, cohort: float) -> float:
+        return sigma * math.sqrt(max(cohort, 1.0))
+
+    def client_std(self, sigma: float, clip_norm: float, cohort: float) -> float:
+        return sigma * clip_norm
+
+
+NOISE_PLACEMENTS = {p.name: p for p in (CentralNoise(), DistributedNoise(), LocalNoise())}
+
+
+@dataclass(frozen=True)
 class GaussianClientDP:
-    """Flat clipping to ``clip_norm`` and Gaussian noise with multiplier ``noise_multiplier``.
+    """Flat clipping to ``clip_norm`` and Gaussian noise with multiplier ``noise_multiplier``,
+    placed by one of ``NOISE_PLACEMENTS`` (who adds which share; the crediting of client shares
+    and the server's top-up below are the same for both placements with client shares).
 
     ``cohort`` is the public cohort size: q*N under Poisson sampling (central placement only), m
     under fixed-size sampling (required by distributed and local placement, whose noise shares
@@ -129,24 +178,24 @@ class GaussianClientDP:
     formally_dp: bool = True
 
     def __post_init__(self) -> None:
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement={self.placement!r}; expected one of {PLACEMENTS}")
+        if self.placement not in NOISE_PLACEMENTS:
+            raise ValueError(f"placement={self.placement!r}; expected one of "
+                             f"{tuple(NOISE_PLACEMENTS)}")
         if not self.clip_norm > 0 or self.noise_multiplier < 0:
             raise ValueError("clip_norm must be > 0 and noise_multiplier >= 0")
 
+    @property
+    def noise(self) -> CentralNoise | DistributedNoise | LocalNoise:
+        """The placement's arithmetic."""
+        return NOISE_PLACEMENTS[self.placement]
+
     def accounted_noise_multiplier(self, cohort: float) -> float:
         """sigma, or sigma*sqrt(m) in local placement, whose aggregate carries m shares."""
-        if self.placement == "local":
-            return self.noise_multiplier * math.sqrt(max(cohort, 1.0))
-        return self.noise_multiplier
+        return self.noise.accounted_multiplier(self.noise_multiplier, cohort)
 
     def client_noise_std(self, cohort: float) -> float:
         """Per-coordinate std each client adds before upload (0 in central placement)."""
-        if self.placement == "central":
-            return 0.0
-        if self.placement == "distributed":
-            return self.noise_multiplier * self.clip_norm / math.sqrt(max(cohort, 1.0))
-        return self.noise_multiplier * self.clip_norm
+        return self.noise.client_std(self.noise_multiplier, self.clip_norm, cohort)
 
     def share_floor(self, dim: int, cohort: float) -> float:
         """Smallest norm an honest noised upload has except with probability exp(-40):
@@ -183,7 +232,7 @@ class GaussianClientDP:
         verifiable shares nothing is credited.
         """
         target = (self.accounted_noise_multiplier(cohort) * self.clip_norm) ** 2
-        if self.placement == "central":
+        if not self.noise.client_shares:
             return math.sqrt(target)
         share = self.client_noise_std(cohort) ** 2
         missing = max(0.0, cohort - num_aggregated) * share
@@ -242,7 +291,7 @@ class GaussianClientDP:
         placement times sqrt(2 - credited/share), the server's extra for uncredited noise
         (sqrt(2) where shares are not verifiable)."""
         accounted = self.accounted_noise_multiplier(cohort)
-        if self.placement == "central":
+        if not self.noise.client_shares:
             return accounted
         credited = self.credited_share(dim, cohort) / self.client_noise_std(cohort) ** 2
         return accounted * math.sqrt(2.0 - credited)

@@ -75,7 +75,7 @@ class PrivacyLedger:
         and what distributed placement gives without secure aggregation. None in central
         placement, where the server sees clipped updates."""
         mechanism = mechanism_from_config(self.config)
-        if not isinstance(mechanism, GaussianClientDP) or mechanism.placement == "central":
+        if not isinstance(mechanism, GaussianClientDP) or not mechanism.noise.client_shares:
             return None
         per_upload = (mechanism.client_noise_std(self.expected_cohort)
                       / mechanism.clip_norm)
