@@ -230,6 +230,13 @@ class PlateauStrategy(FedAvg):
         """A zero vector over the trainable parameters: the initial value of server state."""
         return {k: torch.zeros_like(self.current[k]) for k in self.parameter_names}
 
+    def state_tensors(self, name: str) -> Tensors:
+        """The server state ``name`` (one of ``state_attributes``): zeros before its first
+        update, so every piece of state starts the same way."""
+        if not getattr(self, name):
+            setattr(self, name, self.zeros())
+        return getattr(self, name)
+
     @staticmethod
     def as_record(tensors: Tensors) -> ArrayRecord:
         """Server state as an ArrayRecord to broadcast (on the CPU, where messages live)."""

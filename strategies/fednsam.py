@@ -62,7 +62,7 @@ class FedNSAM(ServerMomentum):
 
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """m_t as the second ArrayRecord, ``momentum``."""
-        return {"momentum": self.as_record(self.server_momentum())}
+        return {"momentum": self.as_record(self.state_tensors("momentum"))}
 
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m_{t+1} = gamma*m_t + mean(Delta); x_{t+1} = x_t + m_{t+1}."""

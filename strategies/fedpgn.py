@@ -77,7 +77,7 @@ class FedPGN(GlobalDirection):
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """D = R + (1-gamma)K lr c_t; x_{t+1} = x_t - smooth(D); c_{t+1} = D / (K lr_t)."""
         scale = self.public_part_scale(server_round)
-        direction = self.global_direction()
+        direction = self.state_tensors("direction")
         full = {k: aggregate.mean[k] + scale * direction[k] for k in self.parameter_names}
         step = self.smooth(full)
         self.remember_step(server_round, full, aggregate)

@@ -46,9 +46,7 @@ class FedSMOO(DynamicRegulariser):
 
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """s_t as the ArrayRecord ``perturbation``."""
-        if not self.perturbation:
-            self.perturbation = self.zeros()
-        return {"perturbation": self.as_record(self.perturbation)}
+        return {"perturbation": self.as_record(self.state_tensors("perturbation"))}
 
     def release_template(self) -> Tensors:
         """The model update and the dual mu_i, clipped and noised together."""

@@ -36,15 +36,9 @@ class ServerMomentum(PlateauStrategy):
         super().__init__(config, **kwargs)
         self.momentum: Tensors = {}
 
-    def server_momentum(self) -> Tensors:
-        """m_t (zeros before the first update)."""
-        if not self.momentum:
-            self.momentum = self.zeros()
-        return self.momentum
-
     def momentum_step(self, beta: float, aggregate: Aggregate) -> Tensors:
         """m_{t+1} = beta*m_t + mean(Delta), kept and returned."""
-        momentum = self.server_momentum()
+        momentum = self.state_tensors("momentum")
         self.momentum = {k: beta * momentum[k] + aggregate.mean[k] for k in self.parameter_names}
         return self.momentum
 
@@ -59,15 +53,9 @@ class GlobalDirection(PlateauStrategy):
         self.direction: Tensors = {}
         self.last_shrinkage: float | None = None
 
-    def global_direction(self) -> Tensors:
-        """c_t (zeros before the first update)."""
-        if not self.direction:
-            self.direction = self.zeros()
-        return self.direction
-
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """c_t as the ArrayRecord ``direction``."""
-        return {"direction": self.as_record(self.global_direction())}
+        return {"direction": self.as_record(self.state_tensors("direction"))}
 
     def remember_step(self, server_round: int, descent: Tensors, released: Aggregate) -> None:
         """c_{t+1} = s * descent / (K * lr_t), descent = x_t - x_{t+1} before any smoothing, s
@@ -107,15 +95,9 @@ class ServerControlVariate(PlateauStrategy):
         super().__init__(config, **kwargs)
         self.control: Tensors = {}
 
-    def server_control(self) -> Tensors:
-        """c (zeros before the first update)."""
-        if not self.control:
-            self.control = self.zeros()
-        return self.control
-
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """c as the ArrayRecord ``control``."""
-        return {"control": self.as_record(self.server_control())}
+        return {"control": self.as_record(self.state_tensors("control"))}
 
     def release_template(self) -> Tensors:
         """The model update and the control-variate change, clipped and noised together."""
@@ -125,7 +107,7 @@ class ServerControlVariate(PlateauStrategy):
     def update_control(self, aggregate: Aggregate) -> None:
         """c <- c + (1/N) sum_{i in S} delta_c_i (the sum is the mean times its denominator)."""
         share = aggregate.denominator / max(aggregate.population, 1)
-        control = self.server_control()
+        control = self.state_tensors("control")
         self.control = {k: control[k] + share * aggregate.mean[CONTROL_PREFIX + k]
                         for k in self.parameter_names}
 
@@ -145,10 +127,9 @@ class DynamicRegulariser(PlateauStrategy):
 
     def step_with_regulariser(self, aggregate: Aggregate) -> Tensors:
         """H <- H + (1/N) sum_{i in S} Delta_i;  x_{t+1} = x_t + mean(Delta) + H."""
-        if not self.accumulated:
-            self.accumulated = self.zeros()
+        accumulated = self.state_tensors("accumulated")
         share = aggregate.denominator / max(aggregate.population, 1)
-        self.accumulated = {k: self.accumulated[k] + share * aggregate.mean[k]
+        self.accumulated = {k: accumulated[k] + share * aggregate.mean[k]
                             for k in self.parameter_names}
         return {k: self.current[k] + aggregate.mean[k] + self.accumulated[k]
                 for k in self.parameter_names}
