@@ -318,10 +318,7 @@ class RunConfig:
                 f"unknown run-config key {unknown[0]!r}; known keys: "
                 + ", ".join(sorted({*fields, *options}))
             )
-        values: dict[str, Any] = {
-            f.name: _coerce(name, raw.get(name, f.default), type(f.default), f.metadata["check"])
-            for name, f in fields.items()
-        }
+        values = cls._core_values(raw)
         values["algorithm_options"] = tuple(
             (name, _coerce(name, raw.get(name, f.default), type(f.default), f.metadata["check"]))
             for name, (_, f) in options.items()
@@ -434,12 +431,15 @@ class RunConfig:
         if algorithm_keys:
             names = cls.keys()
             return cls.from_mapping({k: v for k, v in record.items() if k in names})
-        fields = cls.key_fields()
-        values = {f.name: _coerce(name, record.get(name, f.default), type(f.default),
-                                  f.metadata["check"]) for name, f in fields.items()}
-        config = cls(**values)
+        config = cls(**cls._core_values(record))
         config._check_combinations()
         return config
+
+    @classmethod
+    def _core_values(cls, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """The keys every run has, checked, by attribute name (missing ones: their default)."""
+        return {f.name: _coerce(name, raw.get(name, f.default), type(f.default),
+                                f.metadata["check"]) for name, f in cls.key_fields().items()}
 
     def to_dict(self) -> dict[str, ConfigValue]:
         """The resolved config with its run-config keys, as written to summary.json."""

@@ -14,6 +14,7 @@ are the algorithm modules (torch, the strategy base) imported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
@@ -96,8 +97,10 @@ def register(algorithm: Algorithm) -> Algorithm:
     return algorithm
 
 
+@functools.cache
 def load() -> None:
-    """Import every module of the algorithms package (each registers itself), once."""
+    """Import every module of the algorithms package (each registers itself), once per process:
+    the run config asks for the keys on every message."""
     package = importlib.import_module(ALGORITHMS_PACKAGE)
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{ALGORITHMS_PACKAGE}.{module.name}")
