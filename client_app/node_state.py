@@ -52,8 +52,10 @@ def load_before(folder: Path, server_round: int) -> dict[str, Tensors] | None:
 
 
 def save_after(folder: Path, server_round: int, state: Mapping[str, Tensors]) -> None:
-    """Write the state after ``server_round`` atomically; keep the newest ``KEEP`` files."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write the state after ``server_round`` atomically; keep the newest ``KEEP`` files. The
+    state is computed from the node's data without noise: the folder is the node user's alone."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.chmod(0o700)
     target = folder / f"round-{server_round}.pt"
     partial = target.with_suffix(".partial")
     torch.save({name: {k: v.detach().cpu() for k, v in tensors.items()}

@@ -81,6 +81,7 @@ def test_node_state_files_replay_and_keep_the_newest_two(tmp_path: Path) -> None
     for server_round in (1, 3, 4):
         save_after(tmp_path, server_round, state(float(server_round)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round-3.pt", "round-4.pt"]
+    assert tmp_path.stat().st_mode & 0o077 == 0  # unnoised client state: the node user's only
     assert load_before(tmp_path, 1) is None
     assert float(load_before(tmp_path, 4)["control"]["w"][0]) == 3.0  # round 4 replayed
     assert float(load_before(tmp_path, 9)["control"]["w"][0]) == 4.0
