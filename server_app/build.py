@@ -16,6 +16,12 @@ from strategies import STRATEGIES, PlateauStrategy
 from strategies.shared import GlobalDirection
 
 
+def holds_direction(algorithm: str, config: RunConfig) -> bool:
+    """Whether the algorithm's server keeps a global direction (what the shrinkage acts on)."""
+    strategy = STRATEGIES[algorithm](config, parameter_names=[], buffer_names=[])
+    return any(isinstance(piece, GlobalDirection) for piece in strategy.state_pieces().values())
+
+
 def load_config(raw: Mapping[str, ConfigValue]) -> RunConfig:
     """Validate the run config, including the keys only the server can check."""
     config = RunConfig.from_mapping(raw)
@@ -24,12 +30,11 @@ def load_config(raw: Mapping[str, ConfigValue]) -> RunConfig:
             f"algorithm={config.algorithm!r} is not allowed; expected one of "
             + ", ".join(repr(name) for name in STRATEGIES)
         )
-    if config.direction_shrinkage != "off" and not issubclass(STRATEGIES[config.algorithm],
-                                                                GlobalDirection):
+    if config.direction_shrinkage != "off" and not holds_direction(config.algorithm, config):
         raise ConfigError(
             f"direction-shrinkage={config.direction_shrinkage!r} needs an algorithm with a "
             "global direction; allowed: " + ", ".join(
-                repr(n) for n, c in STRATEGIES.items() if issubclass(c, GlobalDirection))
+                repr(n) for n in STRATEGIES if holds_direction(n, config))
             + ", or direction-shrinkage='off'")
     classes = DATASETS[config.dataset].num_classes
     if config.partitioner == "pathological" and config.classes_per_client > classes:

@@ -39,6 +39,8 @@ from plateau.privacy import (
 )
 from plateau.sampling import ClientSampler, Cohort
 
+from .shared import ServerState
+
 UPDATE_KEY = "update"
 IDENTITY_KEY = "identity"  # a node's answer to the partition query: partition-id, num-partitions
 DECLINE_KEY = "decline"  # a client that takes no part in a round, with its reason
@@ -173,7 +175,6 @@ class PlateauStrategy(FedAvg):
     """
 
     local_rule: str = "sgd"
-    state_attributes: tuple[str, ...] = ()  # server state a checkpoint must carry
     paper: str = ""
     server_state: str = "x"
     client_state: str = ""
@@ -226,16 +227,21 @@ class PlateauStrategy(FedAvg):
 
     # ----- what an algorithm specialises ------------------------------------------------------
 
-    def zeros(self) -> Tensors:
-        """A zero vector over the trainable parameters: the initial value of server state."""
-        return {k: torch.zeros_like(self.current[k]) for k in self.parameter_names}
+    def trainable(self) -> Tensors:
+        """The current trainable parameters: what server state and released means cover."""
+        return {k: self.current[k] for k in self.parameter_names}
 
-    def state_tensors(self, name: str) -> Tensors:
-        """The server state ``name`` (one of ``state_attributes``): zeros before its first
-        update, so every piece of state starts the same way."""
-        if not getattr(self, name):
-            setattr(self, name, self.zeros())
-        return getattr(self, name)
+    def state_pieces(self) -> dict[str, ServerState]:
+        """The server state this strategy holds (its ``ServerState`` attributes), by name: what
+        a checkpoint carries. Found, not listed, so no piece can be left out of a resume."""
+        pieces: dict[str, ServerState] = {}
+        for piece in vars(self).values():
+            if isinstance(piece, ServerState):
+                if piece.name in pieces:
+                    raise TypeError(f"{type(self).__name__} holds two server states named "
+                                    f"{piece.name!r}")
+                pieces[piece.name] = piece
+        return pieces
 
     @staticmethod
     def as_record(tensors: Tensors) -> ArrayRecord:
@@ -245,6 +251,10 @@ class PlateauStrategy(FedAvg):
     def learning_rate(self, server_round: int) -> float:
         """Local learning rate of a round: lr * lr_decay^(round - 1)."""
         return self.config.lr * self.config.lr_decay ** (server_round - 1)
+
+    def step_scale(self, server_round: int) -> float:
+        """K * lr_t: how far K local steps along a unit gradient move a client this round."""
+        return self.config.local_steps * self.learning_rate(server_round)
 
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """Extra ArrayRecords sent next to the model (momentum, global direction, ...)."""
@@ -556,8 +566,7 @@ class PlateauStrategy(FedAvg):
         """Everything the server knows besides the model: algorithm state and population. Never
         a generator or sampler state: a resumed run draws fresh noise and fresh cohorts."""
         return {
-            "tensors": {name: {k: v.cpu() for k, v in getattr(self, name).items()}
-                        for name in self.state_attributes},
+            "tensors": {name: piece.state_dict() for name, piece in self.state_pieces().items()},
             "population": self.population,
             "canaries": self.canaries.state_dict() if self.canaries is not None else None,
             "record_epsilon": dict(self.record_epsilon),
@@ -570,18 +579,14 @@ class PlateauStrategy(FedAvg):
 
         Refused, before anything is set: state of another algorithm (other names), and tensors
         whose names or shapes are not the model's (``current`` must be loaded first)."""
-        saved = state["tensors"]
-        if set(saved) != set(self.state_attributes):
+        saved, pieces = state["tensors"], self.state_pieces()
+        if set(saved) != set(pieces):
             raise ConfigError(f"resume refused: the checkpoint holds server state {sorted(saved)}; "
-                             f"{type(self).__name__} keeps {sorted(self.state_attributes)}")
+                              f"{type(self).__name__} keeps {sorted(pieces)}")
         for name, tensors in saved.items():
-            for key, tensor in tensors.items():
-                if key not in self.current or tuple(tensor.shape) != tuple(
-                        self.current[key].shape):
-                    raise ConfigError(f"resume refused: the checkpoint's {name}[{key!r}] does "
-                                      f"not fit the model ({tuple(tensor.shape)})")
+            pieces[name].check(tensors, self.current)
         for name, tensors in saved.items():
-            setattr(self, name, {k: v.to(self.device) for k, v in tensors.items()})
+            pieces[name].load_state_dict(tensors, self.device)
         self.population = int(state["population"])
         self.real_population = self.population - self.config.audit_canaries
         self._canary_state = state.get("canaries")
@@ -680,6 +685,8 @@ class PlateauStrategy(FedAvg):
                                                                  self.released_dim)
             if multiplier is not None:
                 metrics["effective-noise-multiplier"] = multiplier
+        for piece in self.state_pieces().values():
+            metrics.update(piece.metrics())
         metrics.update(self.round_metrics())
         return MetricRecord(metrics)
 

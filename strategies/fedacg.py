@@ -12,8 +12,8 @@ from plateau.local import LocalTask, combine, run_steps
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import Aggregate
-from .shared import ServerMomentum
+from .base import Aggregate, PlateauStrategy
+from .shared import Momentum
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class ACGParams(Params):
                       min=0)
 
 
-class FedACG(ServerMomentum):
+class FedACG(PlateauStrategy):
     """FedACG.
 
     Kim, Kim and Han, "Communication-Efficient Federated Learning with Accelerated Client
@@ -47,19 +47,21 @@ class FedACG(ServerMomentum):
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.hparams = config.hparams(ACGParams)
+        self.momentum = Momentum()
 
     def broadcast_model(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
         """z_t = x_t + lambda*m_t (buffers unchanged)."""
-        if not self.momentum:
+        momentum = self.momentum.value
+        if not momentum:
             return arrays
         lam = self.hparams.lambda_
-        ahead = {k: v + lam * self.momentum[k] if k in self.momentum else v
+        ahead = {k: v + lam * momentum[k] if k in momentum else v
                  for k, v in self.current.items()}
         return self.as_record(ahead)
 
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m <- lambda*m + mean(Delta); x <- x + m."""
-        momentum = self.momentum_step(self.hparams.lambda_, aggregate)
+        momentum = self.momentum.step(self.hparams.lambda_, aggregate.mean, self.trainable())
         return {k: self.current[k] + momentum[k] for k in self.parameter_names}
 
 

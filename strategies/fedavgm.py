@@ -9,8 +9,8 @@ from plateau.config import Params, RunConfig, key
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, register
 
-from .base import Aggregate
-from .shared import ServerMomentum
+from .base import Aggregate, PlateauStrategy
+from .shared import Momentum
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class ServerMomentumParams(Params):
     lr: float = key(1.0, "fedavgm: server learning rate.", min=0, min_exclusive=True)
 
 
-class FedAvgM(ServerMomentum):
+class FedAvgM(PlateauStrategy):
     """FedAvg with server momentum.
 
     Hsu, Qi and Brown, "Measuring the Effects of Non-Identical Data Distribution for Federated
@@ -41,10 +41,11 @@ class FedAvgM(ServerMomentum):
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.hparams = config.hparams(ServerMomentumParams)
+        self.momentum = Momentum()
 
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m <- beta*m + mean(Delta); x <- x + server_lr*m."""
-        momentum = self.momentum_step(self.hparams.momentum, aggregate)
+        momentum = self.momentum.step(self.hparams.momentum, aggregate.mean, self.trainable())
         return {k: self.current[k] + self.hparams.lr * momentum[k] for k in self.parameter_names}
 
 

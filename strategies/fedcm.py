@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from plateau.config import Params, key
+from flwr.app import ArrayRecord
+
+from plateau.config import Params, RunConfig, key
 from plateau.local import LocalTask, combine, run_steps
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import Aggregate
+from .base import Aggregate, PlateauStrategy
 from .shared import GlobalDirection
 
 
@@ -22,7 +25,7 @@ class CMParams(Params):
                        "to the last global update.", min=0, max=1)
 
 
-class FedCM(GlobalDirection):
+class FedCM(PlateauStrategy):
     """FedCM.
 
     Xu, Wang, Wang et al., "FedCM: Federated Learning with Client-level Momentum",
@@ -39,10 +42,18 @@ class FedCM(GlobalDirection):
 
     local_rule = "cm"
 
+    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.direction = GlobalDirection(config)
+
+    def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
+        """c_t as the ArrayRecord ``direction``."""
+        return {"direction": self.direction.record(self.trainable())}
+
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """x <- x + mean(Delta); c <- -mean(Delta)/(K lr)."""
-        self.remember_step(server_round, {k: -aggregate.mean[k] for k in self.parameter_names},
-                           aggregate)
+        self.direction.remember({k: -aggregate.mean[k] for k in self.parameter_names},
+                                self.step_scale(server_round), aggregate)
         return {k: self.current[k] + aggregate.mean[k] for k in self.parameter_names}
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from plateau.config import Params, key
+from plateau.config import Params, RunConfig, key
 from plateau.local import LocalTask, combine, run_steps
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
+from .base import Aggregate, PlateauStrategy
 from .shared import DynamicRegulariser
 
 
@@ -20,7 +22,7 @@ class DynParams(Params):
     alpha: float = key(0.01, "feddyn, fedsmoo: weight of the dynamic regulariser.", min=0)
 
 
-class FedDyn(DynamicRegulariser):
+class FedDyn(PlateauStrategy):
     """FedDyn.
 
     Acar, Zhao, Matas et al., "Federated Learning Based on Dynamic Regularization", ICLR 2021
@@ -37,6 +39,14 @@ class FedDyn(DynamicRegulariser):
     client_state = "H_i"
 
     local_rule = "dyn"
+
+    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.accumulated = DynamicRegulariser()
+
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
+        """H <- H + (1/N) sum Delta_i;  x <- x + mean(Delta) + H."""
+        return self.accumulated.step(aggregate, self.trainable())
 
 
 def dyn(task: LocalTask) -> Tensors:

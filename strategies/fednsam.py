@@ -13,8 +13,8 @@ from plateau.local import LocalTask, combine, run_steps, sam_gradient, unit
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import Aggregate
-from .shared import ServerMomentum
+from .base import Aggregate, PlateauStrategy
+from .shared import Momentum
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class NSAMParams(Params):
         "code, with correct momentum.", choices=("paper", "code"))
 
 
-class FedNSAM(ServerMomentum):
+class FedNSAM(PlateauStrategy):
     """FedNSAM.
 
     Liu, Shang, Tian et al., "FedNSAM: Consistency of Local and Global Flatness for Federated
@@ -54,6 +54,7 @@ class FedNSAM(ServerMomentum):
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.hparams = config.hparams(NSAMParams)
+        self.momentum = Momentum()
 
     @property
     def local_rule(self) -> str:  # type: ignore[override]
@@ -62,11 +63,11 @@ class FedNSAM(ServerMomentum):
 
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """m_t as the second ArrayRecord, ``momentum``."""
-        return {"momentum": self.as_record(self.state_tensors("momentum"))}
+        return {"momentum": self.momentum.record(self.trainable())}
 
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m_{t+1} = gamma*m_t + mean(Delta); x_{t+1} = x_t + m_{t+1}."""
-        momentum = self.momentum_step(self.hparams.gamma, aggregate)
+        momentum = self.momentum.step(self.hparams.gamma, aggregate.mean, self.trainable())
         return {k: self.current[k] + momentum[k] for k in self.parameter_names}
 
 

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord
 
 from plateau.config import Params, RunConfig, key
 from plateau.local import Grads, LocalTask, combine, run_steps, unit
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import Aggregate
+from .base import Aggregate, PlateauStrategy
 from .shared import GlobalDirection
 
 
@@ -33,7 +34,7 @@ class PGNParams(Params):
                         "global direction.", min=0)
 
 
-class FedPGN(GlobalDirection):
+class FedPGN(PlateauStrategy):
     """DP-FedPGN (with ``dp`` off: FedPGN).
 
     Liu, Tian, Shang et al., "DP-FedPGN: Finding Global Flat Minima for Differentially Private
@@ -57,6 +58,7 @@ class FedPGN(GlobalDirection):
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self.hparams = config.hparams(PGNParams)
+        self.direction = GlobalDirection(config)
 
     @property
     def local_rule(self) -> str:  # type: ignore[override]
@@ -67,8 +69,11 @@ class FedPGN(GlobalDirection):
         """(1 - gamma) * K * lr_t: how much of c_t the clients' own steps carried."""
         if self.hparams.form != "mix":
             return 0.0
-        return (1 - self.hparams.gamma) * self.config.local_steps * self.learning_rate(
-            server_round)
+        return (1 - self.hparams.gamma) * self.step_scale(server_round)
+
+    def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
+        """c_t as the ArrayRecord ``direction``."""
+        return {"direction": self.direction.record(self.trainable())}
 
     def smooth(self, update: Tensors) -> Tensors:
         """Post-processing applied to D before the model update (identity here)."""
@@ -77,10 +82,10 @@ class FedPGN(GlobalDirection):
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """D = R + (1-gamma)K lr c_t; x_{t+1} = x_t - smooth(D); c_{t+1} = D / (K lr_t)."""
         scale = self.public_part_scale(server_round)
-        direction = self.state_tensors("direction")
+        direction = self.direction.get(self.trainable())
         full = {k: aggregate.mean[k] + scale * direction[k] for k in self.parameter_names}
         step = self.smooth(full)
-        self.remember_step(server_round, full, aggregate)
+        self.direction.remember(full, self.step_scale(server_round), aggregate)
         return {k: self.current[k] - step[k] for k in self.parameter_names}
 
 

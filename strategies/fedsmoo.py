@@ -13,13 +13,13 @@ from plateau.privacy import Tensors, flat_norm
 from plateau.registry import Algorithm, LocalRule, register
 from plateau.release import DUAL_PREFIX
 
-from .base import Aggregate
+from .base import Aggregate, PlateauStrategy
 from .feddyn import DynParams
 from .fedsam import SAMParams
-from .shared import DynamicRegulariser
+from .shared import DynamicRegulariser, ServerState
 
 
-class FedSMOO(DynamicRegulariser):
+class FedSMOO(PlateauStrategy):
     """FedSMOO.
 
     Sun, Shen, Chen et al., "Dynamic Regularized Sharpness Aware Minimization in Federated
@@ -38,27 +38,27 @@ class FedSMOO(DynamicRegulariser):
     client_state = "H_i, mu_i"
 
     local_rule = "smoo"
-    state_attributes = ("accumulated", "perturbation")
 
     def __init__(self, config: RunConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        self.perturbation: Tensors = {}
+        self.accumulated = DynamicRegulariser()
+        self.perturbation = ServerState("perturbation")
 
     def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
         """s_t as the ArrayRecord ``perturbation``."""
-        return {"perturbation": self.as_record(self.state_tensors("perturbation"))}
+        return {"perturbation": self.perturbation.record(self.trainable())}
 
     def release_template(self) -> Tensors:
         """The model update and the dual mu_i, clipped and noised together."""
-        params = super().release_template()
+        params = self.trainable()
         return {**params, **{DUAL_PREFIX + k: v for k, v in params.items()}}
 
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """FedDyn's model update; s_{t+1} = rho * mean(mu) / (|mean(mu)| + 1e-7)."""
         mean_dual = {k: aggregate.mean[DUAL_PREFIX + k] for k in self.parameter_names}
         scale = self.config.hparams(SAMParams).rho / (flat_norm(mean_dual) + 1e-7)
-        self.perturbation = {k: scale * v for k, v in mean_dual.items()}
-        return self.step_with_regulariser(aggregate)
+        self.perturbation.value = {k: scale * v for k, v in mean_dual.items()}
+        return self.accumulated.step(aggregate, self.trainable())
 
 
 def smoo(task: LocalTask) -> Tensors:

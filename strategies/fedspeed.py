@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from plateau.config import Params, key
+from plateau.config import Params, RunConfig, key
 from plateau.local import Grads, LocalTask, combine, run_steps, unit
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
+from .base import Aggregate, PlateauStrategy
 from .shared import DynamicRegulariser
 
 
@@ -27,7 +29,7 @@ class FedSpeedParams(Params):
                          "(1/lambda)*(y - x_t + H_i).", min=0, min_exclusive=True)
 
 
-class FedSpeed(DynamicRegulariser):
+class FedSpeed(PlateauStrategy):
     """FedSpeed.
 
     Sun, Shen, Huang et al., "FedSpeed: Larger Local Interval, Less Communication Round, and
@@ -49,6 +51,14 @@ class FedSpeed(DynamicRegulariser):
     client_state = "H_i"
 
     local_rule = "speed"
+
+    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.accumulated = DynamicRegulariser()
+
+    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
+        """H <- H + (1/N) sum Delta_i;  x <- x + mean(Delta) + H."""
+        return self.accumulated.step(aggregate, self.trainable())
 
 
 def speed(task: LocalTask) -> Tensors:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from flwr.app import ArrayRecord
 
+from plateau.config import RunConfig
 from plateau.local import Grads, LocalTask, combine, run_steps
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 from plateau.release import CONTROL_PREFIX
 
-from .base import Aggregate
-from .shared import ServerControlVariate
+from .base import Aggregate, PlateauStrategy
+from .shared import ControlVariate
 
 
-class Scaffold(ServerControlVariate):
+class Scaffold(PlateauStrategy):
     """SCAFFOLD (option II).
 
     Karimireddy, Kale, Mohri et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated
@@ -33,9 +36,22 @@ class Scaffold(ServerControlVariate):
 
     local_rule = "scaffold"
 
+    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.control = ControlVariate(CONTROL_PREFIX)
+
+    def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
+        """c as the ArrayRecord ``control``."""
+        return {"control": self.control.record(self.trainable())}
+
+    def release_template(self) -> Tensors:
+        """The model update and the control-variate change, clipped and noised together."""
+        params = self.trainable()
+        return {**params, **self.control.uploads(params)}
+
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """x <- x + mean(Delta_y); c <- c + (1/N) sum(Delta_c)."""
-        self.update_control(aggregate)
+        self.control.update(aggregate, self.trainable())
         return {k: self.current[k] + aggregate.mean[k] for k in self.parameter_names}
 
 

@@ -1,68 +1,112 @@
-"""Server state that several algorithms share, each written once.
+"""Server state that several algorithms share: pieces a strategy holds, each written once.
 
-* ``ServerMomentum``: m_{t+1} = beta*m_t + mean(Delta). FedAvgM, FedACG and FedNSAM use it.
+A piece is a ``ServerState``: a named vector over the trainable parameters, zero until its first
+update. A strategy holds its pieces as attributes; the strategy finds them itself when it saves
+or restores a checkpoint, so no piece can be forgotten in a list of names.
+
+* ``Momentum``: m_{t+1} = beta*m_t + mean(Delta). FedAvgM, FedACG and FedNSAM hold one.
 * ``GlobalDirection``: c_t = (x_{t-1} - x_t) / (K * lr_{t-1}), the last global update per local
   step in the gradient direction (0 before the first update), broadcast as ``direction``.
-  DP-FedPGN, FedCM, MoFedSAM and FedLESAM use it.
-* ``ServerControlVariate``: SCAFFOLD's c, broadcast as ``control``; clients upload their
+  DP-FedPGN, FedCM, MoFedSAM and FedLESAM hold one.
+* ``ControlVariate``: SCAFFOLD's c, broadcast as ``control``; clients upload their
   control-variate change next to the model update (``cv:``-prefixed, privatised together).
-  SCAFFOLD and FedGAMMA use it.
+  SCAFFOLD and FedGAMMA hold one.
 * ``DynamicRegulariser``: FedDyn's mean accumulated update H = (1/N) sum_i H_i, which moves the
-  model to mean(y) + H. FedDyn and FedSMOO use it.
+  model to mean(y) + H. FedDyn, FedSMOO and FedSpeed hold one.
 
 All of them are post-processing of the privatised mean, so they cost no privacy.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
+import torch
 from flwr.app import ArrayRecord
 
-from plateau.config import RunConfig
+from plateau.config import ConfigError, RunConfig
 from plateau.privacy import Tensors
-from plateau.release import CONTROL_PREFIX
 
-from .base import Aggregate, PlateauStrategy
+if TYPE_CHECKING:  # base holds pieces; pieces read base's Aggregate
+    from .base import Aggregate
 
 
-class ServerMomentum(PlateauStrategy):
+class ServerState(Mapping[str, torch.Tensor]):
+    """A named vector of server state over the trainable parameters (zeros before its first
+    update), with the ``state_dict``/``load_state_dict`` a checkpoint uses. Reads like the
+    mapping of its tensors (empty before the first update)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.value: Tensors = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.value[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.value)
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def get(self, like: Tensors) -> Tensors:
+        """The state, zeros shaped like ``like`` (the trainable parameters) before any update."""
+        if not self.value:
+            self.value = {k: torch.zeros_like(v) for k, v in like.items()}
+        return self.value
+
+    def record(self, like: Tensors) -> ArrayRecord:
+        """The state as an ArrayRecord to broadcast (on the CPU, where messages live)."""
+        return ArrayRecord({k: v.detach().cpu() for k, v in self.get(like).items()})
+
+    def state_dict(self) -> Tensors:
+        """The tensors, on the CPU (empty before the first update)."""
+        return {k: v.detach().cpu() for k, v in self.value.items()}
+
+    def check(self, tensors: Tensors, model: Tensors) -> None:
+        """Refuse saved tensors whose names or shapes do not fit the model."""
+        for key, tensor in tensors.items():
+            if key not in model or tuple(tensor.shape) != tuple(model[key].shape):
+                raise ConfigError(f"resume refused: the checkpoint's {self.name}[{key!r}] does "
+                                  f"not fit the model ({tuple(tensor.shape)})")
+
+    def load_state_dict(self, tensors: Tensors, device: torch.device) -> None:
+        """Set the state from ``state_dict``'s output (checked first with ``check``)."""
+        self.value = {k: v.to(device) for k, v in tensors.items()}
+
+    def metrics(self) -> dict[str, float]:
+        """The piece's own round metrics (none by default)."""
+        return {}
+
+
+class Momentum(ServerState):
     """A server momentum m_{t+1} = beta*m_t + mean(Delta) (m_0 = 0): FedAvgM's, FedACG's
     look-ahead momentum and FedNSAM's broadcast momentum."""
 
-    state_attributes = ("momentum",)
+    def __init__(self, name: str = "momentum") -> None:
+        super().__init__(name)
 
-    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.momentum: Tensors = {}
-
-    def momentum_step(self, beta: float, aggregate: Aggregate) -> Tensors:
-        """m_{t+1} = beta*m_t + mean(Delta), kept and returned."""
-        momentum = self.state_tensors("momentum")
-        self.momentum = {k: beta * momentum[k] + aggregate.mean[k] for k in self.parameter_names}
-        return self.momentum
+    def step(self, beta: float, mean: Tensors, like: Tensors) -> Tensors:
+        """m <- beta*m + mean(Delta), kept and returned."""
+        momentum = self.get(like)
+        self.value = {k: beta * momentum[k] + mean[k] for k in like}
+        return self.value
 
 
-class GlobalDirection(PlateauStrategy):
-    """Keeps and broadcasts the global direction c_t."""
+class GlobalDirection(ServerState):
+    """The global direction c_t, with its optional noise-aware shrinkage."""
 
-    state_attributes = ("direction",)
-
-    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.direction: Tensors = {}
+    def __init__(self, config: RunConfig, name: str = "direction") -> None:
+        super().__init__(name)
+        self.config = config
         self.last_shrinkage: float | None = None
 
-    def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
-        """c_t as the ArrayRecord ``direction``."""
-        return {"direction": self.as_record(self.state_tensors("direction"))}
-
-    def remember_step(self, server_round: int, descent: Tensors, released: Aggregate) -> None:
-        """c_{t+1} = s * descent / (K * lr_t), descent = x_t - x_{t+1} before any smoothing, s
-        the noise-aware shrinkage (1 unless direction-shrinkage='snr')."""
-        per_step = self.config.local_steps * self.learning_rate(server_round)
+    def remember(self, descent: Tensors, per_step: float, released: Aggregate) -> None:
+        """c_{t+1} = s * descent / per_step, descent = x_t - x_{t+1} before any smoothing,
+        per_step = K * lr_t, s the noise-aware shrinkage (1 unless direction-shrinkage='snr')."""
         factor = self.shrinkage(descent, released)
-        self.direction = {k: factor * v / per_step for k, v in descent.items()}
+        self.value = {k: factor * v / per_step for k, v in descent.items()}
 
     def shrinkage(self, descent: Tensors, released: Aggregate) -> float:
         """max(0, 1 - d v / |D|^2): the share of |D|^2 that is not the DP noise's expected
@@ -79,57 +123,41 @@ class GlobalDirection(PlateauStrategy):
         self.last_shrinkage = max(0.0, 1.0 - dim * variance / power) if power > 0 else 0.0
         return self.last_shrinkage
 
-    def round_metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """The round's shrinkage factor, when one was applied."""
         if self.last_shrinkage is None:
             return {}
         return {"direction-shrinkage": self.last_shrinkage}
 
 
-class ServerControlVariate(PlateauStrategy):
-    """SCAFFOLD's server control variate c and the clients' control-variate uploads."""
+class ControlVariate(ServerState):
+    """SCAFFOLD's server control variate c, updated from the clients' control-variate uploads."""
 
-    state_attributes = ("control",)
+    def __init__(self, prefix: str, name: str = "control") -> None:
+        super().__init__(name)
+        self.prefix = prefix  # of the uploaded control-variate change's names
 
-    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.control: Tensors = {}
+    def uploads(self, params: Tensors) -> Tensors:
+        """The release template's extra half: the control-variate change of each parameter."""
+        return {self.prefix + k: v for k, v in params.items()}
 
-    def broadcast(self, server_round: int) -> dict[str, ArrayRecord]:
-        """c as the ArrayRecord ``control``."""
-        return {"control": self.as_record(self.state_tensors("control"))}
-
-    def release_template(self) -> Tensors:
-        """The model update and the control-variate change, clipped and noised together."""
-        params = super().release_template()
-        return {**params, **{CONTROL_PREFIX + k: v for k, v in params.items()}}
-
-    def update_control(self, aggregate: Aggregate) -> None:
+    def update(self, aggregate: Aggregate, like: Tensors) -> None:
         """c <- c + (1/N) sum_{i in S} delta_c_i (the sum is the mean times its denominator)."""
         share = aggregate.denominator / max(aggregate.population, 1)
-        control = self.state_tensors("control")
-        self.control = {k: control[k] + share * aggregate.mean[CONTROL_PREFIX + k]
-                        for k in self.parameter_names}
+        control = self.get(like)
+        self.value = {k: control[k] + share * aggregate.mean[self.prefix + k] for k in like}
 
 
-class DynamicRegulariser(PlateauStrategy):
+class DynamicRegulariser(ServerState):
     """FedDyn's server state: H = (1/N) sum_i H_i over the whole population."""
 
-    state_attributes = ("accumulated",)
+    def __init__(self, name: str = "accumulated") -> None:
+        super().__init__(name)
 
-    def __init__(self, config: RunConfig, **kwargs: Any) -> None:
-        super().__init__(config, **kwargs)
-        self.accumulated: Tensors = {}
-
-    def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
-        """FedDyn's server step (FedSMOO adds its perturbation to it)."""
-        return self.step_with_regulariser(aggregate)
-
-    def step_with_regulariser(self, aggregate: Aggregate) -> Tensors:
-        """H <- H + (1/N) sum_{i in S} Delta_i;  x_{t+1} = x_t + mean(Delta) + H."""
-        accumulated = self.state_tensors("accumulated")
+    def step(self, aggregate: Aggregate, current: Tensors) -> Tensors:
+        """H <- H + (1/N) sum_{i in S} Delta_i;  x_{t+1} = x_t + mean(Delta) + H, over the
+        trainable parameters ``current``."""
+        accumulated = self.get(current)
         share = aggregate.denominator / max(aggregate.population, 1)
-        self.accumulated = {k: accumulated[k] + share * aggregate.mean[k]
-                            for k in self.parameter_names}
-        return {k: self.current[k] + aggregate.mean[k] + self.accumulated[k]
-                for k in self.parameter_names}
+        self.value = {k: accumulated[k] + share * aggregate.mean[k] for k in current}
+        return {k: current[k] + aggregate.mean[k] + self.value[k] for k in current}

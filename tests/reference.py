@@ -87,8 +87,9 @@ def one_round(algorithm: str, *, server_state: dict[str, np.ndarray] | None = No
               server_round: int = 1, **overrides: object) -> Round:
     """One real round of ``algorithm`` for the two reference clients."""
     strategy = strategy or make_strategy(algorithm, **overrides)
+    pieces = strategy.state_pieces()
     for name, value in (server_state or {}).items():
-        setattr(strategy, name, {"weight": torch.tensor(value)})
+        pieces[name].value = {"weight": torch.tensor(value)}
     arrays = ArrayRecord({"weight": torch.tensor(weight)})
     messages = sorted(strategy.configure_train(server_round, arrays, ConfigRecord(),
                                                FakeGrid([1, 2])),

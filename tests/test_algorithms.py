@@ -106,7 +106,7 @@ def test_fedpgn_server_adds_back_exactly_the_public_part() -> None:
     config = make_config(algorithm="fedpgn", pgn_gamma=0.25, **BASE)
     strategy = STRATEGIES["fedpgn"](config, parameter_names=["weight"], buffer_names=[])
     strategy.current = {"weight": torch.tensor(W0)}
-    strategy.direction = {"weight": torch.tensor(C_T)}
+    strategy.direction.value = {"weight": torch.tensor(C_T)}
     new = strategy.apply_update(1, Aggregate({"weight": torch.zeros(3, 4, dtype=torch.float64)},
                                              2.0, 2))
     public = (1 - 0.25) * BASE["local_steps"] * BASE["lr"] * C_T

@@ -30,11 +30,12 @@ def test_factor_is_the_hand_computed_signal_share() -> None:
                              clip_norm=2.0, direction_shrinkage="snr")
     aggregate = {"a": torch.full((3,), 1.0), "b": torch.full((1,), 2.0)}  # |D|^2 = 7, d = 4
     variance = (0.5 * 2.0 / 10.0) ** 2
-    factor = strategy.shrinkage(aggregate, released(strategy, aggregate))
+    factor = strategy.direction.shrinkage(aggregate, released(strategy, aggregate))
     assert factor == pytest.approx(1 - 4 * variance / 7)
-    assert strategy.round_metrics() == {"direction-shrinkage": pytest.approx(1 - 4 * variance / 7)}
-    strategy.remember_step(1, aggregate, released(strategy, aggregate))
+    assert strategy.direction.metrics() == {
+        "direction-shrinkage": pytest.approx(1 - 4 * variance / 7)}
     per_step = strategy.config.local_steps * strategy.learning_rate(1)
+    strategy.direction.remember(aggregate, per_step, released(strategy, aggregate))
     assert torch.allclose(strategy.direction["b"],
                           torch.tensor([2.0 * (1 - 4 * variance / 7) / per_step]))
 
@@ -45,29 +46,30 @@ def test_pure_noise_is_dropped_and_a_clean_signal_kept() -> None:
     std = 1.0 * 1.0 / 10.0
     generator = torch.Generator().manual_seed(0)
     noise = {"w": torch.randn(20_000, generator=generator) * std}
-    assert strategy.shrinkage(noise, released(strategy, noise)) < 0.03
+    assert strategy.direction.shrinkage(noise, released(strategy, noise)) < 0.03
     signal = {"w": torch.full((20_000,), 1.0)}
-    assert strategy.shrinkage(signal, released(strategy, signal)) > 0.98
+    assert strategy.direction.shrinkage(signal, released(strategy, signal)) > 0.98
     # the factor the strategy applies is the estimate of |signal|^2 / |D|^2 (here 1/2)
     mixed = {"w": noise["w"] + torch.full((20_000,), std)}
-    assert strategy.shrinkage(mixed, released(strategy, mixed)) == pytest.approx(0.5, abs=0.03)
+    factor = strategy.direction.shrinkage(mixed, released(strategy, mixed))
+    assert factor == pytest.approx(0.5, abs=0.03)
 
 
 def test_off_or_without_dp_the_papers_rule_is_unchanged() -> None:
     aggregate = {"w": torch.full((4,), 0.01)}
     central = strategy_with(algorithm="fedcm", dp="central")
-    assert central.shrinkage(aggregate, released(central, aggregate)) == 1.0
+    assert central.direction.shrinkage(aggregate, released(central, aggregate)) == 1.0
     plain = strategy_with(algorithm="fedcm", direction_shrinkage="snr")
-    assert plain.shrinkage(aggregate, released(plain, aggregate)) == 1.0
-    assert plain.round_metrics() == {}
+    assert plain.direction.shrinkage(aggregate, released(plain, aggregate)) == 1.0
+    assert plain.direction.metrics() == {}
     # a mechanism with no formal noise scale (the authors' code clip) is left alone
     code = strategy_with(algorithm="fedpgn", dp="distributed", dp_clip_mode="code",
                          direction_shrinkage="snr")
-    assert code.shrinkage(aggregate, released(code, aggregate)) == 1.0
+    assert code.direction.shrinkage(aggregate, released(code, aggregate)) == 1.0
     # an all-zero aggregate is all noise's share: factor 0, not a division by zero
     snr = strategy_with(algorithm="fedcm", dp="central", direction_shrinkage="snr")
     zero = {"w": torch.zeros(4)}
-    assert snr.shrinkage(zero, released(snr, zero)) == 0.0
+    assert snr.direction.shrinkage(zero, released(snr, zero)) == 0.0
 
 
 def test_an_algorithm_without_a_global_direction_is_refused() -> None:

@@ -1,0 +1,88 @@
+"""The wire format between the ServerApp and the ClientApps, in one place.
+
+A train message carries ``arrays`` (the model a client starts from), the algorithm's broadcasts
+(one ArrayRecord each: ``direction``, ``momentum``, ``control``, ``perturbation``) and ``config``
+(the whole run config plus the round's scalars). A reply is either a train reply (``update``,
+``metrics``, and ``buffers`` when BatchNorm statistics travel) or a decline (``decline`` with a
+reason). A partition query is answered with ``identity``. Light on purpose: the ClientApp
+process Flower starts imports this without torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+if TYPE_CHECKING:  # the ClientApp imports this module: no server package at run time
+    from flwr.serverapp import Grid
+
+MODEL_KEY = "arrays"
+CONFIG_KEY = "config"
+UPDATE_KEY = "update"
+BUFFERS_KEY = "buffers"
+METRICS_KEY = "metrics"
+DECLINE_KEY = "decline"  # a client that takes no part in a round, with its reason
+IDENTITY_KEY = "identity"  # a node's answer to the partition query: partition-id, num-partitions
+TRAIN_REPLY_KEYS = frozenset({UPDATE_KEY, METRICS_KEY, BUFFERS_KEY})
+
+
+def train_reply(update: ArrayRecord, metrics: Mapping[str, int | float],
+                buffers: ArrayRecord | None = None) -> RecordDict:
+    """A client's reply to a train message: its released vector, metrics and buffer deltas."""
+    content = RecordDict({UPDATE_KEY: update, METRICS_KEY: MetricRecord(dict(metrics))})
+    if buffers is not None:
+        content[BUFFERS_KEY] = buffers
+    return content
+
+
+def decline(reason: str) -> RecordDict:
+    """The content of a reply that takes no part in the round, with its reason."""
+    return RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason})})
+
+
+def identity(partition_id: int, num_partitions: int) -> RecordDict:
+    """A node's answer to the partition query."""
+    return RecordDict({IDENTITY_KEY: MetricRecord({"partition-id": partition_id,
+                                                   "num-partitions": num_partitions})})
+
+
+def is_reply_shape(content: RecordDict) -> bool:
+    """Whether a train reply has the records of a decline or of a train reply (the trainer's
+    answer is checked with this before the ClientApp forwards it)."""
+    keys = set(content.keys())
+    return keys == {DECLINE_KEY} or {UPDATE_KEY, METRICS_KEY} <= keys <= TRAIN_REPLY_KEYS
+
+
+def short_reason(reason: str) -> str:
+    """The last line of a client's error (Ray wraps it in a traceback), at most 200 chars."""
+    lines = [line.strip(" '>") for line in reason.strip().splitlines() if line.strip(" '>")]
+    return (lines[-1] if lines else reason)[:200]
+
+
+def array_bytes(content: RecordDict) -> int:
+    """Bytes of the arrays a message carries (configs and metrics are negligible)."""
+    return sum(len(array.data) for record in content.array_records.values()
+               for array in record.values())
+
+
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
+             poll_interval: float) -> list[Message]:
+    """Push messages and collect their replies, looking every ``poll_interval`` seconds.
+
+    Flower's ``Grid.send_and_receive`` waits 3 s between pulls on a deployed SuperLink, which
+    alone adds up to 3 s to every round; the replies and the timeout are the same.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
+    return replies
