@@ -13,17 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from plateau import messages
 from plateau.config import RunConfig
 
 from .handoff import hand_off, trainer_socket
 from .wire import TrainerError
 
 app = ClientApp()
-DECLINE_KEY = "decline"  # a reply that trains nothing, with its reason
-TRAIN_REPLY_KEYS = frozenset({"update", "metrics", "buffers"})
 # torch-side names that live in compute.py and are imported from there on first use
 _COMPUTE_NAMES = frozenset({"STATE_ROUNDS", "local_round", "load_state", "public_mask",
                             "save_state"})
@@ -95,7 +94,7 @@ def identify(msg: Message, context: Context) -> Message:
     this partition's tensors and torch's first backward pass, here or in the node's trainer):
     round 1 then costs what later rounds do."""
     pid, num = partition_of(context)
-    question = msg.content.config_records.get("config", ConfigRecord())
+    question = msg.content.config_records.get(messages.CONFIG_KEY, ConfigRecord())
     if RunConfig.key_fields().keys() <= set(question):
         cfg = RunConfig.from_record(question, algorithm_keys=False)
         if _admitted(cfg, context.node_config):
@@ -105,11 +104,9 @@ def identify(msg: Message, context: Context) -> Message:
 
                 compute.prepare(cfg, context)
             else:
-                hand_off(path, "query", RecordDict({"config": question}), context,
+                hand_off(path, "query", RecordDict({messages.CONFIG_KEY: question}), context,
                          cfg.round_timeout)
-    return Message(RecordDict({"identity": MetricRecord({"partition-id": pid,
-                                                         "num-partitions": num})}),
-                   reply_to=msg)
+    return Message(messages.identity(pid, num), reply_to=msg)
 
 
 def _admitted(cfg: RunConfig, node_config: Mapping[str, object]) -> bool:
@@ -136,24 +133,19 @@ def train(msg: Message, context: Context) -> Message:
 
         return Message(content=compute.train(msg.content, context), reply_to=msg)
     content, state = hand_off(path, "train", msg.content, context, cfg.round_timeout)
-    keys = set(content.keys())
-    if keys != {DECLINE_KEY} and not ({"update", "metrics"} <= keys <= TRAIN_REPLY_KEYS):
-        raise TrainerError(f"malformed reply from the trainer at {path}: records {sorted(keys)}")
+    if not messages.is_reply_shape(content):
+        raise TrainerError(f"malformed reply from the trainer at {path}: records "
+                           f"{sorted(content.keys())}")
     context.state.clear()
     context.state.update(state)
     return Message(content=content, reply_to=msg)
-
-
-def declined(reason: str) -> RecordDict:
-    """The content of a reply that takes no part in the round, with its reason."""
-    return RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason})})
 
 
 def decline(msg: Message, reason: str) -> Message:
     """A reply that takes no part in the round (e.g. a partition without examples): counted by
     the server as declined, never as a malformed reply; under DP its noise share is topped up
     like a dropout's."""
-    return Message(declined(reason), reply_to=msg)
+    return Message(messages.decline(reason), reply_to=msg)
 
 
 def __getattr__(name: str) -> object:

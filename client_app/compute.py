@@ -21,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from flwr.supercore import log
 from torch import nn
 
+from plateau import messages
 from plateau.config import RunConfig
 from plateau.data import Tensors as DataTensors
 from plateau.data import client_partition
@@ -51,7 +52,7 @@ from plateau.record_dp import (
 from plateau.seeds import stream_generator
 from strategies import LOCAL_RULES
 
-from .app import NodeConfigError, declined, partition_of
+from .app import NodeConfigError, partition_of
 from .node_state import clear, load_before, save_after, state_folder
 
 STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
@@ -133,13 +134,9 @@ def local_round(task: LocalTask, rule: str, cohort: float,
                                       "clipped": int(report.clipped), "clip-error": report.error}
     if (mechanism is not None or task.record is not None) and test_seed() is not None:
         metrics["test-seeded"] = 1  # this node's noise is predictable: no epsilon holds
-    content = RecordDict({
-        "update": ArrayRecord({k: v.detach().cpu() for k, v in released.items()}),
-        "metrics": MetricRecord(metrics),
-    })
-    if buffers:
-        content["buffers"] = ArrayRecord({k: v.cpu() for k, v in buffers.items()})
-    return content
+    return messages.train_reply(
+        ArrayRecord({k: v.detach().cpu() for k, v in released.items()}), metrics,
+        ArrayRecord({k: v.cpu() for k, v in buffers.items()}) if buffers else None)
 
 
 def prepare(cfg: RunConfig, context: Context) -> None:
@@ -182,9 +179,9 @@ def client_round(content: RecordDict, cfg: RunConfig, model: nn.Module, data: Da
     local rule the server named on ``data``, privatise and build the reply. The one path the
     ClientApp, the numpy-reference tests and the per-round benchmark share; ``state`` (the
     node's algorithm state) is updated in place."""
-    round_config = content["config"]
+    round_config = content[messages.CONFIG_KEY]
     rule = requested_rule(round_config)
-    load_travelling(model, content["arrays"].to_torch_state_dict())
+    load_travelling(model, content[messages.MODEL_KEY].to_torch_state_dict())
     model_state = model.state_dict()
     start_buffers = {name: model_state[name].detach().clone()
                      for name in float_buffer_names(model)}
@@ -207,7 +204,7 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     """The reply's content to a train message: the local rule the server asked for, run on
     this node's partition, and the released update (or a decline). Writes the node's algorithm
     state back into ``context.state``."""
-    round_config = content["config"]
+    round_config = content[messages.CONFIG_KEY]
     cfg = RunConfig.from_record(round_config)
     server_round = int(round_config["server-round"])
     rule = requested_rule(round_config)
@@ -221,12 +218,12 @@ def train(content: RecordDict, context: Context) -> RecordDict:
                          f"server's ({expected}): same model files and library versions needed")
     data = _partition_on(cfg, pid, num, device)
     if len(data) == 0:
-        return declined("no-data")
+        return messages.decline("no-data")
     silo = None
     if cfg.record_dp == "on":
         silo = SiloRound.open(cfg, context, len(data), LOCAL_RULES[rule].backprops_per_step)
         if silo.refusal is not None:
-            return declined(silo.refusal)
+            return messages.decline(silo.refusal)
     reply, task = client_round(
         content, cfg, model, data,
         state=_own_state(cfg, context, pid, server_round, device),
@@ -244,7 +241,7 @@ def train(content: RecordDict, context: Context) -> RecordDict:
         save_after(folder, server_round, task.state)
     if silo is not None and task.record is not None:
         # charged before the reply leaves: what the server can see is always on the ledger
-        reply["metrics"] = MetricRecord({**reply["metrics"],
+        reply[messages.METRICS_KEY] = MetricRecord({**reply[messages.METRICS_KEY],
                                          **silo.charge(context, task.record.steps)})
     return reply
 

@@ -20,8 +20,9 @@ from flwr.app import Message
 from flwr.supercore import log
 
 from plateau.config import RunConfig
+from plateau.messages import short_reason
 from strategies import PlateauStrategy
-from strategies.base import RoundStats, short_reason
+from strategies.screening import RoundStats
 
 from .evaluation import CentralEvaluator
 from .flatness import FlatnessProbe
@@ -143,7 +144,7 @@ class PrivacyRecord(RoundCallback):
     def after_round(self, outcome: RoundOutcome) -> None:
         record, config = outcome.record, self.config
         if config.record_dp == "on" and self.void_reason() is None:
-            spent = self.strategy.record_epsilon
+            spent = self.strategy.silos.epsilon
             record["record_epsilon"] = {str(p): e for p, e in sorted(spent.items())}
             record["record_epsilon_min"] = min(spent.values(), default=None)
             record["record_epsilon_max"] = max(spent.values(), default=None)

@@ -24,10 +24,10 @@ from plateau.accounting import PrivacyAccountant
 from plateau.canaries import audit_flags
 from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
+from plateau.messages import exchange
 from plateau.noise import TEST_SEED_ENV, test_seed
 from plateau.privacy import mechanism_from_config
 from strategies import LOCAL_RULES, PlateauStrategy
-from strategies.base import exchange
 
 from .build import build_strategy, load_config, prepare_partitions
 from .callbacks import (
@@ -166,9 +166,9 @@ class RunLoop:
             self.void_reason = (f"{TEST_SEED_ENV} is set on the server: its noise and sampling "
                                 "are reproducible, hence not private")
             log(WARNING, "%s; no epsilon is reported (testing only)", self.void_reason)
-        population = self.strategy.determine_population(grid)
+        population = self.strategy.clients.determine(grid)
         try:
-            for num_partitions in self.strategy.identified_partition_counts(grid):
+            for num_partitions in self.strategy.clients.identified_partition_counts(grid):
                 prepare_partitions(config, num_partitions)
         except (ConfigError, RuntimeError) as err:
             log(ERROR, "cannot start the run: %s", err)
@@ -182,7 +182,7 @@ class RunLoop:
             self.strategy.current = {k: v.to(self.strategy.device)
                                      for k, v in saved["model"].items()}
             self.strategy.restore_state(saved["strategy"])
-            population = self.strategy.population
+            population = self.strategy.clients.population
             self.start_round, records = int(saved["round"]) + 1, saved["records"]
             saved_callbacks = saved.get("callbacks")
             log(INFO, "resuming %s after round %d", run_name, saved["round"])
@@ -318,7 +318,9 @@ class RunLoop:
         """Why the run must stop before this round, if it must."""
         if self.ledger is None:
             return None
-        fits, after = self.ledger.next_round_fits()
+        # the event the wired mechanism performs: a weaker one than planned stops the run
+        # before it overspends, not one round after
+        fits, after = self.ledger.next_round_fits(self.strategy.next_event() or self.ledger.event)
         if fits or self.ledger.budget is None:
             return None
         budget, key = self.ledger.budget
@@ -328,8 +330,8 @@ class RunLoop:
     def no_silo_left(self) -> str | None:
         """Under record-level DP, why no round can run: every silo has declined for lack of
         its own budget (a silo's budget only shrinks)."""
-        exhausted = self.strategy.record_exhausted
-        if self.config.record_dp != "on" or len(exhausted) < self.strategy.real_population:
+        exhausted = self.strategy.silos.exhausted
+        if self.config.record_dp != "on" or len(exhausted) < self.strategy.clients.real_population:
             return None
         return (f"no silo can train: all {len(exhausted)} declined, their record-level "
                 "epsilon budget spent")
@@ -337,7 +339,7 @@ class RunLoop:
     def record_privacy(self) -> dict[str, Any]:
         """The record-level guarantee each silo reported (its own accountant, its own delta):
         the unit is one record of that silo."""
-        spent = self.strategy.record_epsilon
+        spent = self.strategy.silos.epsilon
         return {
             "unit": "one record of a silo (add/remove; the silo's record count is public)",
             "accountant": self.config.record_accountant,
@@ -345,11 +347,11 @@ class RunLoop:
                 str(p): e for p, e in sorted(spent.items())},
             "epsilon_min": None if self.void_reason else min(spent.values(), default=None),
             "epsilon_max": None if self.void_reason else max(spent.values(), default=None),
-            "silos_out_of_budget": sorted(self.strategy.record_exhausted),
+            "silos_out_of_budget": sorted(self.strategy.silos.exhausted),
             # enough to recompute each silo's epsilon: q = batch-size / records, the step's
             # noise multiplier = noise_multiplier / sqrt(queries per step of the local rule)
             "silos": None if self.void_reason else {
-                str(p): report for p, report in sorted(self.strategy.record_silos.items())},
+                str(p): report for p, report in sorted(self.strategy.silos.reports.items())},
             "queries_per_step": LOCAL_RULES[self.strategy.local_rule].backprops_per_step,
             "void": self.void_reason,
         }

@@ -64,9 +64,10 @@ class PrivacyLedger:
                 if value > 0]
         return min(caps) if caps else None
 
-    def next_round_fits(self) -> tuple[bool, float]:
-        """Whether one more round stays within the budget, and the epsilon it would bring."""
-        after = self.accountant.epsilon_after(self.event, self.delta)
+    def next_round_fits(self, event: RoundEvent) -> tuple[bool, float]:
+        """Whether one more round of ``event`` (what the wired mechanism will perform, which is
+        what ``commit_round`` will compose) stays within the budget, and the epsilon after it."""
+        after = self.accountant.epsilon_after(event, self.delta)
         return (self.budget is None or after <= self.budget[0]), after
 
     def epsilon_against_server(self, releases: int) -> float | None:

@@ -6,7 +6,8 @@ from plateau.local import LocalTask, run_steps
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import Aggregate, PlateauStrategy
+from .aggregation import Aggregate
+from .base import PlateauStrategy
 
 
 class FedAvg(PlateauStrategy):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, register
 
-from .base import Aggregate, PlateauStrategy
+from .aggregation import Aggregate
+from .base import PlateauStrategy
 from .smoothing import SmoothingParams, laplacian_smooth
 
 

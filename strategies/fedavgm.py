@@ -9,7 +9,8 @@ from plateau.config import Params, RunConfig, key
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, register
 
-from .base import Aggregate, PlateauStrategy
+from .aggregation import Aggregate
+from .base import PlateauStrategy
 from .shared import Momentum
 
 

@@ -13,7 +13,8 @@ from plateau.privacy import Tensors, flat_norm
 from plateau.registry import Algorithm, LocalRule, register
 from plateau.release import DUAL_PREFIX
 
-from .base import Aggregate, PlateauStrategy
+from .aggregation import Aggregate
+from .base import PlateauStrategy
 from .feddyn import DynParams
 from .fedsam import SAMParams
 from .shared import DynamicRegulariser, ServerState

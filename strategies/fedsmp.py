@@ -9,7 +9,8 @@ from plateau.privacy import Tensors, random_support
 from plateau.registry import Algorithm, register
 from plateau.seeds import stream_seed
 
-from .base import Aggregate, PlateauStrategy
+from .aggregation import Aggregate
+from .base import PlateauStrategy
 
 
 @dataclass(frozen=True)

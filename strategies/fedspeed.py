@@ -12,7 +12,8 @@ from plateau.local import Grads, LocalTask, combine, run_steps, unit
 from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
-from .base import Aggregate, PlateauStrategy
+from .aggregation import Aggregate
+from .base import PlateauStrategy
 from .shared import DynamicRegulariser
 
 

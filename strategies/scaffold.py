@@ -14,7 +14,8 @@ from plateau.privacy import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 from plateau.release import CONTROL_PREFIX
 
-from .base import Aggregate, PlateauStrategy
+from .aggregation import Aggregate
+from .base import PlateauStrategy
 from .shared import ControlVariate
 
 

@@ -20,7 +20,6 @@ All of them are post-processing of the privatised mean, so they cost no privacy.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from flwr.app import ArrayRecord
@@ -28,8 +27,7 @@ from flwr.app import ArrayRecord
 from plateau.config import ConfigError, RunConfig
 from plateau.privacy import Tensors
 
-if TYPE_CHECKING:  # base holds pieces; pieces read base's Aggregate
-    from .base import Aggregate
+from .aggregation import Aggregate
 
 
 class ServerState(Mapping[str, torch.Tensor]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -22,6 +23,7 @@ from plateau.accounting import (
     epsilon_per_client,
 )
 from plateau.privacy import GaussianClientDP
+from server_app.loop import RunLoop
 from server_app.privacy_plan import PrivacyLedger, plan_privacy
 from strategies.fedavg import FedAvg
 from tests.helpers import FakeGrid, make_config, reply
@@ -191,11 +193,11 @@ def test_budget_stop_stops_before_the_round_that_would_overspend() -> None:
                    if get_privacy_spent(orders=orders, rdp=(t + 1) * per_round,
                                         delta=1e-5)[0] > 3.0)
     completed = 0
-    while ledger.next_round_fits()[0]:
+    while ledger.next_round_fits(ledger.event)[0]:
         ledger.commit_round(ledger.event)
         completed += 1
     assert completed == allowed
-    assert ledger.epsilon <= 3.0 < ledger.next_round_fits()[1]
+    assert ledger.epsilon <= 3.0 < ledger.next_round_fits(ledger.event)[1]
 
 
 def test_target_epsilon_is_a_cap_even_with_more_rounds_than_calibrated() -> None:
@@ -207,7 +209,7 @@ def test_target_epsilon_is_a_cap_even_with_more_rounds_than_calibrated() -> None
                            sample_rate=0.5, noise_multiplier=calibrated.noise_multiplier)
     ledger = PrivacyLedger(extended, population=20)
     completed = 0
-    while ledger.next_round_fits()[0]:
+    while ledger.next_round_fits(ledger.event)[0]:
         ledger.commit_round(ledger.event)
         completed += 1
     assert completed == 10 and ledger.epsilon <= 3.0
@@ -248,3 +250,19 @@ def test_the_ledger_records_the_noise_the_mechanism_added_not_the_plan() -> None
     assert performed.epsilon > 2 * planned.epsilon
     with pytest.raises(RuntimeError, match="without the accounting event"):
         performed.commit_round(None)
+
+
+def test_the_budget_check_composes_the_wired_mechanism_not_the_plan(tmp_path) -> None:
+    """A run whose plan fits max-epsilon but whose wired mechanism is weaker (sigma 0.5, not 2)
+    stops before the round that would overspend, not one round after it."""
+    raw = make_config(dp="central", noise_multiplier=2.0, clip_norm=1.0, sample_rate=1.0,
+                      sampling="fixed", results_dir=str(tmp_path)).to_dict()
+    loop = RunLoop(FakeGrid([1, 2]), raw)
+    assert loop.ledger is not None
+    planned_one_round = loop.ledger.accountant.epsilon_after(loop.ledger.event, loop.ledger.delta)
+    loop.ledger.config = dataclasses.replace(loop.ledger.config,
+                                             max_epsilon=1.5 * planned_one_round)
+    assert loop.over_budget(1) is None  # the mechanism the plan describes fits
+    loop.strategy.privacy = GaussianClientDP(1.0, 0.5)
+    assert loop.strategy.next_event().noise_multiplier == 0.5
+    assert loop.over_budget(1) is not None and "would take epsilon" in loop.over_budget(1)

@@ -16,7 +16,7 @@ from plateau.local import LocalTask
 from plateau.noise import ChaChaSource
 from plateau.privacy import flat_norm, mechanism_from_config
 from strategies import LOCAL_RULES, STRATEGIES
-from strategies.base import Aggregate
+from strategies.aggregation import Aggregate
 from strategies.smoothing import laplacian_smooth
 from tests.helpers import make_config
 from tests.reference import (

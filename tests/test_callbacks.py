@@ -11,7 +11,7 @@ import torch
 from plateau.study.grid import run_local
 from server_app.callbacks import FailurePolicy, Recorder, RoundOutcome, RunFailed
 from server_app.checkpoint import CHECKPOINT
-from strategies.base import RoundStats
+from strategies.screening import RoundStats
 from tests.helpers import make_config
 
 

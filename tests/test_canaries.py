@@ -11,7 +11,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
-import strategies.base as strategy_base
+import strategies.aggregation as aggregation
 from plateau.audit import ScaledSource
 from plateau.canaries import (
     CanaryClients,
@@ -53,7 +53,7 @@ def audited_run(mechanism: GaussianClientDP, canaries: int = 300, rounds: int = 
             server_round, [reply(m, {"weight": torch.zeros(DIM)}) for m in messages])
         arrays = result.arrays
         events.append(result.event)
-    ledger = PrivacyLedger(strategy.config, strategy.population)
+    ledger = PrivacyLedger(strategy.config, strategy.clients.population)
     for event in events:
         ledger.commit_round(event)
     return strategy, ledger.epsilon
@@ -94,7 +94,7 @@ def test_scores_that_separate_give_a_bound_and_an_estimate() -> None:
 
 def test_canaries_are_population_slots_sampled_like_clients() -> None:
     strategy, _ = audited_run(GaussianClientDP(1.0, 4.0), canaries=300)
-    assert strategy.real_population == 2 and strategy.population == 302
+    assert strategy.clients.real_population == 2 and strategy.clients.population == 302
     messages = list(strategy.configure_train(2, ArrayRecord({"weight": torch.zeros(DIM)}),
                                              ConfigRecord(), FakeGrid([1, 2])))
     stats = strategy.train_round(2, [reply(m, {"weight": torch.zeros(DIM)})
@@ -124,8 +124,8 @@ def test_unclipped_canaries_are_flagged_by_the_lower_bound() -> None:
 
 def test_noise_scaled_down_4x_is_flagged_by_the_estimate(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    real = strategy_base.secure_source
-    monkeypatch.setattr(strategy_base, "secure_source",
+    real = aggregation.secure_source
+    monkeypatch.setattr(aggregation, "secure_source",
                         lambda *labels: ScaledSource(real(*labels), 0.25))
     strategy, epsilon = audited_run(GaussianClientDP(1.0, 4.0))
     report = strategy.canaries.report(1e-5)

@@ -9,7 +9,7 @@ import torch
 
 from plateau.config import ConfigError
 from server_app.build import build_strategy, load_config
-from strategies.base import Aggregate
+from strategies.aggregation import Aggregate
 from tests.helpers import make_config
 
 

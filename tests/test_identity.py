@@ -7,7 +7,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
-from client_app.app import DECLINE_KEY
+from plateau.messages import DECLINE_KEY
 from plateau.privacy import GaussianClientDP
 from strategies.fedavg import FedAvg
 from tests.helpers import FakeGrid, identity_reply, make_config, reply
@@ -26,7 +26,7 @@ def sampled_partitions(node_ids: list[int], server_round: int) -> list[int]:
     grid = FakeGrid(node_ids)
     s = strategy(sample_rate=0.3, seed=11)
     messages = s.configure_train(server_round, ARRAYS, ConfigRecord(), grid)
-    return [s.partitions[m.metadata.dst_node_id] for m in messages]
+    return [s.clients.partitions[m.metadata.dst_node_id] for m in messages]
 
 
 def test_the_same_seed_samples_the_same_partitions_whatever_the_node_ids() -> None:
@@ -54,8 +54,8 @@ class PickyGrid(FakeGrid):
 def test_nodes_without_a_valid_partition_are_left_out() -> None:
     s = strategy(sample_rate=1.0, population_size=2)
     messages = list(s.configure_train(1, ARRAYS, ConfigRecord(), PickyGrid([1, 2, 3])))
-    assert len(s.partitions) == 1 and list(s.partitions.values()) == [0]
-    assert [m.metadata.dst_node_id for m in messages] == list(s.partitions)
+    assert len(s.clients.partitions) == 1 and list(s.clients.partitions.values()) == [0]
+    assert [m.metadata.dst_node_id for m in messages] == list(s.clients.partitions)
 
 
 class SilentGrid(FakeGrid):

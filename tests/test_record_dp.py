@@ -15,9 +15,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.clientapp import ClientApp
 
 from client_app import compute
-from client_app.app import DECLINE_KEY, NodeConfigError, identify
+from client_app.app import NodeConfigError, identify
 from client_app.app import train as plateau_train
 from plateau.config import ConfigError
+from plateau.messages import DECLINE_KEY
 from plateau.models import model_from_config
 from plateau.noise import ChaChaSource
 from plateau.record_dp import (

@@ -347,4 +347,4 @@ def test_record_level_dp_trains_adapters_and_heads_with_client_level_dp_on_top(
     new_arrays, _ = strategy.aggregate_train(1, replies)
     assert new_arrays is not None
     assert all(torch.isfinite(v).all() for v in new_arrays.to_torch_state_dict().values())
-    assert set(strategy.record_epsilon) == {0, 1}
+    assert set(strategy.silos.epsilon) == {0, 1}
