@@ -47,7 +47,7 @@ test-containers: install
 
 # the privacy audit: the real mechanism against canaries, and the broken ones it must flag
 audit: install
-	$(BIN)/python -m plateau.audit
+	$(BIN)/python -m plateau.privacy.audit
 
 # the in-run audit (canary clients) across noise levels: epsilon, lower bound, estimate, accuracy
 audit-study: install

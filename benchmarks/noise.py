@@ -2,9 +2,10 @@
 
 The old noise was ``t + torch.normal(0, std, ...)`` per tensor, in the tensor's dtype, from
 torch's generator. The new one is a ChaCha20 keystream under a fresh OS key, float64 Box-Muller
-with an untruncated tail, added in float64 and rounded once (``plateau.noise.add_noise``). Both
-noise the same float32 tensors (ResNet-18's parameter shapes, 11.2M values); rounds alternate
-between the two so machine noise hits both alike, and the medians are compared.
+with an untruncated tail, added in float64 and rounded once
+(``plateau.privacy.noise.add_noise``). Both noise the same float32 tensors (ResNet-18's
+parameter shapes, 11.2M values); rounds alternate between the two so machine noise hits both
+alike, and the medians are compared.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from plateau.config import RunConfig
 from plateau.models import model_from_config
-from plateau.noise import ChaChaSource, add_noise
+from plateau.privacy.noise import ChaChaSource, add_noise
 
 
 def resnet18_tensors(device: str) -> dict[str, torch.Tensor]:

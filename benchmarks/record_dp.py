@@ -2,7 +2,8 @@
 
 One local step of each kind on the same batch of a real partition, in a fresh process per
 (model, mode) so that each peak RSS is its own: ``plain`` (one backward pass of the mean loss),
-``hooks`` (Opacus per-sample gradients, clipped and summed, plus plateau.noise Gaussians) and
+``hooks`` (Opacus per-sample gradients, clipped and summed, plus plateau.privacy.noise
+Gaussians) and
 ``ghost`` (Opacus ghost clipping: per-sample norms, then a second backward pass of the
 reweighted loss, plus the noise). Prints medians over the timed steps and the ratios to plain.
 
@@ -35,8 +36,8 @@ def one(model_name: str, mode: str, steps: int, batch: int) -> dict[str, float]:
     from plateau.config import RunConfig
     from plateau.data import client_partition
     from plateau.models import input_spec, model_from_config
-    from plateau.noise import ChaChaSource
-    from plateau.record_dp import RecordPlan, RecordPrivatiser, per_sample_module
+    from plateau.privacy.noise import ChaChaSource
+    from plateau.privacy.record_dp import RecordPlan, RecordPrivatiser, per_sample_module
 
     torch.set_num_threads(1)
     cfg = RunConfig.from_mapping({**MODELS[model_name], "batch-size": batch})

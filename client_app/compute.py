@@ -4,7 +4,7 @@ It runs in whichever process does the training: the ClientApp process Flower sta
 ``trainer-socket`` in the node config), or the node's warm trainer (``client_app.trainer``), which
 keeps torch, the models and the partitions loaded between rounds. Either way the node policy has
 already been enforced by the ClientApp process (``client_app.app``) before anything reaches here,
-and the noise is drawn here, per release, from :func:`plateau.noise.secure_source`.
+and the noise is drawn here, per release, from :func:`plateau.privacy.noise.secure_source`.
 """
 
 from __future__ import annotations
@@ -34,14 +34,14 @@ from plateau.models import (
     load_travelling,
     model_from_config,
 )
-from plateau.noise import secure_source, test_seed
-from plateau.privacy import (
+from plateau.privacy.mechanism import (
     Tensors,
     flat_norm,
     mechanism_from_config,
     random_support,
 )
-from plateau.record_dp import (
+from plateau.privacy.noise import secure_source, test_seed
+from plateau.privacy.record_dp import (
     LEDGER_KEY,
     RecordPlan,
     RecordPrivatiser,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from plateau.privacy import Tensors
+from plateau.privacy.mechanism import Tensors
 
 STATE_DIR_ENV = "PLATEAU_NODE_STATE_DIR"
 KEEP = 2

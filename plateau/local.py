@@ -19,8 +19,8 @@ from torch import nn
 
 from plateau.config import P, RunConfig
 from plateau.data import Tensors as DataTensors
-from plateau.privacy import Tensors, flat_norm
-from plateau.record_dp import RecordPrivatiser
+from plateau.privacy.mechanism import Tensors, flat_norm
+from plateau.privacy.record_dp import RecordPrivatiser
 
 Grads = list[torch.Tensor]
 

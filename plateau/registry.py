@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from plateau.config import Params
     from plateau.local import LocalTask
-    from plateau.privacy import Tensors
+    from plateau.privacy.mechanism import Tensors
 
 ALGORITHMS_PACKAGE = "strategies"
 

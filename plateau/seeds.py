@@ -4,7 +4,7 @@ A stream is the run seed, the stream's name and its indices (round, partition, .
 together by numpy's ``SeedSequence``: two streams never share a seed whatever their indices
 (with bare integer salts, client 4242's batches in a round could be the flatness probe's). None of
 these streams is ever used for DP noise or DP sampling, which draw from fresh OS entropy
-(``plateau.noise``).
+(``plateau.privacy.noise``).
 """
 
 from __future__ import annotations

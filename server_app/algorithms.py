@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from plateau.config import RunConfig
-from plateau.release import CONTROL_PREFIX, DUAL_PREFIX
+from plateau.privacy.release import CONTROL_PREFIX, DUAL_PREFIX
 from strategies import LOCAL_RULES, STRATEGIES, PlateauStrategy
 
 UPLOADS = {CONTROL_PREFIX: "control-variate change", DUAL_PREFIX: "perturbation dual"}

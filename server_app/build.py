@@ -11,7 +11,7 @@ from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DATASETS, DataError, PartitionSpec, ensure_partitions, partition_sizes
 from plateau.device import resolve_device
 from plateau.models import float_buffer_names, frozen_digest, model_from_config, travelling_state
-from plateau.privacy import mechanism_from_config
+from plateau.privacy.mechanism import mechanism_from_config
 from strategies import STRATEGIES, PlateauStrategy
 from strategies.shared import GlobalDirection
 

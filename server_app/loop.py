@@ -20,13 +20,13 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from plateau.accounting import PrivacyAccountant
-from plateau.canaries import audit_flags
 from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
 from plateau.messages import exchange
-from plateau.noise import TEST_SEED_ENV, test_seed
-from plateau.privacy import mechanism_from_config
+from plateau.privacy.accounting import PrivacyAccountant
+from plateau.privacy.canaries import audit_flags
+from plateau.privacy.mechanism import mechanism_from_config
+from plateau.privacy.noise import TEST_SEED_ENV, test_seed
 from strategies import LOCAL_RULES, PlateauStrategy
 
 from .build import build_strategy, load_config, prepare_partitions

@@ -15,7 +15,8 @@ from logging import INFO, WARNING
 
 from flwr.supercore import log
 
-from plateau.accounting import (
+from plateau.config import RunConfig
+from plateau.privacy.accounting import (
     DELTA_POPULATION_FACTOR,
     PrivacyAccountant,
     RoundEvent,
@@ -23,9 +24,8 @@ from plateau.accounting import (
     default_delta,
     epsilon_per_client,
 )
-from plateau.config import RunConfig
-from plateau.privacy import GaussianClientDP, mechanism_from_config
-from plateau.sampling import ClientSampler
+from plateau.privacy.mechanism import GaussianClientDP, mechanism_from_config
+from plateau.privacy.sampling import ClientSampler
 
 TRUST = {
     "central": "the server sees every clipped update and adds all the noise (trusted server)",

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from plateau.accounting import RoundEvent
-from plateau.noise import secure_source
-from plateau.privacy import PrivacyMechanism, Tensors, weighted_mean
-from plateau.sampling import ClientSampler, Cohort
+from plateau.privacy.accounting import RoundEvent
+from plateau.privacy.mechanism import PrivacyMechanism, Tensors, weighted_mean
+from plateau.privacy.noise import secure_source
+from plateau.privacy.sampling import ClientSampler, Cohort
 
 from .screening import ClientUpload
 

@@ -33,12 +33,18 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from plateau.accounting import RoundEvent
-from plateau.canaries import CanaryClients
 from plateau.config import ConfigError, RunConfig
 from plateau.messages import CONFIG_KEY, MODEL_KEY, array_bytes
-from plateau.privacy import PrivacyMechanism, Tensors, flat_norm, released_dim, sum_updates
-from plateau.sampling import Cohort
+from plateau.privacy.accounting import RoundEvent
+from plateau.privacy.canaries import CanaryClients
+from plateau.privacy.mechanism import (
+    PrivacyMechanism,
+    Tensors,
+    flat_norm,
+    released_dim,
+    sum_updates,
+)
+from plateau.privacy.sampling import Cohort
 
 from .aggregation import Aggregate, Aggregation, aggregation_for
 from .population import ClientPopulation

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from plateau.privacy import Tensors
+from plateau.privacy.mechanism import Tensors
 from plateau.registry import Algorithm, register
 
 from .aggregation import Aggregate

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from plateau.config import Params, RunConfig, key
-from plateau.privacy import Tensors
+from plateau.privacy.mechanism import Tensors
 from plateau.registry import Algorithm, register
 
 from .aggregation import Aggregate

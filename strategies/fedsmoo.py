@@ -9,9 +9,9 @@ from flwr.app import ArrayRecord
 
 from plateau.config import RunConfig
 from plateau.local import Grads, LocalTask, combine, run_steps
-from plateau.privacy import Tensors, flat_norm
+from plateau.privacy.mechanism import Tensors, flat_norm
+from plateau.privacy.release import DUAL_PREFIX
 from plateau.registry import Algorithm, LocalRule, register
-from plateau.release import DUAL_PREFIX
 
 from .aggregation import Aggregate
 from .base import PlateauStrategy

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from plateau.config import Params, key
-from plateau.privacy import Tensors, random_support
+from plateau.privacy.mechanism import Tensors, random_support
 from plateau.registry import Algorithm, register
 from plateau.seeds import stream_seed
 

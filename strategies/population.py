@@ -18,7 +18,7 @@ from flwr.supercore import log
 
 from plateau.config import RunConfig
 from plateau.messages import CONFIG_KEY, IDENTITY_KEY, exchange, short_reason
-from plateau.sampling import ClientSampler, Cohort
+from plateau.privacy.sampling import ClientSampler, Cohort
 
 POPULATION_SETTLE_S = 1.0
 

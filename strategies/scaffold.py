@@ -10,9 +10,9 @@ from flwr.app import ArrayRecord
 
 from plateau.config import RunConfig
 from plateau.local import Grads, LocalTask, combine, run_steps
-from plateau.privacy import Tensors
+from plateau.privacy.mechanism import Tensors
+from plateau.privacy.release import CONTROL_PREFIX
 from plateau.registry import Algorithm, LocalRule, register
-from plateau.release import CONTROL_PREFIX
 
 from .aggregation import Aggregate
 from .base import PlateauStrategy

@@ -25,8 +25,8 @@ from plateau.messages import (
     array_bytes,
     short_reason,
 )
-from plateau.privacy import PrivacyMechanism, Tensors, flat_norm
-from plateau.sampling import Cohort
+from plateau.privacy.mechanism import PrivacyMechanism, Tensors, flat_norm
+from plateau.privacy.sampling import Cohort
 
 
 class RejectedReply(ValueError):

@@ -25,7 +25,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from plateau.config import ConfigError, RunConfig
-from plateau.privacy import Tensors
+from plateau.privacy.mechanism import Tensors
 
 from .aggregation import Aggregate
 

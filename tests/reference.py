@@ -19,7 +19,7 @@ from torch import nn
 
 from client_app.compute import client_round
 from plateau.data import Tensors
-from plateau.privacy import mechanism_from_config
+from plateau.privacy.mechanism import mechanism_from_config
 from strategies import STRATEGIES, PlateauStrategy
 from tests.helpers import FakeGrid, make_config
 

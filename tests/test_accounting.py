@@ -14,7 +14,7 @@ from dp_accounting.rdp import RdpAccountant
 from flwr.app import ArrayRecord, ConfigRecord
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from plateau.accounting import (
+from plateau.privacy.accounting import (
     RDP_ORDERS,
     PrivacyAccountant,
     RoundEvent,
@@ -22,7 +22,7 @@ from plateau.accounting import (
     default_delta,
     epsilon_per_client,
 )
-from plateau.privacy import GaussianClientDP
+from plateau.privacy.mechanism import GaussianClientDP
 from server_app.loop import RunLoop
 from server_app.privacy_plan import PrivacyLedger, plan_privacy
 from strategies.fedavg import FedAvg

@@ -13,8 +13,8 @@ import torch
 
 from plateau.data import Tensors as DataTensors
 from plateau.local import LocalTask
-from plateau.noise import ChaChaSource
-from plateau.privacy import flat_norm, mechanism_from_config
+from plateau.privacy.mechanism import flat_norm, mechanism_from_config
+from plateau.privacy.noise import ChaChaSource
 from strategies import LOCAL_RULES, STRATEGIES
 from strategies.aggregation import Aggregate
 from strategies.smoothing import laplacian_smooth

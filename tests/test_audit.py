@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from plateau.audit import (
+from plateau.privacy.audit import (
     BROKEN_CASES,
     REAL_CASES,
     AuditResult,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from plateau.privacy import flat_norm
+from plateau.privacy.mechanism import flat_norm
 from tests.reference import (
     CLIENTS,
     GRAD_CLIP,

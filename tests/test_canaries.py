@@ -12,8 +12,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 import strategies.aggregation as aggregation
-from plateau.audit import ScaledSource
-from plateau.canaries import (
+from plateau.config import ConfigError
+from plateau.privacy.audit import ScaledSource
+from plateau.privacy.canaries import (
     CanaryClients,
     audit_flags,
     audit_scores,
@@ -21,8 +22,7 @@ from plateau.canaries import (
     one_run_lower_bound,
     one_run_p_value,
 )
-from plateau.config import ConfigError
-from plateau.privacy import ClipReport, GaussianClientDP
+from plateau.privacy.mechanism import ClipReport, GaussianClientDP
 from server_app.privacy_plan import PrivacyLedger
 from strategies.fedavg import FedAvg
 from tests.helpers import FakeGrid, make_config, reply, simulate

@@ -11,7 +11,7 @@ from client_app.app import app as client_app
 from plateau.config import RunConfig
 from plateau.data import DATASETS
 from plateau.models import build_model
-from plateau.privacy import flat_norm
+from plateau.privacy.mechanism import flat_norm
 from server_app.app import build_strategy
 from tests.helpers import FakeGrid, make_config
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from plateau.data import Tensors
 from plateau.local import LocalTask
-from plateau.privacy import GaussianClientDP
+from plateau.privacy.mechanism import GaussianClientDP
 from strategies.fedavg import FedAvg, sgd
 from tests.helpers import FakeGrid, make_config, reply
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from plateau.privacy import flat_norm
+from plateau.privacy.mechanism import flat_norm
 from tests.reference import CLIENTS, GRAD_CLIP, LR, RNG, W0, WD, K, ce_grad, clip, close, one_round
 
 H_I = [RNG.normal(size=(3, 4)) * 0.2 for _ in CLIENTS]  # each client's accumulated updates

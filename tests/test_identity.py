@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from plateau.messages import DECLINE_KEY
-from plateau.privacy import GaussianClientDP
+from plateau.privacy.mechanism import GaussianClientDP
 from strategies.fedavg import FedAvg
 from tests.helpers import FakeGrid, identity_reply, make_config, reply
 
@@ -89,7 +89,7 @@ def test_under_dp_a_declined_share_is_topped_up() -> None:
     grid = FakeGrid([1, 2, 3, 4])
     big = ArrayRecord({"weight": torch.zeros(300, 300)})
     messages = list(s.configure_train(1, big, ConfigRecord(), grid))
-    from plateau.noise import ChaChaSource
+    from plateau.privacy.noise import ChaChaSource
 
     shares = [s.privacy.release({"weight": torch.zeros(300, 300)}, 4, ChaChaSource.from_os())[0]
               for _ in range(2)]

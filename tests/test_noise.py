@@ -11,8 +11,8 @@ import pytest
 import torch
 from scipy import stats
 
-import plateau.noise as noise
-from plateau.noise import ChaChaSource, add_noise, box_muller_, secure_source
+import plateau.privacy.noise as noise
+from plateau.privacy.noise import ChaChaSource, add_noise, box_muller_, secure_source
 
 
 class FixedUniforms:

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from plateau.noise import ChaChaSource, add_noise
-from plateau.privacy import (
+from plateau.privacy.mechanism import (
     GaussianClientDP,
     clip_flat,
     flat_norm,
     weighted_mean,
 )
+from plateau.privacy.noise import ChaChaSource, add_noise
 
 
 def source() -> ChaChaSource:

@@ -13,7 +13,7 @@ from client_app.app import local_round
 from plateau.config import ConfigError
 from plateau.data import Tensors as DataTensors
 from plateau.local import LocalTask
-from plateau.privacy import GaussianClientDP
+from plateau.privacy.mechanism import GaussianClientDP
 from strategies.fedavg import FedAvg
 from tests.helpers import FakeGrid, make_config, reply
 
@@ -96,7 +96,7 @@ def test_the_aggregate_noise_is_the_same_whoever_replied(placement: str) -> None
     mechanism = GaussianClientDP(1.0, 1.0, placement=placement)
     dim, cohort = 50_000, 5
     zeros = {"w": torch.zeros(dim)}
-    from plateau.noise import ChaChaSource
+    from plateau.privacy.noise import ChaChaSource
 
     stds = []
     for replied in (5, 1, 0):

@@ -20,8 +20,8 @@ from client_app.app import train as plateau_train
 from plateau.config import ConfigError
 from plateau.messages import DECLINE_KEY
 from plateau.models import model_from_config
-from plateau.noise import ChaChaSource
-from plateau.record_dp import (
+from plateau.privacy.noise import ChaChaSource
+from plateau.privacy.record_dp import (
     LEDGER_KEY,
     RecordPlan,
     RecordPrivatiser,
@@ -131,7 +131,7 @@ def test_silo_epsilon_matches_dp_accounting(sigma: float, rate: float, steps: in
     delta = 1e-6
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(rate, dp_accounting.GaussianDpEvent(sigma)), steps)
-    from plateau.record_dp import RDP_ORDERS
+    from plateau.privacy.record_dp import RDP_ORDERS
 
     rdp = dp_accounting.rdp.RdpAccountant(RDP_ORDERS).compose(event).get_epsilon(delta)
     pld = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4).compose(
@@ -277,7 +277,7 @@ def test_silos_report_their_epsilon_and_the_run_ends_when_none_can_train(tmp_pat
     step_sigma = silo["noise_multiplier"] / math.sqrt(record["queries_per_step"])
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
         16 / silo["records"], dp_accounting.GaussianDpEvent(step_sigma)), int(silo["steps"]))
-    from plateau.record_dp import RDP_ORDERS
+    from plateau.privacy.record_dp import RDP_ORDERS
 
     again = dp_accounting.rdp.RdpAccountant(RDP_ORDERS).compose(event).get_epsilon(silo["delta"])
     assert silo["epsilon"] == pytest.approx(again, rel=0.01)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from plateau.sampling import ClientSampler
+from plateau.privacy.sampling import ClientSampler
 
 NODES = list(range(101, 131))  # 30 connected nodes
 SLOTS = {i: node for i, node in enumerate(NODES)}  # node 101 + i holds partition i

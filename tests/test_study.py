@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from plateau.accounting import PrivacyAccountant
 from plateau.config import RunConfig
+from plateau.privacy.accounting import PrivacyAccountant
 from plateau.study import SpecError, load_spec
 from plateau.study.__main__ import main
 from plateau.study.runner import Calibrator, equal_epsilon

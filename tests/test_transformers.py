@@ -327,7 +327,7 @@ def test_record_level_dp_trains_adapters_and_heads_with_client_level_dp_on_top(
         trainable: str, algorithm: str, mode: str) -> None:
     """Hybrid: per-record DP-SGD inside the silo (Opacus covers LoRA's and the head's Linear
     layers), then the client-level clip and noise; each reply carries the silo's own epsilon."""
-    from plateau.record_dp import unsupported_layers
+    from plateau.privacy.record_dp import unsupported_layers
 
     config = make_config(algorithm=algorithm, dataset="rotten-tomatoes", model="tiny-bert",
                          trainable=trainable, sample_rate=1.0, local_steps=2, lr=0.5,

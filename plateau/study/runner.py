@@ -64,7 +64,7 @@ class Calibrator:
         self.table: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
 
     def sigma(self, config: Mapping[str, Any], clients: int) -> float:
-        from plateau.accounting import calibrate_noise, default_delta
+        from plateau.privacy.accounting import calibrate_noise, default_delta
         from server_app.privacy_plan import event_for
 
         cfg = RunConfig.from_mapping({**config, "dp-clip-mode": "flat"})

@@ -43,8 +43,8 @@ import torch
 from scipy import stats
 
 from .accounting import PrivacyAccountant, RoundEvent
+from .mechanism import GaussianClientDP, Tensors, flat_norm
 from .noise import TEST_SEED_ENV, NoiseSource, secure_source, test_seed
-from .privacy import GaussianClientDP, Tensors, flat_norm
 from .sampling import ClientSampler
 
 ADJACENCIES = ("zero-out", "add-remove")

@@ -10,7 +10,7 @@ client that cannot reply (a dropout), so connected clients are never sampled mor
 accountant assumes.
 
 Under DP the coins come from a fresh ChaCha20 keystream keyed by the operating system for every
-round (:mod:`plateau.noise`): amplification by sampling only holds if nobody can predict or
+round (:mod:`plateau.privacy.noise`): amplification by sampling only holds if nobody can predict or
 reconstruct who was sampled, so no sampler state exists to be stored or restored. Without DP they
 come from the run's seed and the round number, so runs are reproducible.
 """
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..seeds import stream_rng
 from .noise import secure_source
-from .seeds import stream_rng
 
 
 @dataclass(frozen=True)

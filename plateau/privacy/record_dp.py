@@ -3,10 +3,10 @@
 Each local step Poisson-samples the silo's records (each joins with probability
 q = batch-size / n_i, from secret coins), Opacus computes every sampled record's gradient (or,
 with ghost clipping, only its norm), each is clipped to ``record-clip-norm`` C, and the sum gets
-Gaussian noise of std sigma * C from :mod:`plateau.noise` (a fresh OS key per step, untruncated
-float64 Gaussians: Opacus' own ``torch.normal`` noise has the 32-bit seed and the truncated tail
-that the client-level layer left behind). The step's gradient is the noisy sum over the expected
-batch q * n_i, as in Opacus.
+Gaussian noise of std sigma * C from :mod:`plateau.privacy.noise` (a fresh OS key per step,
+untruncated float64 Gaussians: Opacus' own ``torch.normal`` noise has the 32-bit seed and the
+truncated tail that the client-level layer left behind). The step's gradient is the noisy sum
+over the expected batch q * n_i, as in Opacus.
 
 A local rule that queries the data twice per step (SAM-style: the gradient, then the gradient at
 the ascent point, on the same sampled records) releases two noisy sums; together they are one
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plateau.config import RunConfig
-from plateau.noise import NoiseSource, add_noise
+from plateau.privacy.noise import NoiseSource, add_noise
 
 LEDGER_KEY = "record-dp/ledger"  # the silo's accountant history in Context.state
 # RDP orders: Opacus' defaults stop at 63, too low for the few, lightly noised steps of a silo

@@ -20,7 +20,8 @@ slot, so a client that adds part of its share cannot thin the aggregate's noise.
 test cannot tell (too few released coordinates) nothing is credited: the total is then 2V.
 Noise shaped to pass the norm test (e.g. all in a few coordinates) is not detected.
 
-Noise comes from :mod:`plateau.noise` (ChaCha20 keyed by the OS per release, float64 Gaussians).
+Noise comes from :mod:`plateau.privacy.noise` (ChaCha20 keyed by the OS per release, float64
+Gaussians).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import torch
 from .noise import NoiseSource, add_noise_all
 
 if TYPE_CHECKING:
-    from .config import RunConfig
+    from ..config import RunConfig
 
 Tensors = dict[str, torch.Tensor]
 # Laurent-Massart tail exponent of the upload norm tests: an honest upload fails one with

@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .mechanism import PrivacyMechanism, Tensors
 from .noise import ChaChaSource, secret_key, secure_source
-from .privacy import PrivacyMechanism, Tensors
 
 CANARY_SCALE = 10.0  # a canary update is CANARY_SCALE * C before clipping: always clipped to C
 CONFIDENCE = 0.95
