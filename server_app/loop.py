@@ -203,7 +203,7 @@ class RunLoop:
             log(INFO, "epsilon already spent: %.4f", self.ledger.epsilon)
         # clients see the resolved run name: nodes keep their algorithm state under it
         self.config = dataclasses.replace(config, run_name=run_name)
-        self.strategy.config, self.strategy.privacy = self.config, mechanism_from_config(config)
+        self.strategy.reconfigure(self.config, mechanism_from_config(config))
         self.recorder = RunRecorder(self.config, records=records)
         self.metrics = RunMetrics(self.config, run_name)
         has_ledger = self.ledger is not None

@@ -154,6 +154,13 @@ class PlateauStrategy(FedAvg):
         self.participations: Counter[int] = Counter()
         self.silos = SiloBudgets()
 
+    def reconfigure(self, config: RunConfig, privacy: PrivacyMechanism | None) -> None:
+        """The run's final config (resolved run name, calibrated or resumed sigma) and its
+        mechanism, for every piece that reads them: the loop calls this once before round 1."""
+        self.config = config
+        self.clients.config = config
+        self.privacy = privacy
+
     @property
     def privacy(self) -> PrivacyMechanism | None:
         """The client-level DP mechanism (None: no privacy)."""
@@ -283,8 +290,10 @@ class PlateauStrategy(FedAvg):
         uploads, stats = self.screener.accept(replies, expected, self.clients.partition_of)
         stats.bytes_sent = self.bytes_sent
         self.participations.update(self.clients.partition_of(node) for node in stats.handed)
+        # a silo's report counts even when its update is then dropped as an outlier: it has
+        # charged its own ledger for the reply
         self.silos.observe(uploads, stats, self.clients.partition_of)
-        return uploads, stats
+        return self.screener.drop_outliers(uploads, stats), stats
 
     def next_event(self) -> RoundEvent | None:
         """The accounting event the next round's aggregation will perform: what the budget

@@ -197,7 +197,8 @@ class ReplyScreener:
                order: Callable[[int], int]) -> tuple[list[ClientUpload], RoundStats]:
         """Screen every reply; count and log the rejected ones (one upload per node at most,
         and only from nodes this round sampled). Uploads come sorted by ``order`` (the node's
-        partition), so floating-point sums repeat exactly, run after run."""
+        partition), so floating-point sums repeat exactly, run after run. Outliers are still in:
+        ``drop_outliers`` comes after what must see every accepted reply (a silo's report)."""
         cohort = expected.cohort
         stats = RoundStats(sampled=len(cohort.nodes))
         uploads: list[ClientUpload] = []
@@ -233,14 +234,19 @@ class ReplyScreener:
                 log(WARNING, "rejected the reply of node %d: %s", node_id, verdict)
         stats.missing = len(sampled - seen)
         uploads.sort(key=lambda upload: order(upload.node_id))
-        uploads = self.drop_outliers(uploads, stats)
+        self.count(uploads, stats)
+        return uploads, stats
+
+    @staticmethod
+    def count(uploads: list[ClientUpload], stats: RoundStats) -> None:
+        """The stats of the uploads that go into the aggregate."""
         stats.accepted = len(uploads)
         stats.norms = [u.update_norm for u in uploads if u.update_norm is not None]
-        return uploads, stats
 
     def drop_outliers(self, uploads: list[ClientUpload], stats: RoundStats
                       ) -> list[ClientUpload]:
-        """Without DP, drop updates longer than norm-outlier-factor x the round's median."""
+        """Without DP, drop updates longer than norm-outlier-factor x the round's median (the
+        stats count what is left)."""
         factor = self.config.norm_outlier_factor
         if self.privacy is not None or factor <= 0 or len(uploads) < 3:
             return uploads
@@ -254,4 +260,5 @@ class ReplyScreener:
                     upload.node_id, norm, factor)
             else:
                 kept.append(upload)
+        self.count(kept, stats)
         return kept

@@ -202,3 +202,18 @@ def test_duplicate_and_error_replies_are_counted() -> None:
 def test_no_reply_without_dp_keeps_the_model() -> None:
     strategy, _ = fedavg_strategy()
     assert strategy.aggregate_train(1, []) == (None, None)
+
+
+def test_a_silos_report_counts_even_when_its_update_is_dropped_as_an_outlier() -> None:
+    """Under record-level DP alone, the outlier screen may drop a silo's update; the silo has
+    charged its own ledger for the reply, so the server must still show what it spent."""
+    config = make_config(sample_rate=1.0, norm_outlier_factor=3.0, record_dp="on")
+    strategy = FedAvg(config, parameter_names=["weight"], buffer_names=[])
+    messages = list(strategy.configure_train(1, ArrayRecord({"weight": torch.zeros(2, 2)}),
+                                             ConfigRecord(), FakeGrid([1, 2, 3, 4])))
+    updates = [torch.full((2, 2), v) for v in (0.1, 0.12, 0.11, 50.0)]
+    result = strategy.train_round(1, [
+        reply(m, {"weight": u}, record_epsilon=0.5 + i)
+        for i, (m, u) in enumerate(zip(messages, updates, strict=True))])
+    assert result.stats.rejected == {"norm-outlier": 1} and result.stats.accepted == 3
+    assert strategy.silos.epsilon == {0: 0.5, 1: 1.5, 2: 2.5, 3: 3.5}

@@ -3,6 +3,8 @@ cannot say which partition they hold; clients that decline a round."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -101,3 +103,18 @@ def test_under_dp_a_declined_share_is_topped_up() -> None:
     expected = s.privacy.effective_noise_multiplier(4, 90_000) * 1.0
     assert 2.0 <= expected <= 2.2
     assert total.std().item() == pytest.approx(expected, rel=0.03)
+
+
+def test_a_node_identified_after_reconfigure_gets_the_final_run_config() -> None:
+    """The partition query carries the run config a node warms up for: after the loop settles
+    the run name and sigma, a node that joins later must see those, not the build-time ones."""
+    config = make_config(dp="central", noise_multiplier=1.0)
+    strategy = FedAvg(config, parameter_names=["weight"], buffer_names=[],
+                      privacy=GaussianClientDP(1.0, 1.0))
+    final = dataclasses.replace(config, run_name="settled", noise_multiplier=2.5)
+    strategy.reconfigure(final, GaussianClientDP(1.0, 2.5))
+    grid = FakeGrid([7])
+    strategy.clients.identify(grid, [7])
+    question = grid.sent[0].content["config"]
+    assert question["run-name"] == "settled" and question["noise-multiplier"] == 2.5
+    assert strategy.screener.privacy is strategy.privacy is strategy.aggregation.mechanism

@@ -290,7 +290,7 @@ def test_the_trainer_refuses_another_app_version(trainer: Path, tmp_path: Path) 
                               ).stdout.strip()
 
     assert digest() == wire.app_digest()
-    with (tmp_path / "plateau" / "privacy.py").open("a") as handle:
+    with (tmp_path / "plateau" / "privacy" / "mechanism.py").open("a") as handle:
         handle.write("\n# another version\n")
     other = digest()
     assert other != wire.app_digest()
