@@ -288,9 +288,10 @@ class RunConfig:
                       choices=("auto", "cpu", "cuda"))
     round_timeout: float = key(600.0, "Seconds the server waits for a round's replies.", min=0,
                                min_exclusive=True)
-    reply_poll_interval: float = key(0.1, "Seconds between the server's looks for replies "
-                                     "(Flower's own loop waits 3 s on a deployment).", min=0,
-                                     min_exclusive=True)
+    reply_poll_interval: float = key(0.1, "Longest wait in seconds between the server's looks "
+                                     "for replies: it looks after 2 ms, each wait doubling up "
+                                     "to this (Flower's own loop waits 3 s on a deployment).",
+                                     min=0, min_exclusive=True)
     results_dir: str = key("results", "Folder for rounds.jsonl and summary.json (relative to "
                            "the working directory of the SuperLink).", pattern=r".+")
     run_name: str = key("", "Sub-folder of results-dir; '' = <algorithm>-<dataset>-<time>.",

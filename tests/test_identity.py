@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
+from plateau import messages
 from plateau.messages import DECLINE_KEY
 from plateau.privacy.mechanism import GaussianClientDP
 from strategies.fedavg import FedAvg
@@ -118,3 +119,31 @@ def test_a_node_identified_after_reconfigure_gets_the_final_run_config() -> None
     question = grid.sent[0].content["config"]
     assert question["run-name"] == "settled" and question["noise-multiplier"] == 2.5
     assert strategy.screener.privacy is strategy.privacy is strategy.aggregation.mechanism
+
+
+def test_the_server_looks_for_replies_soon_then_less_and_less_often(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast round is seen within twice its time (first look after 2 ms, waits doubling), a
+    slow one at most reply-poll-interval late, never more often than that once waits grow."""
+    waits: list[float] = []
+    monkeypatch.setattr(messages.time, "sleep", waits.append)
+
+    answer = Message(RecordDict(), reply_to=Message(RecordDict(), dst_node_id=1,
+                                                    message_type=MessageType.QUERY))
+
+    class SlowGrid:
+        """The one reply arrives at the ninth look."""
+
+        pulls = 0
+
+        def push_messages(self, sent: list[Message]) -> list[str]:
+            return [answer.metadata.reply_to_message_id]
+
+        def pull_messages(self, ids: set[str]) -> list[Message]:
+            self.pulls += 1
+            return [] if self.pulls < 9 else [answer]
+
+    grid = SlowGrid()
+    replies = messages.exchange(grid, [], timeout=60, poll_interval=0.1)
+    assert waits == pytest.approx([0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1, 0.1])
+    assert grid.pulls == 9 and len(replies) == 1
