@@ -21,6 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client_app.compute import client_round
 from plateau.config import RunConfig
 from plateau.data import DATASETS, client_partition
+from plateau.messages import tensors_record
 from plateau.models import build_model
 from plateau.seeds import stream_generator
 from server_app.app import build_strategy, load_config
@@ -93,7 +94,7 @@ def main() -> None:
         strategy = build_strategy(config)
         model = build_model(config.model, DATASETS[config.dataset], norm=config.norm,
                             width=config.model_width)
-        arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
+        arrays = tensors_record(strategy.current)
         label = algorithm + "".join(f" {k}={v}" for k, v in extra.items())
         runs.append({"label": label, "config": config, "strategy": strategy, "model": model,
                      "arrays": arrays, "times": [], "states": {}})

@@ -135,8 +135,8 @@ def local_round(task: LocalTask, rule: str, cohort: float,
     if (mechanism is not None or task.record is not None) and test_seed() is not None:
         metrics["test-seeded"] = 1  # this node's noise is predictable: no epsilon holds
     return messages.train_reply(
-        ArrayRecord({k: v.detach().cpu() for k, v in released.items()}), metrics,
-        ArrayRecord({k: v.cpu() for k, v in buffers.items()}) if buffers else None)
+        messages.tensors_record(released), metrics,
+        messages.tensors_record(buffers) if buffers else None)
 
 
 def prepare(cfg: RunConfig, context: Context) -> None:

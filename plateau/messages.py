@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -28,6 +28,11 @@ DECLINE_KEY = "decline"  # a client that takes no part in a round, with its reas
 IDENTITY_KEY = "identity"  # a node's answer to the partition query: partition-id, num-partitions
 TRAIN_REPLY_KEYS = frozenset({UPDATE_KEY, METRICS_KEY, BUFFERS_KEY})
 FIRST_LOOK_S = 0.002  # the server's first look for replies; each later wait doubles
+
+
+def tensors_record(tensors: Mapping[str, Any]) -> ArrayRecord:
+    """Tensors (on any device) as the ArrayRecord that carries them: detached, on the CPU."""
+    return ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
 
 
 def train_reply(update: ArrayRecord, metrics: Mapping[str, int | float],

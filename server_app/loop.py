@@ -16,13 +16,13 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
-from plateau.messages import exchange
+from plateau.messages import exchange, tensors_record
 from plateau.privacy.accounting import PrivacyAccountant
 from plateau.privacy.canaries import audit_flags
 from plateau.privacy.mechanism import mechanism_from_config
@@ -361,7 +361,7 @@ class RunLoop:
         then every callback in order."""
         config, strategy = self.config, self.strategy
         started = time.monotonic()
-        arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
+        arrays = tensors_record(strategy.current)
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)
         replies = exchange(self.grid, messages, config.round_timeout, config.reply_poll_interval)
         result = strategy.train_round(server_round, replies)

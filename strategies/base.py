@@ -34,7 +34,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from plateau.config import ConfigError, RunConfig
-from plateau.messages import CONFIG_KEY, MODEL_KEY, array_bytes
+from plateau.messages import CONFIG_KEY, MODEL_KEY, array_bytes, tensors_record
 from plateau.privacy.accounting import RoundEvent
 from plateau.privacy.canaries import CanaryClients
 from plateau.privacy.mechanism import (
@@ -192,11 +192,6 @@ class PlateauStrategy(FedAvg):
                 pieces[piece.name] = piece
         return pieces
 
-    @staticmethod
-    def as_record(tensors: Tensors) -> ArrayRecord:
-        """Tensors as an ArrayRecord to broadcast (on the CPU, where messages live)."""
-        return ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
-
     def learning_rate(self, server_round: int) -> float:
         """Local learning rate of a round: lr * lr_decay^(round - 1)."""
         return self.config.lr * self.config.lr_decay ** (server_round - 1)
@@ -325,7 +320,7 @@ class PlateauStrategy(FedAvg):
                               for k, v in buffer_sum.items()})
         global_update = {k: new_state[k] - self.current[k] for k in self.parameter_names}
         self.current = new_state
-        return RoundResult(self.as_record(new_state),
+        return RoundResult(tensors_record(new_state),
                            self._metrics(uploads, global_update, stats), stats, aggregate.event)
 
     def _metrics(self, uploads: list[ClientUpload], global_update: Tensors,

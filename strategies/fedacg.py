@@ -9,6 +9,7 @@ from flwr.app import ArrayRecord
 
 from plateau.config import Params, RunConfig, key
 from plateau.local import LocalTask, combine, run_steps
+from plateau.messages import tensors_record
 from plateau.privacy.mechanism import Tensors
 from plateau.registry import Algorithm, LocalRule, register
 
@@ -58,7 +59,7 @@ class FedACG(PlateauStrategy):
         lam = self.hparams.lambda_
         ahead = {k: v + lam * momentum[k] if k in momentum else v
                  for k, v in self.current.items()}
-        return self.as_record(ahead)
+        return tensors_record(ahead)
 
     def apply_update(self, server_round: int, aggregate: Aggregate) -> Tensors:
         """m <- lambda*m + mean(Delta); x <- x + m."""

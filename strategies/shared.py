@@ -25,6 +25,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from plateau.config import ConfigError, RunConfig
+from plateau.messages import tensors_record
 from plateau.privacy.mechanism import Tensors
 
 from .aggregation import Aggregate
@@ -56,7 +57,7 @@ class ServerState(Mapping[str, torch.Tensor]):
 
     def record(self, like: Tensors) -> ArrayRecord:
         """The state as an ArrayRecord to broadcast (on the CPU, where messages live)."""
-        return ArrayRecord({k: v.detach().cpu() for k, v in self.get(like).items()})
+        return tensors_record(self.get(like))
 
     def state_dict(self) -> Tensors:
         """The tensors, on the CPU (empty before the first update)."""
