@@ -15,12 +15,14 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
+from flwr.superlink.grid import InMemoryGrid
 
 from plateau.config import RunConfig
 from plateau.messages import CONFIG_KEY, IDENTITY_KEY, exchange, short_reason
 from plateau.privacy.sampling import ClientSampler, Cohort
 
-POPULATION_SETTLE_S = 1.0
+POPULATION_SETTLE_S = 1.0  # SuperNodes connecting over the network
+SIMULATION_SETTLE_S = 0.1  # the simulation engine registers every node in one loop
 
 
 class ClientPopulation:
@@ -65,12 +67,14 @@ class ClientPopulation:
 
     def determine(self, grid: Grid) -> int:
         """N: population-size, or the nodes connected when the first round starts (once their
-        number has stopped changing: simulated SuperNodes register over a moment)."""
+        number has stopped changing for a moment: SuperNodes register one by one)."""
         if not self.population:
+            settle = (SIMULATION_SETTLE_S if isinstance(grid, InMemoryGrid)
+                      else POPULATION_SETTLE_S)
             connected, stable_since = len(self.connected_nodes(grid)), time.monotonic()
             while (not self.config.population_size
-                   and time.monotonic() - stable_since < POPULATION_SETTLE_S):
-                time.sleep(0.25)
+                   and time.monotonic() - stable_since < settle):
+                time.sleep(settle / 4)
                 if (now := len(grid.get_node_ids())) != connected:
                     connected, stable_since = now, time.monotonic()
             self.real_population = self.config.population_size or connected

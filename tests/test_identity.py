@@ -4,15 +4,18 @@ cannot say which partition they hold; clients that decline a round."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.superlink.grid import InMemoryGrid
 
 from plateau import messages
 from plateau.messages import DECLINE_KEY
 from plateau.privacy.mechanism import GaussianClientDP
 from strategies.fedavg import FedAvg
+from strategies.population import ClientPopulation
 from tests.helpers import FakeGrid, identity_reply, make_config, reply
 
 ARRAYS = ArrayRecord({"weight": torch.zeros(2, 2)})
@@ -147,3 +150,35 @@ def test_the_server_looks_for_replies_soon_then_less_and_less_often(
     replies = messages.exchange(grid, [], timeout=60, poll_interval=0.1)
     assert waits == pytest.approx([0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1, 0.1])
     assert grid.pulls == 9 and len(replies) == 1
+
+
+class ArrivingNodes:
+    """Nodes that register one every ``gap`` seconds, ``count`` of them, from first use."""
+
+    def __init__(self, count: int, gap: float) -> None:
+        self.count, self.gap, self.start = count, gap, None
+
+    def get_node_ids(self) -> list[int]:
+        now = time.monotonic()
+        self.start = self.start if self.start is not None else now
+        arrived = min(self.count, 1 + int((now - self.start) / self.gap))
+        self.last_arrival = self.start + (arrived - 1) * self.gap
+        return list(range(100, 100 + arrived))
+
+
+class SimulatedArrivals(ArrivingNodes, InMemoryGrid):
+    """The simulation engine's grid: it registers every node in one quick loop."""
+
+
+@pytest.mark.parametrize(("grid_type", "gap", "settle"), [
+    (ArrivingNodes, 0.3, 1.0),  # SuperNodes connecting over the network
+    (SimulatedArrivals, 0.03, 0.1),  # the simulation engine's registration loop
+])
+def test_the_population_is_every_node_that_registers_before_the_count_settles(
+    grid_type: type[ArrivingNodes], gap: float, settle: float,
+) -> None:
+    grid = grid_type(count=6, gap=gap)
+    population = ClientPopulation(make_config(min_available_clients=1), secret=False)
+    assert population.determine(grid) == 6
+    waited = time.monotonic() - grid.last_arrival
+    assert settle <= waited < settle + 0.5  # a simulation does not wait a network's second

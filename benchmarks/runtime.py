@@ -1,0 +1,130 @@
+"""What a run costs beyond its compute, against the targets of the simulation/deployment issue.
+
+One table, each row measured here and now:
+- the default ``make run`` (20 clients, 20 rounds, ``linear``) against the same training in plain
+  torch (``overhead.py``): end to end and round-loop ratios, round 1 against a later round, start
+  to round 1 on the console;
+- the same for a compute-dominated config (``--heavy``, the issue's ``cnn`` with K = 50);
+- 1k / 5k / 10k simulated clients, iid Fashion-MNIST, 5 rounds (``scale.py``): time and peak RSS;
+- the real TLS deployment of ``tests/test_deployment.py`` (a SuperLink, two SuperNodes with warm
+  trainers, FedSMOO, central DP) against the same config simulated with two clients: the
+  per-round overhead of a deployment.
+
+Usage: python benchmarks/runtime.py [--heavy] [--populations 1000 5000 10000 | --populations]
+       [--deployments 2] [--clients 20] [--config "k=v ..."]
+
+``--populations`` with no sizes and ``--deployments 0`` leave those rows out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from overhead import flower_run, plain_torch_training
+from scale import run as population_run
+
+from plateau.config import RunConfig
+from server_app.app import load_config
+from server_app.launcher import app_defaults, parse_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = "model='cnn' local-steps=50 num-server-rounds=10"
+DEPLOYED = "algorithm='fedsmoo' dp='central' noise-multiplier=0.8 sample-rate=1.0"
+ROUND_WALLS = re.compile(r"round wall times \[([^\]]*)\]")
+
+
+def resolved(config: str) -> RunConfig:
+    return load_config({**app_defaults(ROOT), **parse_overrides(config)})
+
+
+def overhead_rows(label: str, clients: int, config: str) -> list[tuple[str, str, str, bool]]:
+    """End to end and round loop against plain torch, round 1 against later, start to round 1."""
+    torch.set_num_threads(1)  # what each simulated client gets: one CPU
+    compute, _ = plain_torch_training(resolved(config), clients)
+    run = flower_run(clients, config)
+    loop = run["summary"]["total_time_s"]
+    first = run["records"][0]["wall_s"]
+    later = statistics.median(r["wall_s"] for r in run["records"][1:])
+    return [
+        (f"{label}: end to end / plain compute", "<= 3x",
+         f"{run['wall'] / compute:.1f}x ({run['wall']:.1f} s / {compute:.2f} s)",
+         run["wall"] <= 3 * compute),
+        (f"{label}: round loop / plain compute", "-", f"{loop / compute:.1f}x ({loop:.1f} s)",
+         True),
+        (f"{label}: round 1 / median later round", "<= 3x",
+         f"{first / later:.1f}x ({first:.2f} s / {later:.2f} s)", first <= 3 * later),
+        (f"{label}: start to round 1 on the console", "<= 15 s", f"{run['first_round']:.1f} s",
+         run["first_round"] <= 15),
+    ]
+
+
+def population_rows(sizes: list[int]) -> list[tuple[str, str, str, bool]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for clients in sizes:
+            r = population_run(clients, 5, Path(folder))
+            rows.append((f"{clients:,} clients, iid Fashion-MNIST, 5 rounds", "completes",
+                         f"{r['wall_s']:.0f} s end to end, later rounds {r['round_s']:.2f} s, "
+                         f"peak RSS {r['peak_rss_mib']:.0f} MiB", r["rounds"] == 5))
+    return rows
+
+
+def deployed_round_walls(repeats: int) -> list[float]:
+    """Round wall times of the real TLS deployment test, ``repeats`` runs of two rounds."""
+    walls: list[float] = []
+    for _ in range(repeats):
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+             "tests/test_deployment.py", "-k", "tls"], cwd=ROOT, capture_output=True, text=True,
+            timeout=900, check=False)
+        found = ROUND_WALLS.search(proc.stdout)
+        if proc.returncode != 0 or found is None:
+            raise SystemExit(f"the deployment test failed:\n{proc.stdout[-3000:]}")
+        walls += [float(x) for x in found[1].split(",")]
+    return walls
+
+
+def deployment_rows(repeats: int) -> list[tuple[str, str, str, bool]]:
+    """The deployment's median round against the same rounds simulated with two clients."""
+    deployed = deployed_round_walls(repeats)
+    simulated = [r["wall_s"] for r in
+                 flower_run(2, f"{DEPLOYED} num-server-rounds={2 * repeats}")["records"]]
+    gap = statistics.median(deployed) - statistics.median(simulated)
+    return [("deployment round (TLS, 2 SuperNodes, FedSMOO, central DP) above the simulated "
+             "round", "<= 2 s",
+             f"{gap:.2f} s (deployed {', '.join(f'{w:.2f}' for w in deployed)} s; simulated "
+             f"median {statistics.median(simulated):.2f} s)", gap <= 2.0)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--config", default="", help='run-config overrides of the default row')
+    parser.add_argument("--heavy", action="store_true",
+                        help=f"also the compute-dominated config ({HEAVY})")
+    parser.add_argument("--populations", type=int, nargs="*", default=[1000, 5000, 10000])
+    parser.add_argument("--deployments", type=int, default=2,
+                        help="runs of the two-round deployment test (0: leave the row out)")
+    args = parser.parse_args()
+    rows = overhead_rows("default", args.clients, args.config)
+    if args.heavy:
+        rows += overhead_rows("compute-dominated", args.clients, HEAVY)
+    if args.deployments:
+        rows += deployment_rows(args.deployments)
+    rows += population_rows(args.populations)
+    print(f"{len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__}")
+    print("| measure | target | now | met |\n|---|---|---|---|")
+    for measure, target, value, met in rows:
+        print(f"| {measure} | {target} | {value} | {'yes' if met else 'no'} |")
+
+
+if __name__ == "__main__":
+    main()
