@@ -35,6 +35,9 @@ from plateau.config import ConfigError, ConfigValue
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)
 PORT_VARIABLE = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+# the local SuperLink's SuperExec looks for a submitted run every second by default
+TASK_POLL_VARIABLE = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+TASK_POLL_S = 0.1
 
 
 class Stopped(Exception):
@@ -140,6 +143,7 @@ def flwr_env(home: Path, port: int) -> dict[str, str]:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        TASK_POLL_VARIABLE: str(TASK_POLL_S),
         "RAY_DEDUP_LOGS": "0",
     }
 

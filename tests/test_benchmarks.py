@@ -34,7 +34,8 @@ def test_runtime_table_runs() -> None:
     """The issue table's script, its default rows only, on a tiny run through `make run`."""
     proc = subprocess.run(
         [sys.executable, "benchmarks/runtime.py", "--clients", "4", "--config",
-         "num-server-rounds=3 local-steps=2", "--populations", "--deployments", "0"], cwd=ROOT,
+         "num-server-rounds=3 local-steps=2", "--populations", "--deployments", "0",
+         "--repeats", "1"], cwd=ROOT,
         capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     measures = [line.split(" | ")[0] for line in proc.stdout.splitlines() if line.startswith("| ")]
