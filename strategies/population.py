@@ -7,6 +7,7 @@ partition order, which is what makes a seeded run repeat exactly whatever ids Fl
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -15,7 +16,6 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
-from flwr.superlink.grid import InMemoryGrid
 
 from plateau.config import RunConfig
 from plateau.messages import CONFIG_KEY, IDENTITY_KEY, exchange, short_reason
@@ -23,6 +23,13 @@ from plateau.privacy.sampling import ClientSampler, Cohort
 
 POPULATION_SETTLE_S = 1.0  # SuperNodes connecting over the network
 SIMULATION_SETTLE_S = 0.1  # the simulation engine registers every node in one loop
+
+
+def simulated(grid: Grid) -> bool:
+    """Whether the grid is the simulation engine's (whose module, which pulls in the SuperLink's
+    whole stack, is only looked up if the simulation has already loaded it)."""
+    engine = sys.modules.get("flwr.superlink.grid")
+    return engine is not None and isinstance(grid, engine.InMemoryGrid)
 
 
 class ClientPopulation:
@@ -69,8 +76,7 @@ class ClientPopulation:
         """N: population-size, or the nodes connected when the first round starts (once their
         number has stopped changing for a moment: SuperNodes register one by one)."""
         if not self.population:
-            settle = (SIMULATION_SETTLE_S if isinstance(grid, InMemoryGrid)
-                      else POPULATION_SETTLE_S)
+            settle = SIMULATION_SETTLE_S if simulated(grid) else POPULATION_SETTLE_S
             connected, stable_since = len(self.connected_nodes(grid)), time.monotonic()
             while (not self.config.population_size
                    and time.monotonic() - stable_since < settle):
