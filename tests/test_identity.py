@@ -4,6 +4,8 @@ cannot say which partition they hold; clients that decline a round."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import time
 
 import pytest
@@ -182,3 +184,13 @@ def test_the_population_is_every_node_that_registers_before_the_count_settles(
     assert population.determine(grid) == 6
     waited = time.monotonic() - grid.last_arrival
     assert settle <= waited < settle + 0.5  # a simulation does not wait a network's second
+
+
+def test_the_strategies_do_not_import_the_superlink_stack() -> None:
+    """`flwr.superlink.grid` pulls in the SuperLink's whole stack (0.8 s here): the launcher's
+    config check and every process that builds a strategy would pay it on each start."""
+    probe = ("import sys, server_app.build, plateau.registry; "
+             "print('flwr.superlink' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=120).stdout.strip()
+    assert out == "False"
