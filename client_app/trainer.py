@@ -37,16 +37,13 @@ import signal
 import socket
 import stat
 import sys
+import threading
 from pathlib import Path
 from types import FrameType
 
 from . import wire
 
 LOG = logging.getLogger("plateau.trainer")
-
-
-class Stop(Exception):
-    """SIGTERM, SIGINT or SIGHUP: close the socket and leave."""
 
 
 def claim(path: str) -> None:
@@ -82,16 +79,22 @@ def serve(path: str, threads: int = 0) -> None:
 
         torch.set_num_threads(threads)
 
+    stop_signals: list[str] = []
+
     def stop(signum: int, _frame: FrameType | None) -> None:
-        raise Stop(signal.Signals(signum).name)
+        """Ask the serving loop to end (from a thread: ``shutdown`` waits for the loop). An
+        exception raised here instead could land inside socketserver's request handling, which
+        reports and swallows it: the trainer would serve on and die by SIGKILL, socket left."""
+        if not stop_signals:
+            threading.Thread(target=server.shutdown, daemon=True).start()
+        stop_signals.append(signal.Signals(signum).name)
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, stop)
     LOG.info("trainer for app %s listening on %s (pid %d)", server.digest, path, os.getpid())
     try:
         server.serve_forever(poll_interval=0.5)
-    except Stop as why:
-        LOG.info("stopping (%s)", why)
+        LOG.info("stopping (%s)", ", ".join(stop_signals))
     finally:
         server.server_close()
         with contextlib.suppress(FileNotFoundError):

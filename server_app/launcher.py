@@ -40,8 +40,9 @@ TASK_POLL_VARIABLE = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 TASK_POLL_S = 0.1
 
 
-class Stopped(Exception):
-    """The launcher was told to stop (a signal, or SIGALRM at --timeout)."""
+class Stopped(BaseException):
+    """The launcher was told to stop (a signal, or SIGALRM at --timeout); like
+    ``KeyboardInterrupt``, no ``except Exception`` on the way may take it for an error."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)

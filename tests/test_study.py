@@ -346,3 +346,38 @@ tune = { lr = [0.1, 0.2, 0.3] }
              "rounds": [{"test_accuracy": 0.99}]}
     finals = final_cells(study, calibrator, {**results, "stale": stale})
     assert {json.dumps(f.tuned) for f in finals} == {json.dumps(trials[-1].tuned)}
+
+
+@pytest.mark.simulation
+def test_a_stop_signal_stops_a_one_job_study_in_the_middle_of_a_cell(tmp_path: Path) -> None:
+    """With --jobs 1 the cells run in the study process itself: the stop must not be taken for
+    the failure of the cell it interrupted (which the study records and moves past)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(tmp_path, """
+clients = 10
+seeds = [0, 1]
+[base]
+dataset = "digits"
+num-server-rounds = 200
+sample-rate = 1.0
+local-steps = 5
+[[arms]]
+name = "A"
+config = { algorithm = "fedavg" }
+""")
+    out = tmp_path / "out"
+    study = subprocess.Popen([sys.executable, "-m", "plateau.study", str(spec), "--out",
+                              str(out), "--jobs", "1"], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((out / "runs").glob("*/rounds.jsonl")):
+        time.sleep(0.2)  # the first cell is training
+    study.send_signal(signal.SIGTERM)
+    _, stderr = study.communicate(timeout=60)
+    assert study.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr and "failed" not in stderr
+    assert not list((out / "cells").glob("*.json"))  # the interrupted cell is not recorded

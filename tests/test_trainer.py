@@ -5,6 +5,7 @@ out-of-date trainers, one message at a time, a private socket, and nothing left 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -348,3 +349,36 @@ def test_ping_is_a_readiness_probe(trainer: Path, tmp_path: Path) -> None:
     down = subprocess.run([*TRAINER, "--socket", str(tmp_path / "none.sock"), "--ping"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert down.returncode == 1 and "does not exist" in down.stderr
+
+
+def test_a_stop_signal_amid_connections_still_stops_the_trainer(tmp_path: Path) -> None:
+    """SIGTERM while connections keep arriving (a probe, ClientApps): a signal that lands while
+    the server starts a connection's thread must still stop it, and the socket must go."""
+    path = tmp_path / "busy.sock"
+    process = subprocess.Popen([*TRAINER, "--socket", str(path)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = threading.Event()
+
+    def knock() -> None:
+        while not done.is_set():
+            with socket.socket(socket.AF_UNIX) as client, contextlib.suppress(OSError):
+                client.connect(str(path))
+
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        knockers = [threading.Thread(target=knock) for _ in range(8)]
+        for knocker in knockers:
+            knocker.start()
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        log = process.communicate(timeout=8)[0]
+    finally:
+        done.set()
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, log[-2000:]
+    assert "stopping (SIGTERM)" in log and not path.exists()

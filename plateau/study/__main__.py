@@ -23,8 +23,10 @@ from .spec import SpecError, load_spec
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class Stopped(Exception):
-    """The study was told to stop; finished cells are kept and a rerun resumes."""
+class Stopped(BaseException):
+    """The study was told to stop; finished cells are kept and a rerun resumes. Not an
+    ``Exception``: the handler that keeps one failed cell from losing the others must not take
+    a stop for a failure (with one job the cells run in this process)."""
 
 
 def _stop(signum: int, _frame: object) -> None:
