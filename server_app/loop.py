@@ -248,6 +248,9 @@ class RunLoop:
         except Exception as err:
             status, outcome["error"] = "failed", f"{type(err).__name__}: {err}"
             raise
+        except BaseException as stop:  # a stop signal or Ctrl-C: not a completed run
+            status, outcome["stop_reason"] = "stopped", f"{type(stop).__name__}: {stop}"
+            raise
         finally:
             if self.ledger is not None:
                 outcome |= {"epsilon": None if self.void_reason else self.ledger.epsilon,

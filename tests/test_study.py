@@ -373,11 +373,18 @@ config = { algorithm = "fedavg" }
     study = subprocess.Popen([sys.executable, "-m", "plateau.study", str(spec), "--out",
                               str(out), "--jobs", "1"], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not list((out / "runs").glob("*/rounds.jsonl")):
-        time.sleep(0.2)  # the first cell is training
-    study.send_signal(signal.SIGTERM)
-    _, stderr = study.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list((out / "runs").glob("*/rounds.jsonl")):
+            time.sleep(0.2)  # the first cell is training
+        study.send_signal(signal.SIGTERM)
+        _, stderr = study.communicate(timeout=60)
+    finally:
+        if study.poll() is None:
+            study.kill()
+            study.communicate()
+    summary = json.loads(next((out / "runs").glob("*/summary.json")).read_text())
+    assert summary["status"] == "stopped"  # the run that was cut short does not say completed
     assert study.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "stopped by SIGTERM" in stderr and "failed" not in stderr
     assert not list((out / "cells").glob("*.json"))  # the interrupted cell is not recorded
