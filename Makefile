@@ -45,9 +45,11 @@ test: install data
 test-containers: install
 	$(BIN)/python -m pytest -q -m containers tests/test_containers.py
 
-# the privacy audit: the real mechanism against canaries, and the broken ones it must flag
+# the privacy audit: the real mechanism against canaries, and the broken ones it must flag;
+# then record-level DP inside a silo (one record more or less, all the silo publishes)
 audit: install
 	$(BIN)/python -m plateau.privacy.audit
+	$(BIN)/python -m client_app.record_audit
 
 # the in-run audit (canary clients) across noise levels: epsilon, lower bound, estimate, accuracy
 audit-study: install

@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from plateau import messages
 from plateau.config import RunConfig
+from plateau.privacy.silo_policy import NodeConfigError, SiloPolicy
 
 from .handoff import hand_off, trainer_socket
 from .wire import TrainerError
@@ -26,10 +27,6 @@ app = ClientApp()
 # torch-side names that live in compute.py and are imported from there on first use
 _COMPUTE_NAMES = frozenset({"STATE_ROUNDS", "local_round", "load_state", "public_mask",
                             "save_state"})
-
-
-class NodeConfigError(ValueError):
-    """A SuperNode started without the partition it should train on."""
 
 
 def partition_of(context: Context) -> tuple[int, int]:
@@ -54,10 +51,13 @@ def enforce_node_policy(config: RunConfig, node_config: Mapping[str, object]) ->
     The run config (and so every round's message) comes from whoever submits the run. A node
     that does not trust the server sets floors in its own node config, e.g.
     ``--node-config "partition-id=0 num-partitions=10 require-dp='local' min-noise-multiplier=1.0
-    max-clip-norm=1.0"``. A silo protecting its records sets ``require-record-dp=true``,
-    ``min-record-noise-multiplier`` and ``max-record-epsilon`` (its own budget, enforced where its
-    ledger is, in ``client_app.compute``) and optionally ``record-ledger=<file>``.
+    max-clip-norm=1.0"``. A silo protecting its records sets the keys of
+    :class:`plateau.privacy.silo_policy.SiloPolicy` (``require-record-dp``,
+    ``min-record-noise-multiplier``, ``max-record-epsilon`` and ``max-record-delta`` with the
+    ``record-ledger`` they need, ``record-public-size``); the budget is enforced where the
+    ledger is, in ``client_app.compute``.
     """
+    policy = SiloPolicy.from_node_config(node_config)
     required = str(node_config.get("require-dp", "off"))
     if required not in PROTECTION:
         raise NodeConfigError(f"require-dp={required!r}; expected one of {list(PROTECTION)}")
@@ -72,11 +72,10 @@ def enforce_node_policy(config: RunConfig, node_config: Mapping[str, object]) ->
     if config.dp_enabled and config.clip_norm > ceiling:
         raise NodeConfigError(f"clip-norm={config.clip_norm} is above this SuperNode's "
                               f"max-clip-norm={ceiling}")
-    if str(node_config.get("require-record-dp", "false")).lower() == "true" and (
-            config.record_dp != "on"):
+    if policy.require_record_dp and config.record_dp != "on":
         raise NodeConfigError("this SuperNode requires record-level DP (require-record-dp); "
                               "the run has record-dp='off'")
-    record_floor = float(node_config.get("min-record-noise-multiplier", 0.0))
+    record_floor = policy.min_record_noise_multiplier
     if (config.record_dp == "on" and config.record_target_epsilon == 0
             and config.record_noise_multiplier < record_floor):
         raise NodeConfigError(f"record-noise-multiplier={config.record_noise_multiplier} is "

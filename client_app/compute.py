@@ -13,7 +13,6 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import WARNING
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,12 +42,15 @@ from plateau.privacy.mechanism import (
 from plateau.privacy.noise import secure_source, test_seed
 from plateau.privacy.record_dp import (
     LEDGER_KEY,
+    SUBSTITUTION,
+    LedgerFile,
     RecordPlan,
     RecordPrivatiser,
     SiloLedger,
     per_sample_module,
     plan_for,
 )
+from plateau.privacy.silo_policy import SiloPolicy
 from plateau.seeds import stream_generator
 from strategies import LOCAL_RULES
 
@@ -112,7 +114,10 @@ def local_round(task: LocalTask, rule: str, cohort: float,
     state = task.model.state_dict()
     buffers = {name: state[name] - start for name, start in start_buffers.items()}
     support = (random_support(released, mask[1], mask[0]) if mask is not None else None)
-    metrics: dict[str, int | float] = {"num-examples": len(task.data)}
+    # under record-level DP the count the silo's plan uses (its public size, or its own count,
+    # which substitution accounting does not hide)
+    metrics: dict[str, int | float] = {
+        "num-examples": len(task.data) if task.record is None else task.record.plan.records}
     diagnostics = {"train-loss": task.mean_loss(), "state-rounds": state_rounds}
     if task.record is not None:  # the loss and the update's norm are not private per record
         diagnostics = {"state-rounds": state_rounds}
@@ -206,17 +211,26 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     state back into ``context.state``."""
     round_config = content[messages.CONFIG_KEY]
     cfg = RunConfig.from_record(round_config)
-    server_round = int(round_config["server-round"])
-    rule = requested_rule(round_config)
     pid, num = partition_of(context)
     device = resolve_device(cfg.device)
-
-    model, digest = _model(cfg, device)
+    _, digest = _model(cfg, device)
     expected = str(round_config.get("frozen-digest", digest))
     if expected != digest:
         raise ValueError(f"this node's frozen weights (digest {digest}) differ from the "
                          f"server's ({expected}): same model files and library versions needed")
-    data = _partition_on(cfg, pid, num, device)
+    return train_on(content, context, _partition_on(cfg, pid, num, device))
+
+
+def train_on(content: RecordDict, context: Context, data: DataTensors) -> RecordDict:
+    """``train`` on given records: the silo's whole round (its policy, budget, ledger, local
+    rule, release and reply), which the record-level audit runs on records it chooses."""
+    round_config = content[messages.CONFIG_KEY]
+    cfg = RunConfig.from_record(round_config)
+    server_round = int(round_config["server-round"])
+    rule = requested_rule(round_config)
+    pid, num = partition_of(context)
+    device = resolve_device(cfg.device)
+    model, _ = _model(cfg, device)
     if len(data) == 0:
         return messages.decline("no-data")
     silo = None
@@ -224,81 +238,135 @@ def train(content: RecordDict, context: Context) -> RecordDict:
         silo = SiloRound.open(cfg, context, len(data), LOCAL_RULES[rule].backprops_per_step)
         if silo.refusal is not None:
             return messages.decline(silo.refusal)
-    reply, task = client_round(
-        content, cfg, model, data,
-        state=_own_state(cfg, context, pid, server_round, device),
-        generator=stream_generator(cfg.seed, "client-batches", server_round, pid),
-        num_partitions=num, noise_labels=(server_round, pid),
-        record=None if silo is None else RecordPrivatiser(
-            _per_sample(cfg, device), silo.plan, cfg.record_per_sample,
-            secure_source("record-noise", server_round, pid)))
-    save_state(context, cfg.algorithm, task.state)
-    if (folder := state_folder(context.node_config, cfg.run_name, cfg.algorithm, pid)) is not None:
-        if not cfg.resume and context.state.config_records.get(STATE_RUN_KEY, {}).get(
-                "run-id") != context.run_id:
-            clear(folder)  # a fresh run of this name: an older run's state must not leak in
-        context.state[STATE_RUN_KEY] = ConfigRecord({"run-id": context.run_id})
-        save_after(folder, server_round, task.state)
-    if silo is not None and task.record is not None:
-        # charged before the reply leaves: what the server can see is always on the ledger
-        reply[messages.METRICS_KEY] = MetricRecord({**reply[messages.METRICS_KEY],
-                                         **silo.charge(context, task.record.steps)})
+    try:
+        reply, task = client_round(
+            content, cfg, model, data,
+            state=_own_state(cfg, context, pid, server_round, device),
+            generator=stream_generator(cfg.seed, "client-batches", server_round, pid),
+            num_partitions=num, noise_labels=(server_round, pid),
+            record=None if silo is None else RecordPrivatiser(
+                _per_sample(cfg, device), silo.plan, cfg.record_per_sample,
+                secure_source("record-noise", server_round, pid), max_steps=cfg.local_steps))
+        save_state(context, cfg.algorithm, task.state)
+        folder = state_folder(context.node_config, cfg.run_name, cfg.algorithm, pid)
+        if folder is not None:
+            if not cfg.resume and context.state.config_records.get(STATE_RUN_KEY, {}).get(
+                    "run-id") != context.run_id:
+                clear(folder)  # a fresh run of this name: an older run's state must not leak in
+            context.state[STATE_RUN_KEY] = ConfigRecord({"run-id": context.run_id})
+            save_after(folder, server_round, task.state)
+        if silo is not None and task.record is not None:
+            # charged before the reply leaves: what the server can see is always on the ledger
+            silo.charge(context, task.record.steps)
+            reply[messages.METRICS_KEY] = MetricRecord({**reply[messages.METRICS_KEY],
+                                                        **silo.report(cfg)})
+    except BaseException:
+        if silo is not None:
+            silo.cancel()  # nothing of this round left the silo
+        raise
     return reply
 
 
 @dataclass
 class SiloRound:
-    """One round of record-level DP on this silo: its plan, its ledger (Context.state, and
-    the node's ``record-ledger`` file if set) and its own budget (``max-record-epsilon`` in
-    the node config, and the run's record-target-epsilon, whichever is smaller)."""
+    """One round of record-level DP on this silo: its policy (node config), its plan, its
+    ledger (Context.state, and the node's locked ``record-ledger`` file if set) and its budget
+    (the silo's ``max-record-epsilon`` and the run's record-target-epsilon, whichever is
+    smaller), checked at the silo's delta. The round's planned steps are reserved on the file
+    before training and settled (``charge``) or released (``cancel``) after."""
 
+    policy: SiloPolicy
     plan: RecordPlan
     ledger: SiloLedger
-    ledger_file: Path | None
+    store: LedgerFile | None
+    reservation: str | None = None
     refusal: str | None = None
 
     @classmethod
     def open(cls, cfg: RunConfig, context: Context, records: int,
              queries_per_step: int) -> SiloRound:
-        node = context.node_config
-        plan = plan_for(cfg, records, queries_per_step)
-        floor = float(node.get("min-record-noise-multiplier", 0.0))
+        policy = SiloPolicy.from_node_config(context.node_config)
+        plan = plan_for(cfg, records, queries_per_step, policy)
+        floor = policy.min_record_noise_multiplier
         if plan.noise_multiplier < floor:
             raise NodeConfigError(
-                f"record-noise-multiplier {plan.noise_multiplier:.4g} (for this silo's "
-                f"{records} records) is below this SuperNode's min-record-noise-multiplier="
-                f"{floor:g}")
-        path = Path(str(node["record-ledger"])) if node.get("record-ledger") else None
-        if cfg.resume and path is None:
+                f"record-noise-multiplier {plan.noise_multiplier:.4g} (this silo's plan) is "
+                f"below this SuperNode's min-record-noise-multiplier={floor:g}")
+        store = LedgerFile(policy.record_ledger) if policy.record_ledger else None
+        if cfg.resume and store is None:
             raise NodeConfigError(
                 "a resumed run with record-level DP needs this silo's record-ledger file "
                 "(node config record-ledger=<file>): Flower gives a resumed run a fresh "
                 "Context.state, and the silo would forget what it has spent")
-        stored = context.state.config_records.get(LEDGER_KEY)
-        ledger = SiloLedger.from_state(stored)
-        if path is not None:
-            ledger = ledger.merged(SiloLedger.load(path))
-        silo = cls(plan, ledger, path)
-        caps = [c for c in (float(node.get("max-record-epsilon", 0.0)),
-                            cfg.record_target_epsilon) if c > 0]
-        if caps:
-            after = ledger.after(plan, cfg.local_steps).epsilon(plan.delta, plan.accountant)
-            if after > min(caps):
-                log(WARNING, "record-level budget: this round would take the silo's epsilon "
-                    "to %.4f > %g; declining", after, min(caps))
-                silo.refusal = "record-budget"
+        silo = cls(policy, plan, SiloLedger.from_state(
+            context.state.config_records.get(LEDGER_KEY)), store)
+        if store is None:
+            silo.refusal = silo._over_budget(silo.ledger, cfg)
+            return silo
+        with store.locked() as shared:
+            if sum(e[2] for e in silo.ledger.history) > sum(e[2] for e in shared.history):
+                shared.history = list(silo.ledger.history)  # the file lost what the node knows
+            silo.refusal = silo._over_budget(shared, cfg)
+            if silo.refusal is None:
+                silo.reservation = store.new_reservation()
+                shared.reserved[silo.reservation] = plan.entry(cfg.local_steps)
+            silo.ledger = SiloLedger(list(shared.history), dict(shared.reserved))
         return silo
 
-    def charge(self, context: Context, steps: int) -> dict[str, float | int]:
-        """Put the round's steps on the ledger (state and file) and say what was spent."""
-        self.ledger = self.ledger.after(self.plan, steps)
-        context.state[LEDGER_KEY] = ConfigRecord(self.ledger.to_state())
-        if self.ledger_file is not None:
-            self.ledger.save(self.ledger_file)
-        return {"record-epsilon": self.ledger.epsilon(self.plan.delta, self.plan.accountant),
-                "record-delta": self.plan.delta,
-                "record-noise-multiplier": self.plan.noise_multiplier,
-                "record-steps": sum(s for _, _, s in self.ledger.history)}
+    def _over_budget(self, ledger: SiloLedger, cfg: RunConfig) -> str | None:
+        """'record-budget' when this round's planned steps, on top of everything taken and
+        reserved, would take the silo above its cap (at the silo's delta)."""
+        caps = [c for c in (self.policy.max_record_epsilon, cfg.record_target_epsilon) if c > 0]
+        if not caps:
+            return None
+        after = ledger.after(self.plan, cfg.local_steps).epsilon(self.plan.delta,
+                                                                 self.plan.accountant)
+        if after <= min(caps):
+            return None
+        log(WARNING, "record-level budget: this round would take the silo's epsilon to %.4f "
+            "> %g (delta %g); declining", after, min(caps), self.plan.delta)
+        return "record-budget"
+
+    def charge(self, context: Context, steps: int) -> None:
+        """Settle the round: its steps go on the ledger (file and state), its reservation
+        goes. Done before the reply leaves: what the server can see is always on the ledger."""
+        if self.store is None:
+            self.ledger = self.ledger.after(self.plan, steps)
+        else:
+            with self.store.locked() as shared:
+                shared.reserved.pop(self.reservation or "", None)
+                shared.history = shared.after(self.plan, steps).history
+                self.ledger = SiloLedger(list(shared.history), dict(shared.reserved))
+        self.reservation = None
+        context.state[LEDGER_KEY] = ConfigRecord(SiloLedger(self.ledger.history).to_state(
+            reserved=False))
+
+    def cancel(self) -> None:
+        """Release the round's reservation: it ended before anything left the silo."""
+        if self.store is not None and self.reservation is not None:
+            with self.store.locked() as shared:
+                shared.reserved.pop(self.reservation, None)
+            self.reservation = None
+
+    def report(self, cfg: RunConfig) -> dict[str, float | int]:
+        """What the reply tells the server of the silo's record-level privacy. Numbers that
+        depend on the silo's record count leave it only where that count is public anyway (a
+        run without client-level DP, whose epsilon is then accounted under substitution) or by
+        the silo's choice (``publish-record-epsilon``); a silo with ``record-public-size``
+        reports numbers computed from that public size only. Under client-level DP otherwise:
+        nothing (the reply itself says the silo is within its budget)."""
+        public = self.policy.record_public_size
+        if cfg.dp_enabled and not public and not self.policy.publish_record_epsilon:
+            return {}
+        report: dict[str, float | int] = {
+            "record-epsilon": self.ledger.epsilon(self.plan.delta, self.plan.accountant),
+            "record-delta": self.plan.delta,
+            "record-noise-multiplier": self.plan.noise_multiplier,
+            "record-steps": self.ledger.steps,
+            "record-substitution": int(self.ledger.adjacency == SUBSTITUTION)}
+        if public:
+            report["record-public-size"] = public
+        return report
 
 
 def _own_state(cfg: RunConfig, context: Context, partition: int, server_round: int,

@@ -282,6 +282,11 @@ class RunConfig:
     checkpoint_dir: str = key("", "Folder of the run's checkpoint; '' = <results-dir>/<run-name>"
                               "/checkpoint.", pattern=r".*")
     checkpoint: bool = key(True, "Write an atomic checkpoint after every round.")
+    run_ledger: str = key("", "Folder of the server's run ledger, outside any results folder: "
+                          "how many rounds each DP run has accounted, so that a copied "
+                          "checkpoint folder cannot be resumed twice; '' = "
+                          "$XDG_STATE_HOME/plateau/runs (~/.local/state/plateau/runs).",
+                          pattern=r".*")
     resume: bool = key(False, "Continue run-name from its last checkpoint (also extends a "
                        "finished run to a larger num-server-rounds).")
     device: str = key("auto", "Where tensors live: 'auto' picks CUDA when available.",

@@ -130,7 +130,8 @@ class FlatnessProbes(RoundCallback):
 
 class PrivacyRecord(RoundCallback):
     """The round's privacy keys besides the accountant's epsilon: each silo's record-level
-    epsilon, the in-run audit every audit-every rounds, the most-sampled client's epsilon against
+    budget status and the epsilon of the silos that publish one, the in-run audit every
+    audit-every rounds, the most-sampled client's epsilon against
     the server, and why no epsilon is claimed (read from the loop, which owns the ledger)."""
 
     def __init__(self, config: RunConfig, strategy: PlateauStrategy, *,
@@ -143,11 +144,14 @@ class PrivacyRecord(RoundCallback):
 
     def after_round(self, outcome: RoundOutcome) -> None:
         record, config = outcome.record, self.config
-        if config.record_dp == "on" and self.void_reason() is None:
-            spent = self.strategy.silos.epsilon
-            record["record_epsilon"] = {str(p): e for p, e in sorted(spent.items())}
-            record["record_epsilon_min"] = min(spent.values(), default=None)
-            record["record_epsilon_max"] = max(spent.values(), default=None)
+        if config.record_dp == "on":
+            silos = self.strategy.silos
+            record["record_budget"] = {str(p): s for p, s in sorted(silos.status.items())}
+            if self.void_reason() is None:  # the numbers the silos chose to publish
+                spent = silos.epsilon
+                record["record_epsilon"] = {str(p): e for p, e in sorted(spent.items())}
+                record["record_epsilon_min"] = min(spent.values(), default=None)
+                record["record_epsilon_max"] = max(spent.values(), default=None)
         every = config.audit_every
         if (every and outcome.server_round % every == 0
                 and outcome.server_round < config.num_server_rounds

@@ -2,14 +2,21 @@
 
 Two files in the checkpoint folder, each written atomically (write, fsync, rename):
 
-* ``ledger.json``: the accountant's events, the uploads each client has handed the server and the
-  epsilon budget, written right after a round's noisy aggregate exists and before anything of
-  the round is released, so a resumed run can never undercount epsilon;
+* ``ledger.json``: the accountant's events, the most uploads any one client has handed the server
+  (what its epsilon against the server needs; no per-client counts, which are a function of the
+  secret cohorts), the epsilon budget and the run's lineage id in the server's run ledger
+  (``server_app.lineage``), written right after a round's noisy aggregate exists and before
+  anything of the round is released, so a resumed run can never undercount epsilon;
 * ``checkpoint.pt``: the global model, the strategy's state (momentum, global direction, control
   variates, ...), the round records, the resolved config and the privacy-relevant settings,
   after each completed round. No generator or sampler state: nothing in it lets anyone replay or
   predict noise or cohorts, and a resumed run draws fresh ones. (The records hold operator
-  telemetry, which epsilon does not cover: the folder is the operator's.)
+  telemetry, which epsilon does not cover: the folder is the operator's.) One secret is in it:
+  the in-run audit's canary key (``audit-canaries``), which a resumed run needs to regenerate
+  the canaries it inserted; it derives the canaries' updates and coins, nothing of any client's
+  data or noise, and whoever holds it can only subtract the canaries or spoil the audit.
+
+A copied checkpoint folder resumed twice is refused by the run ledger (``server_app.lineage``).
 
 ``resume = true`` continues from them: the privacy-relevant settings must be unchanged (a changed
 noise multiplier or sampling would make the epsilon of the continued run wrong), a DP run
@@ -62,14 +69,14 @@ class Checkpointer:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def save_ledger(self, server_round: int, settings: dict[str, Any],
-                    events: list[dict[str, Any]], participations: dict[int, int] | None = None,
-                    budget: float = 0.0) -> None:
-        """The accountant's events after ``server_round``, the uploads per client (partition)
-        and the epsilon budget (before the round's results are released)."""
+                    events: list[dict[str, Any]], max_participations: int = 0,
+                    budget: float = 0.0, lineage: str | None = None) -> None:
+        """The accountant's events after ``server_round``, the most uploads one client has
+        handed the server, the epsilon budget and the run ledger's lineage id (before the
+        round's results are released)."""
         payload = json.dumps({"round": server_round, "privacy": settings, "events": events,
-                              "participations": {str(k): v for k, v in
-                                                 (participations or {}).items()},
-                              "budget": budget})
+                              "max_participations": max_participations, "budget": budget,
+                              "lineage": lineage})
         _atomic_write(self.folder / LEDGER, lambda h: h.write(payload.encode()))
 
     def save(self, state: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
 from plateau.messages import exchange, tensors_record
 from plateau.privacy.accounting import PrivacyAccountant
-from plateau.privacy.canaries import audit_flags
+from plateau.privacy.canaries import audit_confidence, audit_flags
 from plateau.privacy.mechanism import mechanism_from_config
 from plateau.privacy.noise import TEST_SEED_ENV, test_seed
 from strategies import LOCAL_RULES, PlateauStrategy
@@ -46,6 +46,7 @@ from .callbacks import (
 from .checkpoint import Checkpointer, privacy_settings
 from .evaluation import CentralEvaluator
 from .flatness import FlatnessProbe
+from .lineage import CopiedRun, RunLineage, run_ledger_folder
 from .metrics import RunMetrics
 from .privacy_plan import PrivacyLedger, plan_privacy
 from .results import RunRecorder, default_run_name
@@ -68,6 +69,25 @@ OUTSIDE_EPSILON = {
                    "plateau_clients_declined_total",
                    "plateau_bytes_sent_total", "plateau_bytes_received_total",
                    "plateau_round_duration_seconds", "plateau_epsilon_against_server"],
+}
+# record-level DP: what the silos' own epsilon means, and what the server shows of it
+RECORD_ADJACENCY = {
+    "add/remove": "one record added or removed; for a silo that declared record-public-size: "
+                  "its q and delta come from that public number, so nothing it sends depends on "
+                  "its record count",
+    "substitution": "one record replaced by another; for a silo without record-public-size: "
+                    "its q and delta come from its own record count, which this epsilon does "
+                    "not hide (under client-level DP the count stays on the silo; a run without "
+                    "client-level DP publishes it as num-examples)",
+}
+# per-silo numbers a silo chose (or a record-only run had) to publish, and each silo's budget
+# status: functions of its record count (without a public size) and of its participation
+RECORD_OUTSIDE_EPSILON = {
+    "rounds.jsonl": ["record_epsilon", "record_epsilon_min", "record_epsilon_max",
+                     "record_budget"],
+    "prometheus": ["plateau_record_epsilon", "plateau_record_budget_within"],
+    "summary.json": ["record_privacy.silo_status", "record_privacy.epsilon_per_silo",
+                     "record_privacy.silos"],
 }
 NOISE_SOURCE = ("ChaCha20 keystream (OpenSSL) under a fresh 256-bit OS key per release; "
                 "float64 Box-Muller Gaussians from 53-bit uniforms with an untruncated tail, "
@@ -104,14 +124,65 @@ def round_record(server_round: int, metrics: Mapping[str, Any], lr: float, dp: b
     return record
 
 
+def outside_epsilon(config: RunConfig) -> dict[str, list[str]]:
+    """What the run publishes that no client-level epsilon covers (operator telemetry)."""
+    if config.record_dp != "on":
+        return OUTSIDE_EPSILON
+    return {place: [*OUTSIDE_EPSILON.get(place, []), *RECORD_OUTSIDE_EPSILON.get(place, [])]
+            for place in (*OUTSIDE_EPSILON, *RECORD_OUTSIDE_EPSILON)}
+
+
+def record_privacy_summary(config: RunConfig, strategy: PlateauStrategy,
+                           void_reason: str | None) -> dict[str, Any]:
+    """summary.json's ``record_privacy``: the unit, the adjacency each silo's epsilon holds
+    under, each silo's budget status and the published numbers (none when void)."""
+    from plateau.privacy.record_dp import SUBSTITUTION_ACCOUNTANT
+
+    silos = strategy.silos
+    published = {} if void_reason else silos.epsilon
+    return {
+        "unit": "one record of a silo",
+        "adjacency": RECORD_ADJACENCY,
+        "accountant": {"add/remove": f"{config.record_accountant} (Opacus)",
+                       "substitution": SUBSTITUTION_ACCOUNTANT},
+        "delta": ("each silo's own (node config max-record-delta, default min(1e-5, 0.01/n))"
+                  + (f", at most record-delta={config.record_delta:g}"
+                     if config.record_delta > 0 else "")),
+        "record_count": ("stays on each silo (replies carry num-examples 1)" if config.dp_enabled
+                         else "published as num-examples: a silo's record-public-size where "
+                         "declared, else its record count"),
+        "silo_status": {str(p): status for p, status in sorted(silos.status.items())},
+        "silos_out_of_budget": sorted(silos.exhausted),
+        "epsilon_per_silo": None if void_reason else {str(p): e for p, e in
+                                                      sorted(published.items())},
+        "epsilon_min": None if void_reason else min(published.values(), default=None),
+        "epsilon_max": None if void_reason else max(published.values(), default=None),
+        # enough to recompute a publishing silo's epsilon: q = batch-size / (public size or
+        # records), the step's noise multiplier = noise_multiplier / sqrt(queries per step)
+        "silos": None if void_reason else {
+            str(p): report for p, report in sorted(silos.reports.items())},
+        "queries_per_step": LOCAL_RULES[strategy.local_rule].backprops_per_step,
+        "outside_epsilon": RECORD_OUTSIDE_EPSILON,
+        "void": void_reason,
+    }
+
+
 def privacy_statement(config: RunConfig, ledger: PrivacyLedger | None,
                       void_reason: str | None = None,
                       epsilon_against_server: float | None = None) -> dict[str, Any]:
     """What the run's privacy claim is, and what it does not cover, in summary.json."""
     mechanism = mechanism_from_config(config)
+    record_level = {} if config.record_dp != "on" else {"record_level": {
+        "formally_dp": void_reason is None,
+        "unit": "one record of a silo",
+        "adjacency": RECORD_ADJACENCY,
+        "where": "each silo's own accountant and budget; summary.json record_privacy"}}
     if mechanism is None:
-        return {"dp": "off", "formally_dp": False}
-    statement: dict[str, Any] = {
+        statement: dict[str, Any] = {"dp": "off", "formally_dp": False}
+        if record_level:
+            statement |= record_level | {"outside_epsilon": outside_epsilon(config)}
+        return statement
+    statement = {
         "dp": config.dp,
         "clip_mode": config.dp_clip_mode,
         "formally_dp": ledger is not None and void_reason is None,
@@ -119,6 +190,7 @@ def privacy_statement(config: RunConfig, ledger: PrivacyLedger | None,
         "noise_multiplier": config.noise_multiplier,
         "sampling": config.sampling_method,
         "noise_source": NOISE_SOURCE,
+        **record_level,
     }
     if void_reason is not None:
         statement["epsilon_void_reason"] = void_reason
@@ -138,7 +210,7 @@ def privacy_statement(config: RunConfig, ledger: PrivacyLedger | None,
         "epsilon_budget": ledger.budget[0] if ledger.budget else None,
         "adjacency": ADJACENCY,
         "epsilon_covers": EPSILON_COVERS,
-        "outside_epsilon": OUTSIDE_EPSILON,
+        "outside_epsilon": outside_epsilon(config),
         "epsilon_against_server": None if void_reason else epsilon_against_server,
     }
 
@@ -194,13 +266,15 @@ class RunLoop:
                 (r["epsilon_void_reason"] for r in records if r.get("epsilon_void_reason")),
                 None)) is not None:
             self.void_reason = f"the run this one resumes claims none: {earlier}"
-        config, self.ledger = plan_privacy(config, population, calibrate=not config.resume)
+        config, self.ledger = plan_privacy(config, population, calibrate=not config.resume,
+                                           void_reason=self.void_reason)
         if self.ledger is not None and ledger is not None:
             self.ledger.accountant = PrivacyAccountant.from_state(
                 config.accountant, config.sampling_method, ledger["events"])
-            self.strategy.participations.update(
-                {int(k): int(v) for k, v in ledger.get("participations", {}).items()})
+            self.strategy.earlier_participations = int(ledger.get("max_participations", max(
+                (int(v) for v in ledger.get("participations", {}).values()), default=0)))
             log(INFO, "epsilon already spent: %.4f", self.ledger.epsilon)
+        self.lineage = self.run_lineage(config, ledger)
         # clients see the resolved run name: nodes keep their algorithm state under it
         self.config = dataclasses.replace(config, run_name=run_name)
         self.strategy.reconfigure(self.config, mechanism_from_config(config))
@@ -226,6 +300,22 @@ class RunLoop:
                                   f"feature this version does not have ({name!r})")
             self.callbacks[name].load_state_dict(state)
 
+    def run_lineage(self, config: RunConfig, saved: Mapping[str, Any] | None
+                    ) -> RunLineage | None:
+        """This run's entry in the server's run ledger (a DP run with a checkpoint): a resumed
+        copy of a checkpoint that another copy has continued is refused here."""
+        if self.ledger is None or self.checkpointer is None:
+            return None
+        folder = run_ledger_folder(config)
+        if saved is not None and saved.get("lineage"):
+            lineage = RunLineage(folder, str(saved["lineage"]))
+            lineage.check_resume(len(self.ledger.accountant.events))
+            return lineage
+        if saved is not None:
+            log(WARNING, "the checkpoint predates the run ledger: this run is counted there "
+                "from now on")
+        return RunLineage.start(folder)
+
     def run(self) -> dict[str, Any]:
         """All remaining rounds; returns the summary written to summary.json."""
         config, strategy = self.config, self.strategy
@@ -245,6 +335,9 @@ class RunLoop:
                     log(WARNING, "stopping: %s", reason)
                     break
                 self.one_round(server_round)
+        except CopiedRun as copied:
+            status, outcome["stop_reason"] = "stopped", str(copied)
+            log(WARNING, "stopping: %s", copied)
         except Exception as err:
             status, outcome["error"] = "failed", f"{type(err).__name__}: {err}"
             raise
@@ -286,7 +379,8 @@ class RunLoop:
         canaries = self.strategy.canaries
         if canaries is None or self.ledger is None:
             return None
-        report = canaries.report(self.ledger.delta)
+        report = canaries.report(self.ledger.delta, audit_confidence(
+            self.config.audit_every, self.config.num_server_rounds))
         result: dict[str, Any] = report.as_dict()
         epsilon = None if self.void_reason else self.ledger.epsilon
         flags = audit_flags(report, epsilon)
@@ -298,7 +392,7 @@ class RunLoop:
             log(WARNING, "AUDIT: the one-shot estimate %.4f (%.4f at the low end of its range) "
                 "exceeds the accountant's epsilon %.4f: check the mechanism",
                 report.epsilon_estimate, report.epsilon_estimate_low, epsilon)
-        log(INFO, "audit (%d canaries, %d inserted): epsilon lower bound %.4f (%.0f%% "
+        log(INFO, "audit (%d canaries, %d inserted): epsilon lower bound %.4f (%.4g%% "
             "confidence), one-shot estimate %s, accountant's epsilon %s", report.canaries,
             report.inserted, report.epsilon_lower_bound, 100 * report.confidence,
             fmt(report.epsilon_estimate), fmt(epsilon))
@@ -340,24 +434,9 @@ class RunLoop:
                 "epsilon budget spent")
 
     def record_privacy(self) -> dict[str, Any]:
-        """The record-level guarantee each silo reported (its own accountant, its own delta):
-        the unit is one record of that silo."""
-        spent = self.strategy.silos.epsilon
-        return {
-            "unit": "one record of a silo (add/remove; the silo's record count is public)",
-            "accountant": self.config.record_accountant,
-            "epsilon_per_silo": None if self.void_reason else {
-                str(p): e for p, e in sorted(spent.items())},
-            "epsilon_min": None if self.void_reason else min(spent.values(), default=None),
-            "epsilon_max": None if self.void_reason else max(spent.values(), default=None),
-            "silos_out_of_budget": sorted(self.strategy.silos.exhausted),
-            # enough to recompute each silo's epsilon: q = batch-size / records, the step's
-            # noise multiplier = noise_multiplier / sqrt(queries per step of the local rule)
-            "silos": None if self.void_reason else {
-                str(p): report for p, report in sorted(self.strategy.silos.reports.items())},
-            "queries_per_step": LOCAL_RULES[self.strategy.local_rule].backprops_per_step,
-            "void": self.void_reason,
-        }
+        """Record-level DP as the silos reported it: each silo's budget status, and the numbers
+        of the silos that publish them (telemetry: see ``RECORD_OUTSIDE_EPSILON``)."""
+        return record_privacy_summary(self.config, self.strategy, self.void_reason)
 
     def one_round(self, server_round: int) -> None:
         """The strategy's round, then the ledger (before anything of the round is released),
@@ -374,8 +453,12 @@ class RunLoop:
             if self.checkpointer is not None:
                 self.checkpointer.save_ledger(
                     server_round, self.settings, self.ledger.accountant.state(),
-                    dict(strategy.participations),
-                    self.ledger.budget[0] if self.ledger.budget else 0.0)
+                    strategy.max_participations(),
+                    self.ledger.budget[0] if self.ledger.budget else 0.0,
+                    self.lineage.lineage if self.lineage is not None else None)
+            if self.lineage is not None:  # another copy of the checkpoint may not run on
+                events = len(self.ledger.accountant.events)
+                self.lineage.commit(events - 1, events)
         stats, metrics = result.stats, result.metrics
         if stats.test_seeded_nodes and (self.ledger is not None or config.record_dp == "on"):
             self.void_epsilon(f"{stats.test_seeded_nodes} SuperNode(s) drew their noise from "

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push
 from prometheus_client.exposition import start_http_server
 
 from plateau.config import RunConfig
+from strategies.base import WITHIN_BUDGET
 
 NORM_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 DURATION_BUCKETS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
@@ -63,9 +64,14 @@ class RunMetrics:
                                        "lower bound on epsilon from the canaries (95%)")
         self.audit_estimate = gauge("audit_epsilon_estimate", "In-run audit: one-shot estimate "
                                     "of epsilon from the canaries")
-        self.record_epsilon = Gauge("plateau_record_epsilon", "Record-level epsilon each silo "
-                                    "reported spending (its own accountant and delta)",
-                                    (*LABELS, "partition"), registry=self.registry)
+        self.record_epsilon = Gauge(
+            "plateau_record_epsilon", "Record-level epsilon a silo chose to publish (its own "
+            "accountant and delta; a function of its record count unless it declared "
+            "record-public-size)" + TELEMETRY, (*LABELS, "partition"), registry=self.registry)
+        self.record_budget = Gauge(
+            "plateau_record_budget_within", "1 while a silo's replies say it is within its "
+            "record-level budget, 0 once it declined for lack of it" + TELEMETRY,
+            (*LABELS, "partition"), registry=self.registry)
         self.clip_fraction = gauge("clip_fraction", "Fraction of client updates clipped"
                                    + TELEMETRY)
         self.global_update_norm = gauge("global_update_norm", "|x_{t+1} - x_t|")
@@ -130,6 +136,9 @@ class RunMetrics:
                 against_server if isinstance(against_server, int | float) else float("nan"))
         for partition, spent in (record.get("record_epsilon") or {}).items():
             self.record_epsilon.labels(**labels, partition=partition).set(spent)
+        for partition, status in (record.get("record_budget") or {}).items():
+            self.record_budget.labels(**labels, partition=partition).set(
+                float(status == WITHIN_BUDGET))
         self.round_completed_time.labels(**labels).set(time.time())
         self.sampled.labels(**labels).inc(record.get("num_sampled") or 0)
         self.replied.labels(**labels).inc(record.get("num_clients") or 0)

@@ -112,10 +112,12 @@ def event_for(config: RunConfig, population: int, noise_multiplier: float) -> Ro
                       cohort=sampler.cohort_size(population))
 
 
-def plan_privacy(config: RunConfig, population: int, *, calibrate: bool = True
-                 ) -> tuple[RunConfig, PrivacyLedger | None]:
+def plan_privacy(config: RunConfig, population: int, *, calibrate: bool = True,
+                 void_reason: str | None = None) -> tuple[RunConfig, PrivacyLedger | None]:
     """Calibrate sigma if asked, log the plan, and return the (possibly updated) config with its
-    ledger; None when the run makes no formal claim (no DP, the code clip mode, BatchNorm)."""
+    ledger; None when the run makes no formal claim (no DP, the code clip mode, BatchNorm). A
+    run that claims no epsilon (``void_reason``: a test seed) still keeps its ledger, but its
+    plan line names no planned epsilon."""
     mechanism = mechanism_from_config(config)
     if mechanism is None:
         return config, None
@@ -146,7 +148,8 @@ def plan_privacy(config: RunConfig, population: int, *, calibrate: bool = True
         config.sample_rate, config.sampling_method, cohort, config.noise_multiplier,
         config.clip_norm, config.num_server_rounds, config.accountant, delta,
         "target-delta" if config.target_delta else "min(1e-5, 0.01/N)",
-        f"{planned:.4f}" if math.isfinite(planned) else "inf (no noise)")
+        "none (no epsilon is claimed: test seed)" if void_reason is not None
+        else f"{planned:.4f}" if math.isfinite(planned) else "inf (no noise)")
     if ledger.budget is not None:
         log(INFO, "budget: the run stops before any round that would take epsilon above %g "
             "(%s)", *ledger.budget)

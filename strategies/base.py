@@ -63,36 +63,55 @@ class RoundResult:
     event: RoundEvent | None = None  # the accounting event of the round's release
 
 
+WITHIN_BUDGET, OUT_OF_BUDGET = "within budget", "out of budget"
+
+
 @dataclass
 class SiloBudgets:
-    """Record-level DP: each silo's (partition's) last reported epsilon and full report, and
-    the silos that declined for lack of record-level budget (a silo's budget only shrinks)."""
+    """Record-level DP: where each silo (partition) stands with its own budget, as its replies
+    say (it trained: within budget; it declined for lack of budget: out of budget), and the
+    numbers of the silos that publish them (``client_app.compute.SiloRound.report``)."""
 
+    status: dict[int, str] = field(default_factory=dict)
     epsilon: dict[int, float] = field(default_factory=dict)
-    reports: dict[int, dict[str, float]] = field(default_factory=dict)
-    exhausted: set[int] = field(default_factory=set)
+    reports: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def exhausted(self) -> set[int]:
+        """Silos whose last word was that their budget is spent."""
+        return {p for p, status in self.status.items() if status == OUT_OF_BUDGET}
 
     def observe(self, uploads: Iterable[ClientUpload], stats: RoundStats,
                 partition_of: Any) -> None:
         """Take in what this round's silos reported (uploads) or declined (stats)."""
         for upload in uploads:
-            if upload.record_epsilon is not None:
-                partition = partition_of(upload.node_id)
-                self.epsilon[partition] = upload.record_epsilon
-                self.reports[partition] = {
-                    "epsilon": upload.record_epsilon, "records": upload.num_examples,
-                    **{k.removeprefix("record-").replace("-", "_"): v
-                       for k, v in upload.record_report.items()}}
-        self.exhausted.update(partition_of(node) for node in stats.out_of_record_budget)
+            partition = partition_of(upload.node_id)
+            self.status[partition] = WITHIN_BUDGET
+            if upload.record_epsilon is None:
+                continue
+            report = {k.removeprefix("record-").replace("-", "_"): v
+                      for k, v in upload.record_report.items()}
+            substitution = bool(report.pop("substitution", 1.0))
+            self.epsilon[partition] = upload.record_epsilon
+            self.reports[partition] = {
+                "epsilon": upload.record_epsilon,
+                "adjacency": "substitution" if substitution else "add/remove",
+                # the count a record-only run weights by (1 under client-level DP: none)
+                **({"records": upload.num_examples} if upload.num_examples > 1 else {}),
+                **report}
+        for node in stats.out_of_record_budget:
+            self.status[partition_of(node)] = OUT_OF_BUDGET
 
     def state_dict(self) -> dict[str, Any]:
         return {"record_epsilon": dict(self.epsilon), "record_silos": dict(self.reports),
-                "record_exhausted": sorted(self.exhausted)}
+                "record_status": dict(self.status)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.epsilon = {int(k): float(v) for k, v in state.get("record_epsilon", {}).items()}
-        self.exhausted = {int(k) for k in state.get("record_exhausted", [])}
         self.reports = {int(k): dict(v) for k, v in state.get("record_silos", {}).items()}
+        self.status = {int(k): str(v) for k, v in state.get("record_status", {}).items()}
+        for partition in state.get("record_exhausted", []):  # checkpoints before the statuses
+            self.status[int(partition)] = OUT_OF_BUDGET
 
 
 class PlateauStrategy(FedAvg):
@@ -152,6 +171,9 @@ class PlateauStrategy(FedAvg):
         # uploads each partition's node has handed the server: its epsilon against the server
         # (kept in the ledger, written before a round's results are released)
         self.participations: Counter[int] = Counter()
+        # the most any client had handed the server before a resume (the ledger keeps only
+        # that maximum): added to this run's counts, an upper bound on any client's total
+        self.earlier_participations = 0
         self.silos = SiloBudgets()
 
     def reconfigure(self, config: RunConfig, privacy: PrivacyMechanism | None) -> None:
@@ -276,12 +298,12 @@ class PlateauStrategy(FedAvg):
 
     # ----- the round --------------------------------------------------------------------------
 
-    def accept_replies(self, replies: Iterable[Message]
+    def accept_replies(self, server_round: int, replies: Iterable[Message]
                        ) -> tuple[list[ClientUpload], RoundStats]:
         """Screen the round's replies (the screener) and count what each partition released."""
         expected = Expected(self.release_template(),
                             {k: self.current[k] for k in self.buffer_names},
-                            self.released_dim, self.cohort)
+                            self.released_dim, self.cohort, self.support(server_round))
         uploads, stats = self.screener.accept(replies, expected, self.clients.partition_of)
         stats.bytes_sent = self.bytes_sent
         self.participations.update(self.clients.partition_of(node) for node in stats.handed)
@@ -297,7 +319,7 @@ class PlateauStrategy(FedAvg):
 
     def train_round(self, server_round: int, replies: Iterable[Message]) -> RoundResult:
         """Screen, aggregate (privately or not) and apply the algorithm's rule."""
-        uploads, stats = self.accept_replies(replies)
+        uploads, stats = self.accept_replies(server_round, replies)
         template, support = self.release_template(), self.support(server_round)
         canary_uploads = (self.canaries.uploads(self.cohort.slots, self.privacy,
                                                 self.cohort.expected, template,
@@ -384,8 +406,9 @@ class PlateauStrategy(FedAvg):
         self.silos.load_state_dict(state)
 
     def max_participations(self) -> int:
-        """The most uploads any one client (partition) has handed the server in this run."""
-        return max(self.participations.values(), default=0)
+        """At least the most uploads any one client (partition) has handed the server in this
+        run: exact until a resume, an upper bound after it."""
+        return self.earlier_participations + max(self.participations.values(), default=0)
 
     def summary(self) -> None:
         """Log the algorithm and its privacy mechanism."""

@@ -28,6 +28,10 @@ from plateau.messages import (
 from plateau.privacy.mechanism import PrivacyMechanism, Tensors, flat_norm
 from plateau.privacy.sampling import Cohort
 
+# what a silo may report of its record-level privacy beside its epsilon (record-dp)
+RECORD_REPORT = ("record-delta", "record-noise-multiplier", "record-steps",
+                 "record-public-size", "record-substitution")
+
 
 class RejectedReply(ValueError):
     """Why a reply is dropped: a short fixed reason, counted per round."""
@@ -51,8 +55,11 @@ class ClientUpload:
     clip_error: float | None
     state_rounds: float | None
     test_seeded: bool = False
-    record_epsilon: float | None = None  # the silo's own record-level epsilon (record-dp)
-    # what the silo says it did: delta, noise multiplier per query, steps so far (record-dp)
+    # record-dp: the silo's own record-level epsilon, where it publishes one (a silo under
+    # client-level DP keeps it unless it declared a public size or chose to publish)
+    record_epsilon: float | None = None
+    # what the silo says it did: delta, noise multiplier per query, steps so far, its public
+    # size and whether its accounting is substitution (record-dp, where published)
     record_report: dict[str, float] = field(default_factory=dict)
 
 
@@ -117,6 +124,7 @@ class Expected:
     buffers: Tensors
     released_dim: int
     cohort: Cohort
+    support: Tensors | None = None  # the round's public subset of released coordinates
 
 
 class ReplyScreener:
@@ -165,14 +173,18 @@ class ReplyScreener:
         if not isinstance(num_examples, int) or num_examples <= 0:
             return "bad-metrics"
         norm = flat_norm(update)
-        if self.privacy is not None and (reason := self.privacy.screen(
-                norm, expected.released_dim, expected.cohort.expected)) is not None:
+        if self.privacy is not None and (
+                (reason := self.privacy.screen(norm, expected.released_dim,
+                                               expected.cohort.expected)) is not None
+                or (reason := self.privacy.screen_shape(update, expected.cohort.expected,
+                                                        expected.support)) is not None):
             return reason
         loss, pre_clip, clipped, error, state_rounds, record_epsilon = (metrics.get(k) for k in (
             "train-loss", "update-norm", "clipped", "clip-error", "state-rounds",
             "record-epsilon"))
-        if self.config.record_dp == "on" and not isinstance(record_epsilon, int | float):
-            return "bad-metrics"  # a silo under record-level DP says what it has spent
+        if self.config.record_dp == "on" and record_epsilon is not None and not (
+                isinstance(record_epsilon, int | float) and record_epsilon >= 0):
+            return "bad-metrics"  # a silo that says what it has spent says a number
         return ClientUpload(
             node_id=msg.metadata.src_node_id,
             update=update,
@@ -188,8 +200,7 @@ class ReplyScreener:
             test_seeded=bool(metrics.get("test-seeded", 0)),
             record_epsilon=float(record_epsilon) if isinstance(record_epsilon, int | float)
             and record_epsilon >= 0 else None,
-            record_report={k: float(v) for k in ("record-delta", "record-noise-multiplier",
-                                                 "record-steps")
+            record_report={k: float(v) for k in RECORD_REPORT
                            if isinstance(v := metrics.get(k), int | float)},
         )
 

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+
+# the server's run ledger (server_app.lineage) defaults to $XDG_STATE_HOME: keep the tests' runs
+# out of the user's own, in every process the tests start
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="plateau-test-state-")
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,17 @@ is not an audit). Thousands of trials per world; about two minutes on 2 cores.""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
+from client_app.record_audit import (
+    RECORD_BROKEN_CASES,
+    RECORD_REAL_CASES,
+    RecordAuditSetup,
+    run_record_audit,
+)
 from plateau.privacy.audit import (
     BROKEN_CASES,
     REAL_CASES,
@@ -52,3 +59,23 @@ def test_the_bound_from_counts_matches_clopper_pearson_by_hand() -> None:
     expected = math.log((tpr - delta) / fpr)
     assert epsilon_from_counts(n, n, 0, n, delta, alpha) == pytest.approx(expected, rel=1e-6)
     assert epsilon_from_counts(500, n, 500, n, delta, alpha) == 0.0
+
+
+# ----- record level: one record more or less in a silo, all the silo publishes ---------------
+
+RECORD_TRIALS = 600  # per world: perfect separation bounds epsilon at 4.4, the old claim is 2.0
+
+
+@pytest.mark.parametrize("setup", RECORD_REAL_CASES, ids=[s.name for s in RECORD_REAL_CASES])
+def test_a_silo_stays_below_the_record_epsilon_it_reports(setup: RecordAuditSetup) -> None:
+    result = run_record_audit(dataclasses.replace(setup, trials=RECORD_TRIALS))
+    assert not result.flagged, (result.epsilon_lower_bound, result.reported_epsilon,
+                                result.statistic)
+
+
+@pytest.mark.parametrize("setup", RECORD_BROKEN_CASES, ids=[s.name for s in RECORD_BROKEN_CASES])
+def test_a_broken_silo_is_flagged(setup: RecordAuditSetup) -> None:
+    """Among them main 755c58a's: its record count published, add/remove claimed."""
+    result = run_record_audit(dataclasses.replace(setup, trials=RECORD_TRIALS))
+    assert result.flagged, (result.epsilon_lower_bound, result.reported_epsilon,
+                            result.statistic)

@@ -16,6 +16,7 @@ from plateau.config import ConfigError
 from plateau.privacy.audit import ScaledSource
 from plateau.privacy.canaries import (
     CanaryClients,
+    audit_confidence,
     audit_flags,
     audit_scores,
     gaussian_dp_epsilon,
@@ -150,6 +151,17 @@ def test_canaries_need_a_formally_dp_run() -> None:
         make_config(audit_canaries=10)
 
 
+def test_repeated_audits_are_corrected_for_multiplicity() -> None:
+    """Issue 31: audit-every raised the 95 % flag at every look with no correction."""
+    assert audit_confidence(0, 20) == pytest.approx(0.95)
+    assert audit_confidence(1, 10) == pytest.approx(1 - 0.05 / 10)
+    assert audit_confidence(5, 20) == pytest.approx(1 - 0.05 / 4)  # rounds 5, 10, 15, the end
+    scores = np.r_[np.full(30, 3.0), np.zeros(70)]
+    inserted = np.r_[np.ones(30, bool), np.zeros(70, bool)]
+    assert (audit_scores(scores, inserted, 1e-5, audit_confidence(1, 10)).epsilon_lower_bound
+            < audit_scores(scores, inserted, 1e-5, 0.95).epsilon_lower_bound)
+
+
 @pytest.mark.simulation
 def test_a_run_reports_the_audit_beside_epsilon(tmp_path: Path) -> None:
     summary, rounds = simulate(tmp_path, nodes=4, dp="central", noise_multiplier=1.0,
@@ -161,6 +173,8 @@ def test_a_run_reports_the_audit_beside_epsilon(tmp_path: Path) -> None:
     assert audit["epsilon_estimate"] is not None and audit["accountant_epsilon"] == \
         summary["epsilon"]
     assert "lower-bound-above-epsilon" not in audit["flags"]
+    # two audits (round 2 and the end): each at 97.5 %, so the run's false-flag chance is 5 %
+    assert audit["confidence"] == pytest.approx(0.975)
     assert summary["privacy"]["population"] == 104  # the canaries count in N
     assert "audit_epsilon_lower_bound" in rounds[1] and "audit_epsilon_lower_bound" not in \
         rounds[0]

@@ -132,3 +132,78 @@ def test_the_server_counts_test_seeded_replies() -> None:
     replies = [reply(m, {"weight": torch.zeros(8, 8)}, test_seeded=int(i == 0))
                for i, m in enumerate(messages)]
     assert strategy.train_round(1, replies).stats.test_seeded_nodes == 1
+
+
+# ----- issue 31: distributed noise shares shaped to pass the norm test ------------------------
+
+def upload(mechanism: GaussianClientDP, update: torch.Tensor, noise: torch.Tensor,
+           cohort: float) -> dict[str, torch.Tensor]:
+    """A client's upload: its clipped update plus the noise it chose to add."""
+    clipped = update * min(1.0, mechanism.clip_norm / max(float(update.norm()), 1e-12))
+    return {"w": clipped + noise}
+
+
+def test_a_noise_share_in_one_spike_is_rejected_although_its_norm_passes() -> None:
+    """m - 1 clients putting their share into one coordinate passed the norm screen (d 1e5,
+    sigma 1, m 10: the round's epsilon was 11.0 where 4.73 was reported)."""
+    d, m = 100_000, 10
+    mechanism = GaussianClientDP(1.0, 1.0, placement="distributed")
+    std = mechanism.client_noise_std(m)
+    spike = torch.zeros(d, dtype=torch.float64)
+    spike[123] = std * math.sqrt(d)  # the share's whole energy, in one coordinate
+    lazy = upload(mechanism, torch.randn(d, dtype=torch.float64), spike, m)
+    norm = math.sqrt(float((lazy["w"] ** 2).sum()))
+    assert mechanism.screen(norm, d, m) is None  # what main 755c58a relied on alone
+    assert mechanism.screen_shape(lazy, m) == "noise-share-concentrated"
+
+
+def test_a_share_that_leaves_coordinates_bare_is_rejected() -> None:
+    """Noise on half the coordinates only, scaled by sqrt(2) to keep the norm: every value is
+    below the per-coordinate maximum, the bare blocks fail the energy test."""
+    d, m = 16_384, 10
+    mechanism = GaussianClientDP(1.0, 1.0, placement="distributed")
+    std = mechanism.client_noise_std(m)
+    noise = torch.zeros(d, dtype=torch.float64)
+    noise[: d // 2] = torch.randn(d // 2, dtype=torch.float64) * std * math.sqrt(2)
+    lazy = upload(mechanism, torch.zeros(d, dtype=torch.float64), noise, m)
+    assert mechanism.screen(float(lazy["w"].norm()), d, m) is None
+    assert float(lazy["w"].abs().max()) < 1.0 + std * math.sqrt(2 * (40 + math.log(d)))
+    assert mechanism.screen_shape(lazy, m) == "noise-share-concentrated"
+
+
+@pytest.mark.parametrize("placement", ["distributed", "local"])
+def test_honest_uploads_pass_the_shape_screen_whatever_their_update(placement: str) -> None:
+    """The false-rejection rate: an honest upload fails with probability below 2 exp(-40)
+    = 8.5e-18 by the bound; 600 honest uploads with the hardest updates for the screen (all
+    of C in one coordinate, or in one block against its noise) must all pass. The margin to
+    the thresholds is checked too, so the test would see a bound drifting towards them."""
+    d, m = 8192, 10
+    mechanism = GaussianClientDP(1.0, 1.0, placement=placement)
+    std = mechanism.client_noise_std(m)
+    peak = 1.0 + std * math.sqrt(2 * (40 + math.log(d)))
+    generator = torch.Generator().manual_seed(5)
+    worst_peak = 0.0
+    for i in range(600):
+        update = torch.zeros(d, dtype=torch.float64)
+        if i % 3 == 0:
+            update[i % d] = 10.0  # all of C on one coordinate
+        elif i % 3 == 1:
+            update[:1024] = -1.0  # all of C in the first block
+        else:
+            update = torch.randn(d, dtype=torch.float64, generator=generator)
+        noise = torch.randn(d, dtype=torch.float64, generator=generator) * std
+        honest = upload(mechanism, update, noise, m)
+        assert mechanism.screen_shape(honest, m) is None
+        worst_peak = max(worst_peak, float(honest["w"].abs().max()) / peak)
+    assert worst_peak < 0.75
+
+
+def test_the_shape_screen_sees_only_the_released_coordinates() -> None:
+    """Under a public mask (FedSMP) the coordinates outside it carry no noise by design."""
+    d, m = 8192, 10
+    mechanism = GaussianClientDP(1.0, 1.0, placement="distributed")
+    support = {"w": (torch.arange(d) % 2 == 0).double()}
+    noise = torch.randn(d, dtype=torch.float64) * mechanism.client_noise_std(m) * support["w"]
+    honest = upload(mechanism, torch.zeros(d, dtype=torch.float64), noise, m)
+    assert mechanism.screen_shape(honest, m, support) is None
+    assert mechanism.screen_shape(honest, m) == "noise-share-concentrated"

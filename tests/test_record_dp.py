@@ -11,6 +11,7 @@ import dp_accounting
 import pytest
 import torch
 import torch.nn.functional as F
+from dp_accounting.pld import PLDAccountant
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -23,6 +24,7 @@ from plateau.models import model_from_config
 from plateau.privacy.noise import ChaChaSource
 from plateau.privacy.record_dp import (
     LEDGER_KEY,
+    SUBSTITUTION,
     RecordPlan,
     RecordPrivatiser,
     SiloLedger,
@@ -30,6 +32,7 @@ from plateau.privacy.record_dp import (
     per_sample_module,
     plan_for,
 )
+from plateau.privacy.silo_policy import SiloPolicy
 
 from .helpers import make_config, simulate
 
@@ -149,15 +152,19 @@ def test_calibration_meets_the_target_and_two_queries_cost_root_two() -> None:
     assert one.delta == pytest.approx(min(1e-5, 0.01 / 2000))
     assert two.noise_multiplier == pytest.approx(one.noise_multiplier * math.sqrt(2))
     assert two.step_noise_multiplier == pytest.approx(one.step_noise_multiplier)
-    with pytest.raises(ValueError, match="not below this silo's 20 records"):
+    with pytest.raises(ValueError, match="not below this silo's record count") as refused:
         plan_for(cfg, 20, 1)
+    assert "20 " not in str(refused.value).replace("batch-size=20 ", "")  # no count in it
 
 
 def test_ledger_round_trips_and_refuses_a_corrupt_file(tmp_path: Path) -> None:
     ledger = SiloLedger().after(plan(sigma=1.0), 5).after(plan(sigma=1.0), 5).after(
         plan(sigma=2.0), 3)
-    assert ledger.history == [(1.0, 0.5, 10), (2.0, 0.5, 3)]
+    assert ledger.history == [(1.0, 0.5, 10, SUBSTITUTION), (2.0, 0.5, 3, SUBSTITUTION)]
     assert SiloLedger.from_state(ledger.to_state()) == ledger
+    # a ledger written before adjacency was recorded: its steps sampled from the silo's count
+    old = {"noise": [1.0], "rate": [0.5], "steps": [10]}
+    assert SiloLedger.from_state(old).history == [(1.0, 0.5, 10, SUBSTITUTION)]
     path = tmp_path / "silo.json"
     ledger.save(path)
     assert SiloLedger.load(path) == ledger
@@ -186,25 +193,33 @@ def train_message(cfg_overrides: dict, server_round: int) -> RecordDict:
     return RecordDict({"arrays": ArrayRecord(model.state_dict()), "config": record})
 
 
-def silo_context(state: RecordDict | None = None, **node: object) -> Context:
-    return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2,
-                                                     **node},
+def silo_context(state: RecordDict | None = None, partition: int = 0, **node: object
+                 ) -> Context:
+    return Context(run_id=1, node_id=7, node_config={"partition-id": partition,
+                                                     "num-partitions": 2, **node},
                    state=state if state is not None else RecordDict(), run_config={})
 
 
 RUN = {"record_dp": "on", "record_noise_multiplier": 1.0, "local_steps": 4, "batch_size": 16,
        "num_server_rounds": 6}
+CLIENT_DP = {**RUN, "dp": "central", "noise_multiplier": 1.0}
+
+
+def silo_records(partition: int = 0) -> int:
+    """The silo's true record count (digits, 2 partitions), as only the silo knows it."""
+    cfg = make_config(**RUN)
+    return len(compute._partition_on(cfg, partition, 2, torch.device("cpu")))
 
 
 def test_a_silo_declines_once_its_own_budget_would_be_exceeded(tmp_path: Path) -> None:
-    context = silo_context(**{"max-record-epsilon": 1.3})
+    context = silo_context(**{"max-record-epsilon": 0.8, "record-ledger": tmp_path / "l.json"})
     outcomes = []
     for server_round in range(1, 7):
         reply = compute.train(train_message(RUN, server_round), context)
         outcomes.append("declined" if DECLINE_KEY in reply else
                         float(reply["metrics"]["record-epsilon"]))
     spent = [o for o in outcomes if o != "declined"]
-    assert spent and spent == sorted(spent) and max(spent) <= 1.3
+    assert spent and spent == sorted(spent) and max(spent) <= 0.8
     assert outcomes[len(spent):] == ["declined"] * (6 - len(spent))  # and stays declined
     assert len(spent) < 6
 
@@ -226,22 +241,170 @@ def test_the_silo_ledger_survives_a_new_clientapp_process_and_a_restarted_run(
                           silo_context(**{"record-ledger": str(ledger)}))["metrics"]
     assert again["record-steps"] == 8 and again["record-epsilon"] == pytest.approx(
         second["record-epsilon"])
+    assert SiloLedger.load(ledger).reserved == {}  # every reservation settled
     with pytest.raises(NodeConfigError, match="record-ledger"):
         compute.train(train_message({**RUN, "resume": True, "run_name": "r"}, 2),
                       silo_context())
 
 
-def test_node_floors_refuse_weaker_record_privacy() -> None:
+def test_node_floors_refuse_weaker_record_privacy(tmp_path: Path) -> None:
     with pytest.raises(NodeConfigError, match="min-record-noise-multiplier"):
         compute.train(train_message({**RUN, "record_target_epsilon": 50.0}, 1),
                       silo_context(**{"min-record-noise-multiplier": 0.9}))
     message = Message(train_message({"local_steps": 2}, 1), message_type=MessageType.TRAIN,
                       dst_node_id=7)
     with pytest.raises(NodeConfigError, match="requires record-level DP"):
-        plateau_train(message, silo_context(**{"require-record-dp": True}))
+        plateau_train(message, silo_context(**{"require-record-dp": True,
+                                               "record-ledger": tmp_path / "l.json"}))
 
 
-# ----- in simulation: per-silo epsilon reported; exhausted silos decline; the run ends --------
+@pytest.mark.parametrize("key", ["max-record-epsilon", "require-record-dp"])
+def test_a_silo_budget_without_a_ledger_file_is_refused(key: str) -> None:
+    """A cap kept only in Context.state holds for one run: a server starting new runs would
+    spend it again. The node refuses to run with such a policy (main 755c58a accepted it)."""
+    message = Message(train_message(RUN, 1), message_type=MessageType.TRAIN, dst_node_id=7)
+    with pytest.raises(NodeConfigError, match=f"{key} needs record-ledger"):
+        plateau_train(message, silo_context(**{key: 3.0 if key.startswith("max") else True}))
+
+
+@pytest.mark.parametrize("key,value", [("max-record-delta", 2.0), ("record-public-size", -3),
+                                       ("record-public-size", 10.5),
+                                       ("publish-record-epsilon", "maybe")])
+def test_bad_silo_policy_values_name_the_key(key: str, value: object) -> None:
+    with pytest.raises(NodeConfigError, match=f"node config {key}="):
+        SiloPolicy.from_node_config({key: value})
+
+
+# ----- issue 31: the silo owns its record count, its adjacency, its delta and its ledger -----
+
+def test_under_client_dp_a_silo_reply_carries_no_number_of_its_record_count() -> None:
+    """Break 1: under client-level DP every silo's epsilon, delta, sigma and steps reached the
+    server, each a function of q = batch / n_i (issue 31 inverted them to the exact counts).
+    Now the reply carries only the update and num-examples 1."""
+    reply = compute.train(train_message(CLIENT_DP, 1), silo_context())
+    metrics = dict(reply["metrics"])
+    assert metrics["num-examples"] == 1
+    assert not [k for k in metrics if k.startswith("record-")], metrics
+
+
+def test_with_a_public_size_silos_of_different_counts_publish_the_same_numbers() -> None:
+    """A silo that declares record-public-size samples at batch / public size: what it
+    publishes is the same whatever its true count, so nothing can be inverted from it, and it
+    is accounted under add/remove (Opacus)."""
+    sizes = silo_records(0), silo_records(1)
+    assert sizes[0] != sizes[1]
+    reports = []
+    for partition in (0, 1):
+        reply = compute.train(train_message(CLIENT_DP, 1), silo_context(
+            partition=partition, **{"record-public-size": 100}))
+        reports.append({k: v for k, v in reply["metrics"].items() if k.startswith("record-")})
+    assert reports[0] == reports[1]
+    assert reports[0]["record-public-size"] == 100 and reports[0]["record-substitution"] == 0
+    assert reports[0]["record-epsilon"] == pytest.approx(opacus_epsilon(
+        [(1.0, 16 / 100, 4)], min(1e-5, 0.01 / 100), "rdp"))
+
+
+def test_a_count_private_silo_is_accounted_under_substitution() -> None:
+    """Break 2: q and delta from the silo's own count make add/remove neighbours tell apart
+    (n_i leaves as num-examples in a record-only run); the epsilon that holds is substitution:
+    dp-accounting's PLD with REPLACE_ONE, not Opacus' add/remove (main 755c58a reported
+    the latter: 3.45 where substitution gives 4.32 for sigma 1, q 0.032, 200 steps)."""
+    issue = SiloLedger([(1.0, 0.032, 200, SUBSTITUTION)]).epsilon(1e-5, "rdp")
+    assert issue == pytest.approx(4.32, abs=0.01)
+    reply = compute.train(train_message(RUN, 1), silo_context())
+    metrics = reply["metrics"]
+    n = silo_records(0)
+    assert metrics["num-examples"] == n and metrics["record-substitution"] == 1
+    event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        16 / n, dp_accounting.GaussianDpEvent(1.0)), 4)
+    reference = PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE, 1e-4).compose(
+        event).get_epsilon(metrics["record-delta"])
+    assert metrics["record-epsilon"] == pytest.approx(reference, rel=0.01)
+    add_remove = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                               1e-4).compose(event).get_epsilon(metrics["record-delta"])
+    assert metrics["record-epsilon"] > add_remove
+
+
+def steps_until_declined(tmp_path: Path, record_delta: float, **node: object) -> int:
+    """Break 3's silo: cap 3, sigma 1.5, batch 32, 10 steps a round; steps it trains."""
+    tmp_path.mkdir(exist_ok=True)
+    cfg = make_config(record_dp="on", record_noise_multiplier=1.5, batch_size=32,
+                      local_steps=10, record_delta=record_delta, num_server_rounds=1000)
+    path = tmp_path / f"ledger-{len(list(tmp_path.iterdir()))}.json"  # a fresh silo
+    context = silo_context(**{"max-record-epsilon": 3.0, "record-ledger": str(path), **node})
+    steps = 0
+    while True:
+        silo = compute.SiloRound.open(cfg, context, 300, 1)
+        if silo.refusal is not None:
+            return steps
+        silo.charge(context, 10)
+        steps += 10
+
+
+def test_the_server_cannot_raise_the_delta_a_silo_checks_its_cap_at(tmp_path: Path) -> None:
+    """Break 3: the cap was checked at the run's record-delta, so a server asking for
+    delta 0.1 or 0.5 got 330 or 780 steps out of a silo whose cap allows 40 at 1e-5."""
+    allowed = steps_until_declined(tmp_path, 0.0)
+    assert allowed == steps_until_declined(tmp_path, 0.1) == steps_until_declined(tmp_path, 0.5)
+    assert allowed > 0
+    # the silo's own max-record-delta sets it; the server can still ask for a smaller one
+    assert steps_until_declined(tmp_path, 0.0, **{"max-record-delta": 1e-3}) > allowed
+    assert steps_until_declined(tmp_path, 1e-9) < allowed
+
+
+RACER = """
+import sys, time
+from flwr.app import Context, RecordDict
+from client_app.compute import SiloRound
+from tests.helpers import make_config
+cfg = make_config(record_dp="on", record_noise_multiplier=1.5, batch_size=32, local_steps=10,
+                  num_server_rounds=1000)
+released = 0
+for _ in range(12):
+    context = Context(run_id=1, node_id=1, node_config={
+        "partition-id": 0, "num-partitions": 1, "max-record-epsilon": 3.0,
+        "record-ledger": sys.argv[1]}, state=RecordDict(), run_config={})
+    silo = SiloRound.open(cfg, context, 300, 1)
+    if silo.refusal is None:
+        time.sleep(0.05)  # training: the other run opens its round meanwhile
+        silo.charge(context, 10)
+        released += 10
+    else:
+        time.sleep(0.02)
+print(released)
+"""
+
+
+def test_two_processes_racing_on_one_ledger_lose_no_charge(tmp_path: Path) -> None:
+    """Break 4: open read the ledger and charge wrote "what I read + my steps" with no lock;
+    two runs interleaved released 80 steps (epsilon 3.78 > cap 3) while the ledger showed 40.
+    Now each round reserves its steps under an exclusive lock before training."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "shared-ledger.json"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(path)], cwd=Path.cwd(),
+                               stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    released = sum(int(racer.communicate(timeout=300)[0].split()[-1]) for racer in racers)
+    ledger = SiloLedger.load(path)
+    assert ledger.reserved == {}
+    assert ledger.steps == released
+    assert ledger.epsilon(1e-5, "rdp") <= 3.0
+    # what the cap allows at delta 1e-5, in both runs together (main 755c58a: twice as much)
+    assert released == steps_until_declined(tmp_path / "alone", 0.0)
+
+
+def test_an_abandoned_round_releases_its_reservation(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    context = silo_context(**{"record-ledger": str(path)})
+    cfg = make_config(**RUN)
+    silo = compute.SiloRound.open(cfg, context, 300, 1)
+    assert len(SiloLedger.load(path).reserved) == 1  # counted while the round trains
+    silo.cancel()
+    assert SiloLedger.load(path).reserved == {} and SiloLedger.load(path).steps == 0
+
+
+# ----- in simulation: budget status reported; exhausted silos decline; the run ends ----------
 
 budgeted = ClientApp()
 BUDGETS = {0: 1.65, 1: 1e-3, 2: 1e-3}  # silo 0 can afford a round or three; 1 and 2 none
@@ -254,33 +417,66 @@ def budgeted_identify(msg: Message, context: Context) -> Message:
 
 @budgeted.train()
 def budgeted_train(msg: Message, context: Context) -> Message:
-    """Plateau's ClientApp on a SuperNode whose operator set max-record-epsilon."""
-    context.node_config["max-record-epsilon"] = BUDGETS[int(context.node_config["partition-id"])]
+    """Plateau's ClientApp on a SuperNode whose operator set max-record-epsilon (and the
+    ledger file that budget needs)."""
+    partition = int(context.node_config["partition-id"])
+    context.node_config["max-record-epsilon"] = BUDGETS[partition]
+    context.node_config["record-ledger"] = str(
+        Path(msg.content["config"]["results-dir"]) / f"ledger-{partition}.json")
     return plateau_train(msg, context)
 
 
 @pytest.mark.simulation
 def test_silos_report_their_epsilon_and_the_run_ends_when_none_can_train(tmp_path: Path) -> None:
+    """A record-only run: n_i is published as num-examples, so each silo's epsilon is
+    substitution (dp-accounting PLD, REPLACE_ONE) and listed as telemetry."""
     summary, rounds = simulate(
         tmp_path, 3, client_app=budgeted, record_dp="on", record_noise_multiplier=1.0,
         num_server_rounds=8, local_steps=3, sample_rate=1.0, batch_size=16)
     assert rounds[0]["declined"] == {"record-budget": 2} and rounds[0]["num_clients"] == 1
     assert set(rounds[0]["record_epsilon"]) == {"0"}
+    assert rounds[0]["record_budget"] == {"0": "within budget", "1": "out of budget",
+                                          "2": "out of budget"}
     assert 0 < rounds[0]["record_epsilon_max"] <= 1.65
     assert summary["status"] == "stopped" and "no silo can train" in summary["stop_reason"]
     assert len(rounds) < 8
     record = summary["record_privacy"]
     assert record["silos_out_of_budget"] == [0, 1, 2]
+    assert record["silo_status"] == dict.fromkeys("012", "out of budget")
     assert record["epsilon_max"] == rounds[-1]["record_epsilon_max"] <= 1.65
+    assert "record_epsilon" in summary["privacy"]["outside_epsilon"]["rounds.jsonl"]
+    assert "plateau_record_epsilon" in summary["privacy"]["outside_epsilon"]["prometheus"]
     # the silo's epsilon, recomputed from what it reported by Google's dp-accounting
     (silo,) = record["silos"].values()
+    assert silo["adjacency"] == "substitution"
     step_sigma = silo["noise_multiplier"] / math.sqrt(record["queries_per_step"])
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
         16 / silo["records"], dp_accounting.GaussianDpEvent(step_sigma)), int(silo["steps"]))
-    from plateau.privacy.record_dp import RDP_ORDERS
-
-    again = dp_accounting.rdp.RdpAccountant(RDP_ORDERS).compose(event).get_epsilon(silo["delta"])
+    again = PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE, 1e-4).compose(
+        event).get_epsilon(silo["delta"])
     assert silo["epsilon"] == pytest.approx(again, rel=0.01)
+
+
+@pytest.mark.simulation
+def test_under_client_dp_the_server_publishes_budget_status_and_no_record_count(
+        tmp_path: Path) -> None:
+    """Break 1 end to end: issue 31 recovered all five silos' record counts from
+    summary.json (benchmarks/record_inversion.py). Now nothing it reads can be inverted."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "record_inversion", Path(__file__).parent.parent / "benchmarks/record_inversion.py")
+    assert spec is not None and spec.loader is not None
+    inversion = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(inversion)
+    summary, rounds = simulate(tmp_path, 3, record_dp="on", dp="central", sample_rate=1.0,
+                               local_steps=3, batch_size=16, num_server_rounds=2)
+    record = summary["record_privacy"]
+    assert record["silo_status"] == dict.fromkeys("012", "within budget")
+    assert record["epsilon_per_silo"] == {} and record["silos"] == {}
+    assert all(r["record_epsilon"] == {} for r in rounds)
+    rows = inversion.attack(tmp_path / "sim")
+    assert len(rows) == 3 and all(set(row) == {"silo", "true"} for row in rows)
 
 
 def test_a_batch_not_below_the_smallest_silo_is_refused_before_flower_starts() -> None:

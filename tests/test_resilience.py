@@ -96,12 +96,57 @@ def test_a_ledger_older_than_the_checkpoint_is_refused(tmp_path: Path) -> None:
 def test_a_resume_that_would_drop_the_budget_is_refused(tmp_path: Path) -> None:
     """target-epsilon is a cap: resuming without any budget would silently lift it."""
     checkpointer, config = saved_run(tmp_path, target_epsilon=3.0)
-    checkpointer.save_ledger(2, privacy_settings(config), [], {0: 2, 1: 1}, budget=3.0)
+    checkpointer.save_ledger(2, privacy_settings(config), [], 2, budget=3.0)
     with pytest.raises(ConfigError, match=r"capped at epsilon=3; set target-epsilon"):
         checkpointer.load(make_config(dp="central", run_name="r", resume=True))
     raised = make_config(dp="central", run_name="r", resume=True, target_epsilon=4.0)
     _, ledger = checkpointer.load(raised)  # raising the cap explicitly is how a run goes on
-    assert ledger is not None and ledger["participations"] == {"0": 2, "1": 1}
+    assert ledger is not None and ledger["max_participations"] == 2
+
+
+@pytest.mark.simulation
+def test_a_copied_checkpoint_folder_cannot_be_resumed_twice(tmp_path: Path) -> None:
+    """Issue 31: copying a checkpoint folder and resuming each copy released rounds no ledger
+    counted (two copies: 4 round models, each summary 3 events). The server's run ledger
+    (outside the results folder) counts each run's rounds once: the second copy is refused."""
+    import shutil
+
+    common = {"dp": "central", "noise_multiplier": 1.0, "sample_rate": 1.0,
+              "run_ledger": str(tmp_path / "run-ledger"), "local_steps": 2}
+    first = simulate(tmp_path, "r", num_server_rounds=2, **common)
+    assert first["status"] == "completed"
+    saved = json.loads((tmp_path / "r" / "checkpoint" / LEDGER).read_text())
+    assert set(saved) >= {"lineage", "max_participations"} and "participations" not in saved
+    shutil.copytree(tmp_path / "r" / "checkpoint", tmp_path / "copy")
+    resumed = simulate(tmp_path, "r", num_server_rounds=3, resume=True, **common)
+    assert resumed["status"] == "completed" and resumed["rounds_completed"] == 3
+    with pytest.raises(ConfigError, match="another copy of the checkpoint folder"):
+        run_loop_for(tmp_path, checkpoint_dir=str(tmp_path / "copy"), run_name="copy",
+                   num_server_rounds=3, resume=True, **common)
+
+
+def run_loop_for(results: Path, **config: object) -> object:
+    """The ServerApp's set-up (partition query included) against a fake grid of 3 nodes."""
+    from server_app.loop import RunLoop
+    from tests.helpers import FakeGrid
+
+    raw = {"results-dir": str(results), **{k.replace("_", "-"): v for k, v in config.items()}}
+    return RunLoop(FakeGrid([11, 12, 13]), raw)
+
+
+def test_two_copies_running_at_once_the_second_stops_before_its_round(tmp_path: Path) -> None:
+    from server_app.lineage import CopiedRun, RunLineage
+
+    lineage = RunLineage.start(tmp_path)
+    lineage.commit(0, 1)
+    twin = RunLineage(tmp_path, lineage.lineage)
+    twin.commit(1, 2)  # one copy goes on
+    with pytest.raises(CopiedRun, match="another copy"):
+        lineage.commit(1, 2)  # the other, which still believes in 1, may not
+    with pytest.raises(ConfigError, match="resume refused"):
+        RunLineage(tmp_path, lineage.lineage).check_resume(1)
+    RunLineage(tmp_path, lineage.lineage).check_resume(3)  # a crash after its own ledger
+    assert json.loads(lineage.path.read_text())["events"] == 3
 
 
 def test_resume_needs_a_run_name_and_a_checkpoint(tmp_path: Path) -> None:

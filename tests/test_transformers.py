@@ -326,7 +326,9 @@ def test_tiny_bert_lora_trains_under_central_dp(tmp_path: Path, algorithm: str) 
 def test_record_level_dp_trains_adapters_and_heads_with_client_level_dp_on_top(
         trainable: str, algorithm: str, mode: str) -> None:
     """Hybrid: per-record DP-SGD inside the silo (Opacus covers LoRA's and the head's Linear
-    layers), then the client-level clip and noise; each reply carries the silo's own epsilon."""
+    layers), then the client-level clip and noise; each reply says only that the silo is within
+    its budget, unless the silo declared a public size (silo 1 here) and reports numbers
+    computed from it."""
     from plateau.privacy.record_dp import unsupported_layers
 
     config = make_config(algorithm=algorithm, dataset="rotten-tomatoes", model="tiny-bert",
@@ -339,12 +341,15 @@ def test_record_level_dp_trains_adapters_and_heads_with_client_level_dp_on_top(
     arrays = ArrayRecord({k: v.cpu() for k, v in strategy.current.items()})
     messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([7, 8])))
     replies = [client_app(m, Context(run_id=1, node_id=m.metadata.dst_node_id,
-                                     node_config={"partition-id": i, "num-partitions": 2},
+                                     node_config={"partition-id": i, "num-partitions": 2,
+                                                  **({"record-public-size": 100} if i else {})},
                                      state=RecordDict(), run_config={}))
                for i, m in enumerate(messages)]
-    assert all(r.content["metrics"]["record-epsilon"] > 0 for r in replies)
+    assert "record-epsilon" not in replies[0].content["metrics"]
+    assert replies[1].content["metrics"]["record-epsilon"] > 0
     assert all("train-loss" not in r.content["metrics"] for r in replies)
     new_arrays, _ = strategy.aggregate_train(1, replies)
     assert new_arrays is not None
     assert all(torch.isfinite(v).all() for v in new_arrays.to_torch_state_dict().values())
-    assert set(strategy.silos.epsilon) == {0, 1}
+    assert set(strategy.silos.epsilon) == {1}
+    assert strategy.silos.status == {0: "within budget", 1: "within budget"}

@@ -6,7 +6,8 @@
 * ``sampling``: secret Poisson or fixed-size cohort sampling;
 * ``accounting``: RDP/PLD accountants of the composed round events, and calibration;
 * ``release``: names of what clients release beside the model update;
-* ``record_dp``: record-level DP-SGD inside a silo, with the silo's own ledger;
+* ``record_dp``: record-level DP-SGD inside a silo, with the silo's own locked ledger;
+* ``silo_policy``: what a silo's node config allows and promises (torch-free);
 * ``audit`` (``make audit``) and ``canaries`` (the in-run audit): lower bounds on epsilon from
   canary clients, which must flag a deliberately broken mechanism.
 """

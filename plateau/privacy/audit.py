@@ -278,7 +278,7 @@ def epsilon_from_counts(true_pos: int, positives: int, false_pos: int, negatives
     return max(bounds)
 
 
-def _best_threshold(world1: np.ndarray, world0: np.ndarray, setup: AuditSetup
+def _best_threshold(world1: np.ndarray, world0: np.ndarray, delta: float, confidence: float
                     ) -> tuple[float, float]:
     """The threshold (test: score > threshold means world 1) with the largest bound here."""
     pooled = np.sort(np.concatenate([world1, world0]))
@@ -288,11 +288,42 @@ def _best_threshold(world1: np.ndarray, world0: np.ndarray, setup: AuditSetup
     best = (-1.0, float(pooled[0]))
     for threshold in pooled[ranks.astype(int)]:
         bound = epsilon_from_counts(int((world1 > threshold).sum()), len(world1),
-                                    int((world0 > threshold).sum()), len(world0), setup.delta,
-                                    1 - setup.confidence)
+                                    int((world0 > threshold).sum()), len(world0), delta,
+                                    1 - confidence)
         if bound > best[0]:
             best = (bound, float(threshold))
     return best
+
+
+@dataclass(frozen=True)
+class HeldOutTest:
+    """The attacker's best test and the lower bound its held-out error rates give."""
+
+    epsilon_lower_bound: float
+    statistic: str
+    true_positive_rate: float
+    false_positive_rate: float
+
+
+def held_out_bound(world1: dict[str, np.ndarray], world0: dict[str, np.ndarray], delta: float,
+                   confidence: float) -> HeldOutTest:
+    """Half of each world's trials choose the statistic, its direction and threshold; the
+    other half bound the chosen test's error rates (Clopper-Pearson) and so epsilon."""
+    half = min(len(v) for v in (*world1.values(), *world0.values())) // 2
+    choice = (-1.0, "", 1.0, 0.0)
+    for name in world1:
+        for sign in (1.0, -1.0):
+            bound, threshold = _best_threshold(sign * world1[name][:half],
+                                               sign * world0[name][:half], delta, confidence)
+            if bound > choice[0]:
+                choice = (bound, name, sign, threshold)
+    _, name, sign, threshold = choice
+    held1, held0 = sign * world1[name][half:], sign * world0[name][half:]
+    true_pos, false_pos = int((held1 > threshold).sum()), int((held0 > threshold).sum())
+    bound = epsilon_from_counts(true_pos, len(held1), false_pos, len(held0), delta,
+                                1 - confidence)
+    return HeldOutTest(bound, f"{name} {'>' if sign > 0 else '<'} {sign * threshold:.4g}",
+                       true_pos / len(held1), false_pos / len(held0))
 
 
 def run_audit(setup: AuditSetup, variant: Variant = Variant()) -> AuditResult:
@@ -306,26 +337,12 @@ def run_audit(setup: AuditSetup, variant: Variant = Variant()) -> AuditResult:
         world = _World(setup, variant, canary_in)
         sums[canary_in] = torch.stack([world.trial(i) for i in range(setup.trials)])
     scores = {world: _statistics(sums[world], setup, variant) for world in sums}
-    half = setup.trials // 2
-    choice = (-1.0, "", 1.0, 0.0)
-    for name in scores[True]:
-        for sign in (1.0, -1.0):
-            bound, threshold = _best_threshold(sign * scores[True][name][:half],
-                                               sign * scores[False][name][:half], setup)
-            if bound > choice[0]:
-                choice = (bound, name, sign, threshold)
-    _, name, sign, threshold = choice
-    world1 = sign * scores[True][name][half:]
-    world0 = sign * scores[False][name][half:]
-    true_pos, false_pos = int((world1 > threshold).sum()), int((world0 > threshold).sum())
-    bound = epsilon_from_counts(true_pos, len(world1), false_pos, len(world0), setup.delta,
-                                1 - setup.confidence)
+    test = held_out_bound(scores[True], scores[False], setup.delta, setup.confidence)
     return AuditResult(
-        setup=setup, variant=variant.name, epsilon_lower_bound=bound,
+        setup=setup, variant=variant.name, epsilon_lower_bound=test.epsilon_lower_bound,
         reported_epsilon=reported_epsilon(setup, variant.claimed_placement),
-        statistic=f"{name} {'>' if sign > 0 else '<'} {sign * threshold:.4g}",
-        true_positive_rate=true_pos / len(world1), false_positive_rate=false_pos / len(world0),
-        seconds=time.monotonic() - started)
+        statistic=test.statistic, true_positive_rate=test.true_positive_rate,
+        false_positive_rate=test.false_positive_rate, seconds=time.monotonic() - started)
 
 
 # The audit table: the real mechanism in every placement, and one deliberately broken mechanism

@@ -167,6 +167,14 @@ def audit_scores(scores: np.ndarray, inserted: np.ndarray, delta: float,
         correct_guesses=best[1], guesses=best[2])
 
 
+def audit_confidence(audit_every: int, rounds: int) -> float:
+    """The confidence of each of a run's audits, Bonferroni-corrected for how many it makes
+    (every ``audit_every`` rounds before the last, and the final one), so that the chance of
+    any false lower-bound flag in the run stays 1 - CONFIDENCE."""
+    looks = 1 + (len(range(audit_every, rounds, audit_every)) if audit_every > 0 else 0)
+    return 1 - (1 - CONFIDENCE) / looks
+
+
 def audit_flags(report: AuditReport, epsilon: float | None) -> list[str]:
     """What the audit says against the accountant's ε: a lower bound above it is a bug or an
     attack; an estimate above it even at the low end of its own sampling range (with a few

@@ -18,7 +18,10 @@ public number (q*N, or m), so the released models do not reveal the count. A cli
 only for what its upload's norm proves (``credited_share``); the server adds the rest for every
 slot, so a client that adds part of its share cannot thin the aggregate's noise. Where the norm
 test cannot tell (too few released coordinates) nothing is credited: the total is then 2V.
-Noise shaped to pass the norm test (e.g. all in a few coordinates) is not detected.
+Noise shaped to pass the norm test is screened too (``screen_shape``): a share put into a few
+coordinates exceeds the per-coordinate maximum, and coordinates left bare show up as a block
+without its share of the energy. Shapes subtler than that (noise spread over a fixed fraction of
+every block) are not detected; secure aggregation is the remedy for an untrusted server's view.
 
 Noise comes from :mod:`plateau.privacy.noise` (ChaCha20 keyed by the OS per release, float64
 Gaussians).
@@ -43,6 +46,7 @@ Tensors = dict[str, torch.Tensor]
 # Laurent-Massart tail exponent of the upload norm tests: an honest upload fails one with
 # probability below exp(-40) = 4e-18.
 NORM_TEST_EXPONENT = 40.0
+SHAPE_BLOCK = 1024  # coordinates per block of the shape screen's energy test
 
 
 def flat_norm(tensors: Mapping[str, torch.Tensor]) -> float:
@@ -95,6 +99,11 @@ class PrivacyMechanism(Protocol):
     def screen(self, norm: float, dim: int, cohort: float) -> str | None:
         """Why an upload of this norm (over ``dim`` noised coordinates) cannot be honest, or
         None when it can."""
+        ...
+
+    def screen_shape(self, update: Mapping[str, torch.Tensor], cohort: float,
+                     support: Mapping[str, torch.Tensor] | None = None) -> str | None:
+        """Why an upload's noise cannot be the isotropic share it owes, or None."""
         ...
 
     def aggregate(
@@ -272,6 +281,43 @@ class GaussianClientDP:
             return "noise-share-missing"
         return None
 
+    def screen_shape(self, update: Mapping[str, torch.Tensor], cohort: float,
+                     support: Mapping[str, torch.Tensor] | None = None) -> str | None:
+        """Server side, placements with client shares: whether the upload's noise can be the
+        isotropic Gaussian share N(0, s^2 I) it owes, not a share concentrated where the norm
+        test cannot see it. With x = clip(v) + z over the released coordinates:
+
+        * maximum: |x_j| <= C + s t for every j, where d P(|z| > s t) <= d exp(-t^2/2) =
+          exp(-40), t = sqrt(2 (40 + ln d)): a share put into a few coordinates exceeds it;
+        * energy: every block of ``SHAPE_BLOCK`` coordinates has ||x_B|| >= ||z_B|| - C >=
+          s sqrt(B - 2 sqrt(B (40 + ln blocks))) - C (Laurent-Massart, union over the blocks):
+          coordinates left bare fail it. Blocks where that bound is not above C are not tested.
+
+        An honest upload fails either with probability below 2 exp(-40), whatever its update.
+        """
+        std = self.client_noise_std(cohort)
+        if std <= 0:
+            return None
+        flat = torch.cat([
+            (t if support is None else t[support[k].bool()]).reshape(-1).double()
+            for k, t in update.items()]) if update else torch.zeros(0, dtype=torch.float64)
+        dim = flat.numel()
+        if dim == 0:
+            return None
+        x = NORM_TEST_EXPONENT
+        peak = self.clip_norm + std * math.sqrt(2.0 * (x + math.log(dim)))
+        if float(flat.abs().max()) > peak * (1 + 1e-6):
+            return "noise-share-concentrated"
+        block = min(SHAPE_BLOCK, dim)
+        blocks = dim // block
+        tail = x + math.log(blocks)
+        floor = std * math.sqrt(max(0.0, block - 2.0 * math.sqrt(block * tail))) - self.clip_norm
+        if floor > self.clip_norm:
+            energy = flat[:blocks * block].reshape(blocks, block).norm(dim=1)
+            if float(energy.min()) < floor:
+                return "noise-share-concentrated"
+        return None
+
     def aggregate(
         self, updates: Sequence[Mapping[str, torch.Tensor]], cohort: float,
         template: Mapping[str, torch.Tensor], source: NoiseSource,
@@ -331,6 +377,11 @@ class PerTensorMedianClip:
 
     def screen(self, norm: float, dim: int, cohort: float) -> str | None:
         """The threshold is the client's own, so no bound can be checked."""
+        return None
+
+    def screen_shape(self, update: Mapping[str, torch.Tensor], cohort: float,
+                     support: Mapping[str, torch.Tensor] | None = None) -> str | None:
+        """Nor a shape: the noise scale is the client's own too."""
         return None
 
     def aggregate(
