@@ -32,7 +32,8 @@ RECORD = {"round": 3, "test_accuracy": 0.8, "test_loss": 0.5, "train_loss": 0.4,
           "clip_fraction": 0.25, "global_update_norm": 1.5, "sharpness": 0.01,
           "hessian_top_eigenvalue": 12.0, "epsilon": 2.5, "num_sampled": 10, "num_clients": 8,
           "wall_s": 1.2, "epsilon_against_server": 3.0, "audit_epsilon_lower_bound": 0.4,
-          "audit_epsilon_estimate": 1.1, "record_epsilon": {"0": 1.5, "1": 2.0}}
+          "audit_epsilon_estimate": 1.1, "record_epsilon": {"0": 1.5, "1": 2.0},
+          "record_budget": {"0": "within budget", "1": "out of budget"}}
 
 
 def get(url: str) -> str:
@@ -77,6 +78,11 @@ def test_exporter_serves_the_round_with_run_and_algorithm_labels(scrape: str) ->
         in scrape
     assert 'plateau_clients_failed_total{algorithm="fedavg",reason="no-reply",run="unit"} 1.0' \
         in scrape
+    for partition, within in (("0", 1.0), ("1", 0.0)):
+        assert (f'plateau_record_budget_within{{algorithm="fedavg",partition="{partition}",'
+                f'run="unit"}} {within}') in scrape
+    help_text = re.search(r"# HELP plateau_record_epsilon (.*)", scrape)
+    assert help_text is not None and "not covered by epsilon" in help_text.group(1)
 
 
 @needs["promtool"]
