@@ -420,6 +420,8 @@ class PlateauStrategy(FedAvg):
             sigma = (f"calibrated per silo to epsilon <= {cfg.record_target_epsilon:g}"
                      if cfg.record_target_epsilon > 0 else
                      f"sigma {cfg.record_noise_multiplier:g}")
-            log(INFO, "record-level DP in every silo: clip %g per record, %s, %s accountant, "
-                "%s per-sample clipping; each silo keeps and enforces its own budget",
-                cfg.record_clip_norm, sigma, cfg.record_accountant, cfg.record_per_sample)
+            log(INFO, "record-level DP in every silo: clip %g per record, %s, %s per-sample "
+                "clipping; each silo keeps and enforces its own budget and delta (add/remove, "
+                "%s accountant, for silos with record-public-size; substitution, PLD, for the "
+                "others)", cfg.record_clip_norm, sigma, cfg.record_per_sample,
+                cfg.record_accountant)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 
 import dp_accounting
 import numpy as np
@@ -181,6 +182,25 @@ def test_the_plan_calibrates_sigma_into_the_config() -> None:
     assert ledger is not None and calibrated.noise_multiplier != config.noise_multiplier
     assert 0.99 * 4.0 <= ledger.planned_epsilon() <= 4.0
     assert ledger.delta == 1e-5 and ledger.expected_cohort == pytest.approx(10.0)
+
+
+def test_a_run_that_claims_no_epsilon_plans_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 31: a test-seeded run still logged "planned epsilon=...", a claim it never
+    makes. Its plan line now says none; the ledger is still kept (and charged)."""
+    import server_app.privacy_plan as privacy_plan
+
+    lines: list[str] = []
+    monkeypatch.setattr(privacy_plan, "log", lambda level, text, *args: lines.append(
+        text % args if args else text))
+    config = make_config(dp="central", noise_multiplier=1.0)
+    _, ledger = plan_privacy(config, population=20, void_reason="PLATEAU_TEST_SEED is set")
+    assert ledger is not None
+    (plan,) = [line for line in lines if line.startswith("privacy plan")]
+    assert "planned epsilon=none" in plan
+    lines.clear()
+    plan_privacy(config, population=20)
+    (plan,) = [line for line in lines if line.startswith("privacy plan")]
+    assert re.search(r"planned epsilon=\d+\.\d{4}$", plan)
 
 
 def test_budget_stop_stops_before_the_round_that_would_overspend() -> None:
