@@ -2,9 +2,14 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU torch by default (a local wheel here); GPU users: make install TORCH_INDEX=https://download.pytorch.org/whl/cu126
+# torch's build comes from a PyTorch index: the CPU one by default, on every machine (the plain
+# PyPI wheel is the CUDA build on Linux); GPU users: make install TORCH_INDEX=<a CUDA index>,
+# e.g. https://download.pytorch.org/whl/cu126 (README "Quick start" says what each downloads)
 TORCH_VERSION ?= 2.13.0
-TORCH_INDEX ?=
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# the CPU index's Linux and Windows builds carry a +cpu label (pinned, so no other build can
+# satisfy it); macOS wheels have none and are CPU builds anyway
+TORCH_SPEC := torch==$(TORCH_VERSION)$(if $(and $(findstring /whl/cpu,$(TORCH_INDEX)),$(filter-out Darwin,$(shell uname -s))),+cpu)
 CLIENTS ?= 20
 GPUS_PER_CLIENT ?= 0
 CONFIG ?=
@@ -13,7 +18,7 @@ TIMEOUT ?= 3600
 .PHONY: install data run test test-containers audit audit-study record-study study bench algorithms docs clean
 
 # the stamp names the torch build, so asking for another one reinstalls torch
-STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
+STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)-$(notdir $(TORCH_INDEX))
 
 install: $(STAMP)
 
@@ -21,7 +26,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, so nothing below can pull a multi-GB CUDA build as a dependency
-	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" --index-url $(TORCH_INDEX)
+	$(BIN)/python -c "import torch; print('installed torch', torch.__version__, '(CUDA ' + torch.version.cuda + ')' if torch.version.cuda else '(CPU only)')"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	rm -f $(VENV)/.installed-torch-*
 	touch $@
@@ -31,10 +37,13 @@ $(STAMP): pyproject.toml
 data: install
 	$(BIN)/python -m plateau.offline
 
-# exec: the launcher is make's own child, so it sees make die (and stops everything it started)
+# exec: the launcher is make's own child, so it sees make die (and stops everything it started).
+# CONFIG reaches it through the environment, untouched by the shell: CONFIG="dp=\"central\""
+# and CONFIG="dp='central'" both arrive as typed
+run: export PLATEAU_RUN_CONFIG = $(CONFIG)
 run: install
-	exec $(BIN)/python -m server_app.launcher --clients $(CLIENTS) \
-		--gpus-per-client $(GPUS_PER_CLIENT) --timeout $(TIMEOUT) --config "$(CONFIG)"
+	exec $(BIN)/python -m server_app.launcher --clients '$(CLIENTS)' \
+		--gpus-per-client $(GPUS_PER_CLIENT) --timeout $(TIMEOUT)
 
 test: install data
 	$(BIN)/ruff check .
@@ -72,10 +81,11 @@ study: install
 algorithms: install
 	$(BIN)/python -m server_app.algorithms
 
-# regenerate what is derived from the schema and the algorithm registry: pyproject.toml's
-# run-config table and the README's config and algorithms tables (tests/test_config.py checks)
+# regenerate what is derived from the code: pyproject.toml's run-config table, docs/config.md,
+# docs/outputs.md, docs/metrics.md and the README's algorithms table (tests/test_config.py checks)
 docs: install
 	$(BIN)/python -m plateau.config --write .
+	$(BIN)/python -m server_app.docs --write .
 	$(BIN)/python -m server_app.algorithms --write README.md
 
 bench: install

@@ -61,7 +61,7 @@ def overhead_rows(label: str, clients: int, config: str, repeats: int,
                         f"{text} [{min(values):.{digits}f}-{max(values):.{digits}f}]")
 
     wall, wall_text = spread([r["wall"] for r in runs], 1)
-    loop, loop_text = spread([r["summary"]["total_time_s"] for r in runs], 1)
+    loop, loop_text = spread([r["summary"]["round_loop_s"] for r in runs], 1)
     first, first_text = spread([r["records"][0]["wall_s"] for r in runs], 2)
     later, later_text = spread([statistics.median(x["wall_s"] for x in r["records"][1:])
                                 for r in runs], 2)

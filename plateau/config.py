@@ -4,8 +4,9 @@ Every knob of a run is a key of ``[tool.flwr.app.config]`` in ``pyproject.toml``
 overridden with ``flwr run . --run-config "k=v ..."``. This module declares the keys every run
 has (type, default, allowed values, meaning); each algorithm declares its own hyper-parameters
 as a ``Params`` dataclass in its module (``plateau.registry``), and they join the schema from
-there. ``python -m plateau.config --write .`` regenerates ``pyproject.toml``'s table and the
-README's from the schema; ``tests/test_config.py`` fails when they are stale.
+there. ``python -m plateau.config --write .`` regenerates ``pyproject.toml``'s table and
+``python -m server_app.docs --write .`` docs/config.md from the schema; ``tests/test_config.py``
+fails when they are stale.
 ``RunConfig.from_mapping`` turns a raw mapping into a typed, frozen object or raises
 ``ConfigError`` with one line naming the key, the value and what is allowed.
 """
@@ -320,10 +321,13 @@ class RunConfig:
         fields, options = cls.key_fields(), param_keys()
         unknown = sorted(set(raw) - set(fields) - set(options))
         if unknown:
-            raise ConfigError(
-                f"unknown run-config key {unknown[0]!r}; known keys: "
-                + ", ".join(sorted({*fields, *options}))
-            )
+            import difflib
+
+            known = sorted({*fields, *options})
+            close = difflib.get_close_matches(unknown[0], known, n=3, cutoff=0.6)
+            hint = (f"did you mean {' or '.join(repr(k) for k in close)}?" if close else
+                    "the keys are listed in docs/config.md (python -m plateau.config --list)")
+            raise ConfigError(f"unknown run-config key {unknown[0]!r}; {hint}")
         values = cls._core_values(raw)
         values["algorithm_options"] = tuple(
             (name, _coerce(name, raw.get(name, f.default), type(f.default), f.metadata["check"]))
@@ -375,6 +379,12 @@ class RunConfig:
                               f"{self.dp!r} (fixed-size cohorts): PLD accounting covers Poisson "
                               "sampling only; allowed: accountant='rdp', or dp='central' with "
                               "sampling='poisson' or 'auto'")
+        if (self.dp in ("distributed", "local") and self.noise_multiplier == 0
+                and self.target_epsilon == 0 and self.dp_clip_mode == "flat"):
+            raise ConfigError(
+                f"noise-multiplier=0 with dp={self.dp!r}: clients would have no noise share to "
+                "add (and no epsilon would hold); allowed: noise-multiplier > 0, target-epsilon "
+                "> 0, or dp='central' for a noiseless clipped baseline")
         for name, value in (("target-epsilon", self.target_epsilon),
                             ("max-epsilon", self.max_epsilon)):
             if value > 0 and (self.dp == "off" or self.dp_clip_mode != "flat"):
@@ -506,7 +516,7 @@ def toml_value(value: ConfigValue) -> str:
 
 
 def readme_table() -> str:
-    """The README's run-config table, generated from the schema (``python -m plateau.config``)."""
+    """The run-config table of docs/config.md, generated from the schema."""
     lines = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for name, default, allowed, doc in describe_keys():
         lines.append(f"| `{name}` | `{toml_value(default)}` | {allowed} | {doc} |")
@@ -519,15 +529,12 @@ def toml_table() -> str:
 
 
 def write_docs(root: Path) -> None:
-    """Rewrite the config table of pyproject.toml and the README's table from the schema."""
+    """Rewrite the config table of pyproject.toml from the schema (docs/config.md: ``python -m
+    server_app.docs``)."""
     pyproject = root / "pyproject.toml"
     text = pyproject.read_text()
     start = text.index("[tool.flwr.app.config]\n") + len("[tool.flwr.app.config]\n")
     pyproject.write_text(text[:start] + toml_table() + text[text.index("\n\n", start):])
-    readme = root / "README.md"
-    text = readme.read_text()
-    start = text.index("| key | default | allowed | meaning |")
-    readme.write_text(text[:start] + readme_table() + text[text.index("\n\n", start):])
 
 
 if __name__ == "__main__":
@@ -535,6 +542,9 @@ if __name__ == "__main__":
 
     if sys.argv[1:2] == ["--write"]:
         write_docs(Path(sys.argv[2] if len(sys.argv) > 2 else "."))
+    elif sys.argv[1:] == ["--list"]:
+        print("\n".join(f"{name} = {toml_value(default)}  # {allowed}"
+                        for name, default, allowed, _ in describe_keys()))
     else:
         print(toml_table() if sys.argv[1:] == ["--toml"] else readme_table())
 

@@ -151,10 +151,41 @@ def _load_fashion_mnist_files(folder: Path) -> tuple[Split, Split]:
     return split("train"), split("t10k")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub (``HF_ENDPOINT``) answers a TCP connection, unless the user
+    said to work offline: ``datasets`` itself retries for about half a minute before failing."""
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    import socket
+
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co",
+                                       endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(info: DatasetInfo) -> bool:
+    """Whether ``datasets`` has this Hub dataset in its local cache (usable offline)."""
+    from datasets import config
+
+    name = info.hub_id.replace("/", "___")
+    return any(Path(config.HF_DATASETS_CACHE).glob(f"{name}*"))
+
+
 def _load_hub(info: DatasetInfo) -> tuple[Split, Split]:
-    """Load a dataset from the Hugging Face Hub, failing with one line when it is unreachable."""
+    """Load a dataset from the Hugging Face Hub, failing with one line when it is unreachable
+    (at once when the Hub does not answer and the dataset is not cached)."""
     import datasets
 
+    if not hub_reachable() and not _hub_cached(info):
+        raise DataError(f"dataset {info.name!r} is fetched from the Hugging Face Hub "
+                        f"({info.hub_id}), which cannot be reached from here, and it is not in "
+                        f"the local cache; {OFFLINE_HINT}")
     try:
         dataset = datasets.load_dataset(info.hub_id, info.hub_config)
     except Exception as err:  # noqa: BLE001 - any Hub failure gets the same actionable message
@@ -332,6 +363,10 @@ def partition_indices(
         PathologicalPartitioner,
     )
 
+    if num_partitions > len(labels):
+        raise DataError(f"its {len(labels):,} training samples cannot be split among "
+                        f"{num_partitions:,} clients: at most {len(labels):,} clients (one "
+                        "sample each); use fewer clients")
     table = datasets.Dataset.from_dict(
         {"label": labels.astype(np.int64), "index": np.arange(len(labels))}
     )
@@ -363,12 +398,14 @@ def partition_indices(
                 np.asarray(part.load_partition(i)["index"], dtype=np.int64)
                 for i in range(num_partitions)
             ]
-    except (ValueError, IndexError) as err:  # IndexError: iid with more partitions than rows
-        raise DataError(
-            f"partitioner={partitioner!r} cannot split {len(labels)} samples into "
-            f"{num_partitions} partitions ({err}); allowed: fewer clients, a larger "
-            "dirichlet-alpha, min-partition-size=0 (dirichlet), or partitioner='iid'"
-        ) from None
+    except (ValueError, IndexError):
+        fixes = {"dirichlet": "a larger dirichlet-alpha, min-partition-size=0, or "
+                              "partitioner='iid'",
+                 "pathological": "a larger classes-per-client, or partitioner='iid'",
+                 "iid": "fewer clients"}[partitioner]
+        raise DataError(f"partitioner={partitioner!r} cannot split {len(labels):,} samples into "
+                        f"{num_partitions:,} partitions; allowed: fewer clients, or {fixes}"
+                        ) from None
 
 
 def to_tensors(split: Split, info: DatasetInfo, index: np.ndarray | None = None) -> Tensors:

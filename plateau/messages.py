@@ -11,7 +11,7 @@ process Flower starts imports this without torch.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -75,7 +75,8 @@ def array_bytes(content: RecordDict) -> int:
 
 
 def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
-             poll_interval: float) -> list[Message]:
+             poll_interval: float, should_stop: Callable[[], bool] | None = None
+             ) -> list[Message]:
     """Push messages and collect their replies, looking after 2 ms, then waiting twice as long
     each time up to ``poll_interval`` seconds between looks.
 
@@ -83,7 +84,7 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
     alone adds up to 3 s to every round; a fixed 0.1 s wait still rounded every simulated round
     (~0.1 s of work) up to 0.2 s. Doubling finds a fast round's replies within twice their time
     with a handful of looks, and a slow one's at most ``poll_interval`` late; the replies and
-    the timeout are the same.
+    the timeout are the same. ``should_stop`` ends the wait early (the replies so far).
     """
     pending = set(grid.push_messages(messages))
     deadline = time.monotonic() + timeout
@@ -93,7 +94,7 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
         arrived = list(grid.pull_messages(pending))
         replies.extend(arrived)
         pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
-        if not pending or time.monotonic() >= deadline:
+        if not pending or time.monotonic() >= deadline or (should_stop and should_stop()):
             break
         time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
         wait = min(2 * wait, poll_interval)

@@ -12,7 +12,7 @@ from plateau.data import DATASETS, DataError, PartitionSpec, ensure_partitions, 
 from plateau.device import resolve_device
 from plateau.models import float_buffer_names, frozen_digest, model_from_config, travelling_state
 from plateau.privacy.mechanism import mechanism_from_config
-from strategies import STRATEGIES, PlateauStrategy
+from strategies import LOCAL_RULES, STRATEGIES, PlateauStrategy
 from strategies.shared import GlobalDirection
 
 
@@ -64,6 +64,29 @@ def prepare_partitions(config: RunConfig, num_partitions: int) -> None:
                 f"record-dp='on' with batch-size={config.batch_size}: the smallest of the "
                 f"{num_partitions} silos has {min(sizes)} records, and record-level sampling "
                 f"needs q = batch-size / n_i < 1; allowed: batch-size < {min(sizes)}")
+        if sizes:
+            warn_large_record_epsilon(config, min(sizes))
+
+
+def warn_large_record_epsilon(config: RunConfig, smallest: int) -> None:
+    """Warn before round 1 when a silo's record-level epsilon after the planned rounds would
+    exceed 10 (the bundled splits are public, so the server knows the silos' sizes in
+    simulation): the target itself, or the smallest silo's epsilon at the given sigma
+    (substitution, its default delta; a silo's own public size or delta can change it)."""
+    from plateau.privacy.record_dp import SUBSTITUTION, SiloLedger, plan_for
+
+    from .privacy_plan import LARGE_EPSILON
+
+    strategy = STRATEGIES[config.algorithm](config, parameter_names=[], buffer_names=[])
+    rule = LOCAL_RULES[strategy.local_rule]
+    plan = plan_for(config, smallest, rule.backprops_per_step)
+    steps = config.num_server_rounds * config.local_steps
+    planned = SiloLedger([plan.entry(steps)]).epsilon(plan.delta, plan.accountant)
+    if planned > LARGE_EPSILON:
+        log(WARNING, "record-level epsilon of the smallest silo (%d records) after the planned "
+            "%d rounds would be %.1f (%s, delta %g), above %g: a weak guarantee; raise "
+            "record-noise-multiplier or set record-target-epsilon", smallest,
+            config.num_server_rounds, planned, SUBSTITUTION, plan.delta, LARGE_EPSILON)
 
 
 def build_strategy(config: RunConfig) -> PlateauStrategy:

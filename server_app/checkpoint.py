@@ -61,12 +61,31 @@ def _atomic_write(path: Path, write: Any) -> None:
     tmp.replace(path)
 
 
+def checkpoint_folder(config: RunConfig, run_name: str | None = None) -> Path:
+    """``checkpoint-dir``, or <results-dir>/<run-name>/checkpoint."""
+    if config.checkpoint_dir:
+        return Path(config.checkpoint_dir).expanduser()
+    return Path(config.results_dir).expanduser() / (run_name or config.run_name) / "checkpoint"
+
+
+def check_resume(config: RunConfig) -> None:
+    """What a resume will refuse, checked before Flower starts (``make run``'s launcher): no
+    checkpoint, changed settings, a missing ledger, or a checkpoint another copy of it has
+    continued. Nothing is written."""
+    from .lineage import RunLineage, run_ledger_folder
+
+    _, ledger = Checkpointer(checkpoint_folder(config)).load(config)
+    if ledger is not None and ledger.get("lineage"):
+        RunLineage(run_ledger_folder(config), str(ledger["lineage"])).check_resume(
+            len(ledger["events"]), write=False)
+
+
 class Checkpointer:
-    """Writes and reads one run's checkpoint folder."""
+    """Writes and reads one run's checkpoint folder (created by the first write: a resume that
+    is refused leaves no empty folder behind)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     def save_ledger(self, server_round: int, settings: dict[str, Any],
                     events: list[dict[str, Any]], max_participations: int = 0,
@@ -77,17 +96,21 @@ class Checkpointer:
         payload = json.dumps({"round": server_round, "privacy": settings, "events": events,
                               "max_participations": max_participations, "budget": budget,
                               "lineage": lineage})
+        self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.folder / LEDGER, lambda h: h.write(payload.encode()))
 
     def save(self, state: dict[str, Any]) -> None:
         """The whole server state after a completed round."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.folder / CHECKPOINT, lambda h: torch.save(state, h))
 
     def load(self, config: RunConfig) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The checkpoint and the ledger, after checking they may be continued."""
         path = self.folder / CHECKPOINT
         if not path.is_file():
-            raise ConfigError(f"resume=true but there is no checkpoint at {path}")
+            raise ConfigError(f"resume=true but there is no checkpoint at {path}: resume needs "
+                              "the run-name (and results-dir or checkpoint-dir) of a run that "
+                              "wrote one")
         state = torch.load(path, map_location="cpu", weights_only=False)
         saved, current = state["privacy"], privacy_settings(config)
         changed = [k for k in PRIVACY_KEYS if saved.get(k) != current[k]]

@@ -25,16 +25,20 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
-from plateau.config import ConfigError, ConfigValue
+from plateau.config import ConfigError, ConfigValue, RunConfig
+from server_app.stop_request import STOP_FILE_ENV, request_stop
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)
 PORT_VARIABLE = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+CONFIG_VARIABLE = "PLATEAU_RUN_CONFIG"  # make run passes CONFIG here: no shell quoting on the way
 # the local SuperLink's SuperExec looks for a submitted run every second by default
 TASK_POLL_VARIABLE = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 TASK_POLL_S = 0.1
@@ -74,22 +78,36 @@ def app_defaults(app_dir: Path) -> dict[str, ConfigValue]:
         return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
 
 
+PAIR = re.compile(r"""([^\s=]+)=('[^']*'|"[^"]*"|[^\s'"]\S*|['"]\S*)""")
+
+
 def parse_overrides(text: str) -> dict[str, ConfigValue]:
-    """Parse ``k=v ...`` exactly as ``flwr run --run-config`` does (values are TOML)."""
-    if not text.strip():
-        return {}
-    pairs = re.findall(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)", text)
-    if not pairs:
-        raise ConfigError(f"cannot read run config {text!r}; expected k=v pairs separated by "
-                          "spaces, strings quoted: dp='central'")
+    """Parse ``k=v ...`` as ``flwr run --run-config`` does (values are TOML), with an error
+    that says what to write for each way a new user gets it wrong."""
     overrides: dict[str, ConfigValue] = {}
-    for name, value in pairs:
+    position = 0
+    for match in PAIR.finditer(text):
+        stray = text[position:match.start()].strip()
+        if stray:
+            raise ConfigError(f"cannot read {stray!r} in the run config; expected k=v pairs "
+                              "separated by spaces, strings quoted: dp='central'")
+        position = match.end()
+        name, value = match.groups()
+        quote = value[0]
+        if quote in "'\"" and (len(value) < 2 or value[-1] != quote):
+            bare = value.strip("'\"")
+            raise ConfigError(f"{name}={value}: the string is not closed; write "
+                              f"{name}='{bare}'")
         try:
             overrides[name] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             raise ConfigError(
-                f"{name}={value} is not a TOML value; quote strings, e.g. {name}='{value}'"
-            ) from None
+                f"{name}={value} is not a number, true/false or a quoted string; strings are "
+                f"quoted: {name}='{value}'") from None
+    stray = text[position:].strip()
+    if stray:
+        raise ConfigError(f"cannot read {stray!r} in the run config; expected k=v pairs "
+                          "separated by spaces, strings quoted: dp='central'")
     return overrides
 
 
@@ -113,7 +131,8 @@ def stage_app(app_dir: Path, into: Path) -> Path:
 def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue], clients: int) -> None:
     """Validate defaults + overrides before anything starts (the ServerApp checks again),
     including what would only fail later: the dataset loads and splits among the clients (the
-    split is stored, so no client computes it again)."""
+    split is stored, so no client computes it again), a resume finds a checkpoint it may
+    continue, and the metrics port is free."""
     from server_app.app import load_config
     from server_app.build import prepare_partitions
 
@@ -124,7 +143,28 @@ def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue], clients: i
     if config.population_size and clients > config.population_size:
         raise ConfigError(f"CLIENTS={clients} is above population-size="
                           f"{config.population_size}: every client must be in the population")
+    check_metrics_port(config)
+    if config.resume:
+        from server_app.checkpoint import check_resume
+
+        with contextlib.chdir(app_dir):  # results-dir is relative to where the run starts
+            check_resume(config)
     prepare_partitions(config, clients)
+
+
+def check_metrics_port(config: RunConfig) -> None:
+    """The metrics endpoint's port must be free now (it is opened after the first round's
+    set-up, a minute in)."""
+    if not config.metrics_port:
+        return
+    with socket.socket() as sock:
+        try:
+            sock.bind((config.metrics_addr, config.metrics_port))
+        except OSError as err:
+            raise ConfigError(
+                f"metrics-port={config.metrics_port}: {config.metrics_addr}:"
+                f"{config.metrics_port} cannot be opened ({err.strerror}); another run's "
+                "exporter may hold it: choose another port, or 0 for none") from None
 
 
 def free_port() -> int:
@@ -241,9 +281,48 @@ def run_status(run_id: str, env: Mapping[str, str], cwd: Path) -> dict[str, str]
     return runs[0] if runs else {"status": "unknown", "status-details": "run not listed"}
 
 
+# Console lines that mislead here: Flower's notes on the default federation size (the launcher
+# always sets it), Ray's notice for every worker it ends at the end of a run, and Ray's
+# FutureWarning about a default it will change (with the "warnings.warn(" line after it).
+NOISE = re.compile(r"default simulated SuperNodes changed from|To change federation size|"
+                   r"Manually terminating ClientAppActor|RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO")
+WARN_CALL = re.compile(r"^\s*warnings\.warn\($")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+STOP_GRACE_S = 30.0  # how long a stopped run has to write its summary before it is killed
+
+
+class Relay(threading.Thread):
+    """Copies the run's output to ours without the noise above (and without colour codes when
+    ours is not a terminal), and notes the run id."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(daemon=True)
+        self.stream, self.run_id = stream, None
+        self.colour = sys.stdout.isatty()
+
+    def run(self) -> None:
+        dropped = False
+        for line in self.stream:
+            if self.run_id is None and (match := RUN_ID.search(line)):
+                self.run_id = match.group(1)
+            plain = ANSI.sub("", line)
+            if NOISE.search(plain) or (dropped and WARN_CALL.match(plain)):
+                dropped = True
+                continue
+            dropped = False
+            sys.stdout.write(line if self.colour else plain)
+            sys.stdout.flush()
+
+
 def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
            gpus_per_client: float = 0.0) -> int:
-    """Run the app once in a fresh local simulation; 0 only if it finished:completed."""
+    """Run the app once in a fresh local simulation; 0 only if it finished:completed.
+
+    A stop (a signal, or ``timeout_s``) first asks the ServerApp to stop through its stop file,
+    so it ends the round loop and writes summary.json (``status: "stopped"``); whatever is still
+    running ``STOP_GRACE_S`` later is stopped. ``flwr run`` gets a session of its own, so that a
+    Ctrl-C in the terminal reaches the launcher alone and not Flower's processes, whose handlers
+    would end them before the summary is written."""
     try:
         check_config(app_dir, parse_overrides(config), clients)
     except ConfigError as err:
@@ -252,7 +331,9 @@ def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
     home = Path(os.environ.get("FLWR_HOME", app_dir / ".flwr-home")).resolve()
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    env = flwr_env(home, port)
+    stop_file = home / f"stop-{port}"
+    stop_file.unlink(missing_ok=True)
+    env = {**flwr_env(home, port), STOP_FILE_ENV: str(stop_file)}
     stage = stage_app(app_dir, home)
     command = [
         flwr_cli(), "run", str(stage), "--stream",
@@ -262,28 +343,34 @@ def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
     ]
     if config.strip():
         command += ["--run-config", config]
-    run_id = None
     started = time.monotonic()
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in STOP_SIGNALS}
     signal.alarm(max(1, round(timeout_s)))
-    proc = None
+    proc, relay = None, None
     try:
         proc = subprocess.Popen(command, env=env, cwd=app_dir, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                start_new_session=True)
         assert proc.stdout is not None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            if run_id is None and (match := RUN_ID.search(line)):
-                run_id = match.group(1)
+        relay = Relay(proc.stdout)
+        relay.start()
         proc.wait()
-        if run_id is None:
+        relay.join(timeout=5)
+        if relay.run_id is None:
             print("flwr run did not start a run (see above)", file=sys.stderr)
             return 1
-        status = run_status(run_id, env, app_dir)
+        status = run_status(relay.run_id, env, app_dir)
     except Stopped as stop:
-        reason = (f"run exceeded {timeout_s:.0f} s" if stop.signum == signal.SIGALRM
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the stop short
+        reason = (f"timeout: the run exceeded {timeout_s:.0f} s" if stop.signum == signal.SIGALRM
                   else f"stopped by {stop}")
-        print(f"{reason}; stopping everything it started", file=sys.stderr)
+        print(f"{reason}; asking the run to stop and write its summary, then stopping "
+              "everything it started", file=sys.stderr)
+        request_stop(stop_file, reason)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=STOP_GRACE_S)
         return 1 if stop.signum == signal.SIGALRM else 128 + stop.signum
     finally:
         signal.alarm(0)
@@ -294,29 +381,37 @@ def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
             proc.wait()
         stop_everything(home, port)
         shutil.rmtree(stage, ignore_errors=True)
+        stop_file.unlink(missing_ok=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     elapsed = time.monotonic() - started
     details = status.get("status-details", "")
     details = "" if details in ("", "N/A") else f" ({details})"
-    print(f"run {run_id}: {status.get('status')} in {elapsed:.1f} s{details}")
+    print(f"run {relay.run_id}: {status.get('status')} in {elapsed:.1f} s{details}")
     return 0 if status.get("status") == "finished:completed" else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clients", type=int, default=20, help="simulated SuperNodes")
-    parser.add_argument("--config", default="", help='run-config overrides, "k=v ..."')
+    parser.add_argument("--clients", default="20", help="simulated SuperNodes (CLIENTS)")
+    parser.add_argument("--config", default=os.environ.get(CONFIG_VARIABLE, ""),
+                        help=f'run-config overrides, "k=v ..." (default: ${CONFIG_VARIABLE}, '
+                        "which make run sets from CONFIG untouched by the shell)")
     parser.add_argument("--app", type=Path, default=Path.cwd(), help="app directory")
     parser.add_argument("--gpus-per-client", type=float, default=0.0,
                         help="GPU fraction per simulated client (Ray), e.g. 0.25")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before giving up")
     args = parser.parse_args(argv)
-    if args.clients < 1:
-        parser.error("--clients must be >= 1")
+    try:
+        clients = int(args.clients)
+    except ValueError:
+        clients = 0
+    if clients < 1:
+        print(f"config error: CLIENTS={args.clients}: the number of simulated clients must be a "
+              "whole number >= 1, e.g. make run CLIENTS=5", file=sys.stderr)
+        return 2
     die_with_parent()
-    return launch(args.app.resolve(), args.clients, args.config, args.timeout,
-                  args.gpus_per_client)
+    return launch(args.app.resolve(), clients, args.config, args.timeout, args.gpus_per_client)
 
 
 if __name__ == "__main__":

@@ -84,19 +84,27 @@ class RunLineage:
             os.fsync(handle.fileno())
         temporary.replace(self.path)
 
-    def check_resume(self, events: int) -> None:
+    def check_resume(self, events: int, write: bool = True) -> None:
         """Refuse to resume a checkpoint that another copy has continued past; bring the run
-        ledger level with a checkpoint whose last round it missed (a crash in between)."""
+        ledger level with a checkpoint whose last round it missed (a crash in between), unless
+        ``write`` is false (a check before the run)."""
+        if not write:
+            committed = self._read()
+            if committed > events:
+                raise ConfigError(self._ahead(committed, events))
+            return
         with self._locked():
             committed = self._read()
             if committed > events:
-                raise ConfigError(
-                    f"resume refused: the run ledger ({self.path}) has {committed} rounds of "
-                    f"this run accounted, its checkpoint {events}: another copy of the "
-                    "checkpoint folder has continued the run, and resuming this one would "
-                    "release rounds that no epsilon counts")
+                raise ConfigError(self._ahead(committed, events))
             if committed < events:
                 self._write(events)
+
+    def _ahead(self, committed: int, events: int) -> str:
+        return (f"resume refused: the run ledger ({self.path}) has {committed} rounds of this "
+                f"run accounted, its checkpoint {events}: another copy of the checkpoint folder "
+                "has continued the run, and resuming this one would release rounds that no "
+                "epsilon counts")
 
     def commit(self, before: int, after: int) -> None:
         """Count a round's events (``before`` -> ``after``), or raise ``CopiedRun`` when

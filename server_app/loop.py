@@ -13,7 +13,6 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from logging import ERROR, INFO, WARNING
-from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord
@@ -28,6 +27,7 @@ from plateau.privacy.canaries import audit_confidence, audit_flags
 from plateau.privacy.mechanism import mechanism_from_config
 from plateau.privacy.noise import TEST_SEED_ENV, test_seed
 from strategies import LOCAL_RULES, PlateauStrategy
+from strategies.base import WITHIN_BUDGET
 
 from .build import build_strategy, load_config, prepare_partitions
 from .callbacks import (
@@ -43,13 +43,14 @@ from .callbacks import (
     RoundOutcome,
     fmt,
 )
-from .checkpoint import Checkpointer, privacy_settings
+from .checkpoint import Checkpointer, checkpoint_folder, privacy_settings
 from .evaluation import CentralEvaluator
 from .flatness import FlatnessProbe
 from .lineage import CopiedRun, RunLineage, run_ledger_folder
 from .metrics import RunMetrics
 from .privacy_plan import PrivacyLedger, plan_privacy
 from .results import RunRecorder, default_run_name
+from .stop_request import RunStopped, stop_requested
 
 ADJACENCY = ("zero-out: one client's data replaced by a null client that releases a zero "
              "update; its node still takes part, so every count is the same in both worlds")
@@ -178,14 +179,20 @@ def privacy_statement(config: RunConfig, ledger: PrivacyLedger | None,
         "adjacency": RECORD_ADJACENCY,
         "where": "each silo's own accountant and budget; summary.json record_privacy"}}
     if mechanism is None:
-        statement: dict[str, Any] = {"dp": "off", "formally_dp": False}
+        # formally_dp: whether any guarantee holds; units: what it protects
+        statement: dict[str, Any] = {"dp": "off", "formally_dp": False, "units": []}
         if record_level:
-            statement |= record_level | {"outside_epsilon": outside_epsilon(config)}
+            statement |= record_level | {"outside_epsilon": outside_epsilon(config),
+                                         "formally_dp": void_reason is None,
+                                         "units": ["one record of a silo"]}
         return statement
+    client_level = ledger is not None and void_reason is None
     statement = {
         "dp": config.dp,
         "clip_mode": config.dp_clip_mode,
-        "formally_dp": ledger is not None and void_reason is None,
+        "formally_dp": client_level,
+        "units": ((["one client's data"] if client_level else [])
+                  + (["one record of a silo"] if record_level and void_reason is None else [])),
         "clip_norm": config.clip_norm,
         "noise_multiplier": config.noise_multiplier,
         "sampling": config.sampling_method,
@@ -219,6 +226,7 @@ class RunLoop:
     """One run of the ServerApp, from the validated config to summary.json."""
 
     def __init__(self, grid: Grid, raw_config: Mapping[str, ConfigValue]) -> None:
+        set_up = time.monotonic()
         try:
             config = load_config(raw_config)
             self.strategy: PlateauStrategy = build_strategy(config)
@@ -231,13 +239,17 @@ class RunLoop:
         self.grid = grid
         self.settings = privacy_settings(config)  # before calibration: what resume compares
         run_name = config.run_name or default_run_name(config)
-        folder = Path(config.checkpoint_dir or Path(config.results_dir) / run_name / "checkpoint")
+        folder = checkpoint_folder(config, run_name)
         self.checkpointer = Checkpointer(folder) if config.checkpoint or config.resume else None
         self.void_reason: str | None = None
         if test_seed() is not None:
             self.void_reason = (f"{TEST_SEED_ENV} is set on the server: its noise and sampling "
                                 "are reproducible, hence not private")
             log(WARNING, "%s; no epsilon is reported (testing only)", self.void_reason)
+        elif (config.dp_enabled and config.noise_multiplier == 0
+              and config.target_epsilon == 0):
+            self.void_reason = ("noise-multiplier=0: updates are clipped but not noised, so no "
+                                "finite epsilon holds")
         population = self.strategy.clients.determine(grid)
         try:
             for num_partitions in self.strategy.clients.identified_partition_counts(grid):
@@ -279,6 +291,7 @@ class RunLoop:
         self.config = dataclasses.replace(config, run_name=run_name)
         self.strategy.reconfigure(self.config, mechanism_from_config(config))
         self.recorder = RunRecorder(self.config, records=records)
+        self.set_up_at = set_up
         self.metrics = RunMetrics(self.config, run_name)
         has_ledger = self.ledger is not None
         self.callbacks: dict[str, RoundCallback] = {
@@ -319,6 +332,7 @@ class RunLoop:
     def run(self) -> dict[str, Any]:
         """All remaining rounds; returns the summary written to summary.json."""
         config, strategy = self.config, self.strategy
+        self.recorder.setup_s = time.monotonic() - self.set_up_at
         strategy.summary()
         log(INFO, "results: %s", self.recorder.directory.resolve())
         self.metrics.serve()
@@ -330,14 +344,15 @@ class RunLoop:
         try:
             status = "completed"
             for server_round in range(self.start_round, config.num_server_rounds + 1):
-                if (reason := self.over_budget(server_round) or self.no_silo_left()) is not None:
+                if (reason := self.over_budget(server_round) or self.no_silo_left()
+                        or stop_requested()) is not None:
                     status, outcome["stop_reason"] = "stopped", reason
                     log(WARNING, "stopping: %s", reason)
                     break
                 self.one_round(server_round)
-        except CopiedRun as copied:
-            status, outcome["stop_reason"] = "stopped", str(copied)
-            log(WARNING, "stopping: %s", copied)
+        except (CopiedRun, RunStopped) as stopped:
+            status, outcome["stop_reason"] = "stopped", str(stopped)
+            log(WARNING, "stopping: %s", stopped)
         except Exception as err:
             status, outcome["error"] = "failed", f"{type(err).__name__}: {err}"
             raise
@@ -359,10 +374,23 @@ class RunLoop:
                 status, privacy=privacy_statement(config, self.ledger, self.void_reason,
                                                   self.epsilon_against_server()), **outcome)
             self.metrics.close()
-        log(INFO, "finished (%s): final accuracy %s, best %s (round %s)%s, %.1f s", status,
-            fmt(summary["final_accuracy"]), fmt(summary["best_accuracy"]),
-            summary["best_round"], self.epsilon_phrase(), summary["total_time_s"])
+        log(INFO, "finished (%s): final accuracy %s, best %s (round %s)%s%s, rounds %.1f s "
+            "(set-up %.1f s)", status, fmt(summary["final_accuracy"]),
+            fmt(summary["best_accuracy"]), summary["best_round"], self.epsilon_phrase(),
+            self.record_phrase(), summary["round_loop_s"], summary["setup_s"] or 0.0)
         return summary
+
+    def record_phrase(self) -> str:
+        """'; record-level: ...' for the console: each silo's budget status, and the largest
+        epsilon a silo published."""
+        if self.config.record_dp != "on":
+            return ""
+        silos = self.strategy.silos
+        within = sum(status == WITHIN_BUDGET for status in silos.status.values())
+        published = ("" if self.void_reason or not silos.epsilon else
+                     f", largest published epsilon {max(silos.epsilon.values()):.4f}")
+        return (f"; record-level: {within} of {len(silos.status)} silos within their budget"
+                f"{published}")
 
     def epsilon_phrase(self) -> str:
         """', epsilon E at delta D' for the console, or why there is none."""
@@ -445,7 +473,10 @@ class RunLoop:
         started = time.monotonic()
         arrays = tensors_record(strategy.current)
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)
-        replies = exchange(self.grid, messages, config.round_timeout, config.reply_poll_interval)
+        replies = exchange(self.grid, messages, config.round_timeout, config.reply_poll_interval,
+                           should_stop=lambda: stop_requested() is not None)
+        if (reason := stop_requested()) is not None:  # the round is abandoned: nothing released
+            raise RunStopped(f"{reason} (during round {server_round})")
         result = strategy.train_round(server_round, replies)
         epsilon = None
         if self.ledger is not None:

@@ -61,7 +61,8 @@ class RunMetrics:
         self.epsilon_server = gauge("epsilon_against_server", "Epsilon of the most-sampled "
                                     "client against the server (local, distributed)" + TELEMETRY)
         self.audit_lower_bound = gauge("audit_epsilon_lower_bound", "In-run audit: empirical "
-                                       "lower bound on epsilon from the canaries (95%)")
+                                       "lower bound on epsilon from the canaries (95% over "
+                                       "the run's audits)")
         self.audit_estimate = gauge("audit_epsilon_estimate", "In-run audit: one-shot estimate "
                                     "of epsilon from the canaries")
         self.record_epsilon = Gauge(

@@ -27,6 +27,8 @@ from plateau.privacy.accounting import (
 from plateau.privacy.mechanism import GaussianClientDP, mechanism_from_config
 from plateau.privacy.sampling import ClientSampler
 
+LARGE_EPSILON = 10.0  # above this a run is warned that its guarantee is weak
+
 TRUST = {
     "central": "the server sees every clipped update and adds all the noise (trusted server)",
     "distributed": "each of the m sampled clients adds sigma*C/sqrt(m) and the server tops up "
@@ -148,8 +150,14 @@ def plan_privacy(config: RunConfig, population: int, *, calibrate: bool = True,
         config.sample_rate, config.sampling_method, cohort, config.noise_multiplier,
         config.clip_norm, config.num_server_rounds, config.accountant, delta,
         "target-delta" if config.target_delta else "min(1e-5, 0.01/N)",
-        "none (no epsilon is claimed: test seed)" if void_reason is not None
+        f"none ({void_reason})" if void_reason is not None
         else f"{planned:.4f}" if math.isfinite(planned) else "inf (no noise)")
+    if void_reason is None and math.isfinite(planned) and planned > LARGE_EPSILON:
+        log(WARNING, "epsilon after the planned %d rounds is %.1f, above %g: a weak guarantee "
+            "(published DP training usually reports epsilon between 1 and 8); more noise "
+            "(noise-multiplier, or target-epsilon), fewer rounds, a lower sample-rate or more "
+            "clients lower it (README: Choosing C, sigma and epsilon)",
+            config.num_server_rounds, planned, LARGE_EPSILON)
     if ledger.budget is not None:
         log(INFO, "budget: the run stops before any round that would take epsilon above %g "
             "(%s)", *ledger.budget)

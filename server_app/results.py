@@ -12,6 +12,72 @@ from typing import Any
 
 from plateau.config import RunConfig
 
+# Every key a round's line of rounds.jsonl may carry, and what it means (docs/outputs.md is made
+# from these; tests check that a run's files use no other key). Under DP, the keys listed in
+# summary.json's privacy.outside_epsilon are operator telemetry that no epsilon covers.
+ROUND_KEYS: dict[str, str] = {
+    "round": "the server round (1-based)",
+    "test_accuracy": "central accuracy of the new global model on the held-out split",
+    "test_loss": "central loss on the same examples",
+    "train_loss": "mean over the replying clients of their local-step losses (null under DP "
+                  "outside central placement, and under record-level DP)",
+    "num_clients": "replies aggregated",
+    "num_sampled": "clients sampled",
+    "num_failed": "clients that replied with an error",
+    "num_rejected": "replies dropped by screening",
+    "rejected": "the dropped replies by reason",
+    "num_declined": "sampled clients that declined the round",
+    "declined": "the declines by reason (no-data, record-budget)",
+    "lr": "the round's local learning rate",
+    "global_update_norm": "|x_{t+1} - x_t| of the trainable parameters",
+    "mean_update_norm": "mean norm of the clients' released vectors (before clipping under DP)",
+    "clip_fraction": "DP: fraction of the replies that were clipped (central placement)",
+    "mean_clip_error": "DP: mean |v - clip(v)| (central placement)",
+    "effective_noise_multiplier": "DP: the noise on the round's sum over C, as added",
+    "mean_state_rounds": "rounds of per-client state the replying clients carry",
+    "population": "N: the clients (and canaries) the round was sampled from",
+    "expected_cohort": "the public expected cohort size the sum is divided by",
+    "direction_shrinkage": "direction-shrinkage='snr': the factor applied to the direction",
+    "epsilon": "client-level epsilon spent after this round at the run's delta (null without "
+               "a formal guarantee)",
+    "epsilon_against_server": "distributed and local placement: the most-sampled client's "
+                              "epsilon against the server",
+    "epsilon_void_reason": "why no epsilon is claimed (test seed, no noise)",
+    "wall_s": "seconds of the round (training and evaluation; not the flatness probes)",
+    "sharpness": "SAM sharpness of the global model, every sharpness-every rounds",
+    "hessian_top_eigenvalue": "top Hessian eigenvalue, every sharpness-every rounds",
+    "audit_epsilon_lower_bound": "in-run audit, every audit-every rounds: lower bound on epsilon",
+    "audit_epsilon_estimate": "in-run audit, every audit-every rounds: estimate of epsilon",
+    "record_budget": "record-dp: each silo's status, 'within budget' or 'out of budget'",
+    "record_epsilon": "record-dp: the record-level epsilon of each silo that publishes one",
+    "record_epsilon_min": "record-dp: the smallest published silo epsilon",
+    "record_epsilon_max": "record-dp: the largest published silo epsilon",
+}
+SUMMARY_KEYS: dict[str, str] = {
+    "run_name": "the run's folder under results-dir",
+    "status": "completed, stopped (with stop_reason) or failed (with error)",
+    "stop_reason": "why a stopped run stopped (budget, no silo left, a signal or timeout, a "
+                   "copied checkpoint running elsewhere)",
+    "error": "why a failed run failed",
+    "rounds_completed": "rounds in rounds.jsonl",
+    "final_accuracy": "test_accuracy of the last round",
+    "best_accuracy": "the highest test_accuracy",
+    "best_round": "the round it was reached in",
+    "round_loop_s": "seconds of the round loop (every round with its evaluation)",
+    "setup_s": "seconds of the ServerApp's set-up before round 1 (config, data, the partition "
+               "query, calibration)",
+    "epsilon": "client-level epsilon spent at the end (null without a formal guarantee)",
+    "delta": "the run's delta",
+    "epsilon_void_reason": "why no epsilon is claimed",
+    "privacy": "the claim: placement, clip, noise, sampling, accountant, N, q, the budget, "
+               "adjacency, units protected, what epsilon covers and what it does not "
+               "(outside_epsilon), the noise source",
+    "record_privacy": "record-dp: the unit, adjacency, each silo's budget status and the "
+                      "numbers the silos published",
+    "audit": "audit-canaries: the in-run audit's bound, estimate, confidence and flags",
+    "config": "the resolved run config (with the calibrated noise multiplier)",
+}
+
 
 def default_run_name(config: RunConfig) -> str:
     """<algorithm>-<dataset>-<UTC time to the millisecond>-<pid>: two runs never share it."""
@@ -45,7 +111,8 @@ class RunRecorder:
         # a resumed run rewrites the records of its checkpoint (dropping any later, lost round)
         self.records: list[dict[str, Any]] = list(records or [])
         self.rounds_path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        self.started = time.monotonic()
+        self.started = time.monotonic()  # the round loop starts next (set-up is done)
+        self.setup_s: float | None = None  # the ServerApp's set-up before it, when known
 
     def void_epsilon(self, reason: str) -> None:
         """Null the epsilon of every record already written (rewritten atomically): a run whose
@@ -79,7 +146,10 @@ class RunRecorder:
             "final_accuracy": self.records[-1]["test_accuracy"] if self.records else None,
             "best_accuracy": best[0],
             "best_round": best[1],
-            "total_time_s": round(time.monotonic() - self.started, 3),
+            # the round loop (every round, with evaluation); the ServerApp's set-up before it
+            # (config, data, the partition query, calibration) is setup_s
+            "round_loop_s": round(time.monotonic() - self.started, 3),
+            "setup_s": None if self.setup_s is None else round(self.setup_s, 3),
             **{k: _clean(v) for k, v in extra.items()},
             "config": self.config.to_dict(),
         }

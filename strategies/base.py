@@ -19,6 +19,7 @@ which returns values (``RoundResult``), not side channels.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -332,7 +333,8 @@ class PlateauStrategy(FedAvg):
             log(WARNING, "round %d: no usable replies; the model is unchanged", server_round)
             return RoundResult(None, None, stats)
         if self.canaries is not None:
-            self.canaries.observe(aggregate.mean)
+            self.canaries.observe(aggregate.mean)  # the audit sees the sum it must test
+            aggregate = self.without_canaries(aggregate, template, support)
         new_state = dict(self.current)
         new_state.update(self.apply_update(server_round, aggregate))
         if self.buffer_names and uploads:
@@ -344,6 +346,22 @@ class PlateauStrategy(FedAvg):
         self.current = new_state
         return RoundResult(tensors_record(new_state),
                            self._metrics(uploads, global_update, stats), stats, aggregate.event)
+
+    def without_canaries(self, aggregate: Aggregate, template: Tensors,
+                         support: Tensors | None) -> Aggregate:
+        """The released mean as the model uses it: the sampled canaries' clipped updates taken
+        out of the sum (the server inserted them: post-processing; their noise shares stay),
+        and the sum divided by the real clients' share of the expected cohort, a public number.
+        Without this, k canaries beside N clients divide every real update by q(N + k)."""
+        assert self.canaries is not None
+        canaries = self.canaries.contribution(self.cohort.slots, template, support)
+        real = aggregate.denominator * (self.clients.real_population
+                                        / max(self.clients.population, 1))
+        if real <= 0:
+            return aggregate
+        mean = {k: (aggregate.mean[k] * aggregate.denominator - canaries[k]) / real
+                for k in aggregate.mean}
+        return dataclasses.replace(aggregate, mean=mean, denominator=real)
 
     def _metrics(self, uploads: list[ClientUpload], global_update: Tensors,
                  stats: RoundStats) -> MetricRecord:

@@ -196,11 +196,29 @@ def test_a_run_that_claims_no_epsilon_plans_none(monkeypatch: pytest.MonkeyPatch
     _, ledger = plan_privacy(config, population=20, void_reason="PLATEAU_TEST_SEED is set")
     assert ledger is not None
     (plan,) = [line for line in lines if line.startswith("privacy plan")]
-    assert "planned epsilon=none" in plan
+    assert "planned epsilon=none (PLATEAU_TEST_SEED is set)" in plan
     lines.clear()
     plan_privacy(config, population=20)
     (plan,) = [line for line in lines if line.startswith("privacy plan")]
     assert re.search(r"planned epsilon=\d+\.\d{4}$", plan)
+
+
+def test_a_planned_epsilon_above_ten_is_warned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 32: the README's DP-FedAvg line gave epsilon 51 after 20 rounds in silence."""
+    import server_app.privacy_plan as privacy_plan
+
+    lines: list[str] = []
+    monkeypatch.setattr(privacy_plan, "log", lambda level, text, *args: lines.append(
+        text % args if args else text))
+    weak = make_config(dp="central", noise_multiplier=0.5, num_server_rounds=20,
+                       sample_rate=0.5)
+    _, ledger = plan_privacy(weak, population=20)
+    assert ledger is not None and ledger.planned_epsilon() > 10
+    assert [line for line in lines if "above 10: a weak guarantee" in line]
+    lines.clear()
+    plan_privacy(make_config(dp="central", noise_multiplier=2.0, num_server_rounds=5,
+                             sample_rate=0.1), population=100)
+    assert not [line for line in lines if "weak guarantee" in line]
 
 
 def test_budget_stop_stops_before_the_round_that_would_overspend() -> None:

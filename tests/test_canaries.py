@@ -178,3 +178,26 @@ def test_a_run_reports_the_audit_beside_epsilon(tmp_path: Path) -> None:
     assert summary["privacy"]["population"] == 104  # the canaries count in N
     assert "audit_epsilon_lower_bound" in rounds[1] and "audit_epsilon_lower_bound" not in \
         rounds[0]
+
+
+def test_the_canaries_do_not_dilute_the_real_updates() -> None:
+    """Issue 32: 50 canaries beside 20 clients made the expected cohort 35, so the real updates
+    were divided by 35 (accuracy 0.80 -> 0.58 at the same epsilon). The server takes the
+    canaries' clipped updates out of the released sum (it inserted them) and divides by the
+    real share of the cohort: without noise, the model moves by the mean of the real clipped
+    updates, as in a run without canaries; the audit still scores the sum with them."""
+    config = make_config(dp="central", noise_multiplier=0.0, clip_norm=1.0, sample_rate=1.0,
+                         sampling="fixed", audit_canaries=50)
+    strategy = FedAvg(config, parameter_names=["weight"], buffer_names=[],
+                      privacy=GaussianClientDP(1.0, 0.0))
+    nodes = list(range(1, 21))
+    messages = list(strategy.configure_train(1, ArrayRecord({"weight": torch.zeros(DIM)}),
+                                             ConfigRecord(), FakeGrid(nodes)))
+    updates = {m.metadata.dst_node_id: torch.randn(DIM) * 0.01 for m in messages}
+    result = strategy.train_round(1, [reply(m, {"weight": updates[m.metadata.dst_node_id]})
+                                      for m in messages])
+    assert result.arrays is not None and result.stats.canaries == 50
+    moved = result.arrays.to_torch_state_dict()["weight"]
+    expected = torch.stack(list(updates.values())).mean(dim=0)  # all within C: not clipped
+    assert torch.allclose(moved, expected, atol=1e-6)
+    assert strategy.canaries is not None and strategy.canaries.total.any()  # the audit's sum

@@ -29,11 +29,13 @@ def test_pyproject_defaults_are_the_schema_defaults() -> None:
     assert {k: type(v) for k, v in table.items()} == {k: type(v) for k, v in defaults.items()}
 
 
-def test_readme_table_is_the_schema() -> None:
-    """README.md carries exactly the table `python -m plateau.config` generates."""
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("| key | default | allowed | meaning |")
-    assert readme[start:].split("\n\n", 1)[0] == readme_table()
+@pytest.mark.parametrize("name", ["config.md", "outputs.md", "metrics.md"])
+def test_the_reference_docs_are_the_code(name: str) -> None:
+    """docs/ carries exactly what `make docs` (python -m server_app.docs) generates."""
+    from server_app.docs import DOCS
+
+    assert (ROOT / "docs" / name).read_text() == DOCS[name](), f"docs/{name} is stale: make docs"
+    assert readme_table() in (ROOT / "docs" / "config.md").read_text()
     assert [row[0] for row in describe_keys()] == list(pyproject_config())
 
 

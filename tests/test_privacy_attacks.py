@@ -151,7 +151,8 @@ def test_a_noise_share_in_one_spike_is_rejected_although_its_norm_passes() -> No
     std = mechanism.client_noise_std(m)
     spike = torch.zeros(d, dtype=torch.float64)
     spike[123] = std * math.sqrt(d)  # the share's whole energy, in one coordinate
-    lazy = upload(mechanism, torch.randn(d, dtype=torch.float64), spike, m)
+    update = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lazy = upload(mechanism, update, spike, m)
     norm = math.sqrt(float((lazy["w"] ** 2).sum()))
     assert mechanism.screen(norm, d, m) is None  # what main 755c58a relied on alone
     assert mechanism.screen_shape(lazy, m) == "noise-share-concentrated"
@@ -164,7 +165,9 @@ def test_a_share_that_leaves_coordinates_bare_is_rejected() -> None:
     mechanism = GaussianClientDP(1.0, 1.0, placement="distributed")
     std = mechanism.client_noise_std(m)
     noise = torch.zeros(d, dtype=torch.float64)
-    noise[: d // 2] = torch.randn(d // 2, dtype=torch.float64) * std * math.sqrt(2)
+    generator = torch.Generator().manual_seed(2)
+    noise[: d // 2] = torch.randn(d // 2, dtype=torch.float64, generator=generator) * std \
+        * math.sqrt(2)
     lazy = upload(mechanism, torch.zeros(d, dtype=torch.float64), noise, m)
     assert mechanism.screen(float(lazy["w"].norm()), d, m) is None
     assert float(lazy["w"].abs().max()) < 1.0 + std * math.sqrt(2 * (40 + math.log(d)))
@@ -202,8 +205,10 @@ def test_the_shape_screen_sees_only_the_released_coordinates() -> None:
     """Under a public mask (FedSMP) the coordinates outside it carry no noise by design."""
     d, m = 8192, 10
     mechanism = GaussianClientDP(1.0, 1.0, placement="distributed")
-    support = {"w": (torch.arange(d) % 2 == 0).double()}
-    noise = torch.randn(d, dtype=torch.float64) * mechanism.client_noise_std(m) * support["w"]
+    support = {"w": (torch.arange(d) % 4 == 0).double()}  # a quarter of the coordinates
+    generator = torch.Generator().manual_seed(3)
+    noise = (torch.randn(d, dtype=torch.float64, generator=generator)
+             * mechanism.client_noise_std(m) * support["w"])
     honest = upload(mechanism, torch.zeros(d, dtype=torch.float64), noise, m)
     assert mechanism.screen_shape(honest, m, support) is None
     assert mechanism.screen_shape(honest, m) == "noise-share-concentrated"

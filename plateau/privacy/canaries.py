@@ -3,13 +3,17 @@ aggregates reveal about them.
 
 ``audit-canaries = k`` adds k canary clients to the population. They count in N and are sampled
 like every other client, so the accounting is the run's own (for the real clients it describes
-the same mechanism on a population of N + k). Each canary owns a fixed random direction in the
-released space, drawn from a secret key; a fair secret coin decides whether it is *inserted*
-(when sampled it releases 10C along its direction, clipped to C) or *held out* (when sampled it
-releases a zero update: the null client of zero-out adjacency). Either way its upload goes through
-the mechanism's own ``release`` (clip, its noise share) and ``aggregate`` (top-up, central
-noise): no special case inside the mechanism. Real clients see the canaries only through the
-model.
+the same mechanism on a population of N + k). The audit scores the released sum with the
+canaries in it; the model then moves by that sum without the canaries' clipped updates (which
+the server knows: post-processing), over the real clients' share of the expected cohort, so the
+real updates are not diluted by the canaries' slots (their noise shares stay in the sum).
+
+Each canary owns a fixed random direction in the released space, drawn from a secret key; a fair
+secret coin decides whether it is *inserted* (when sampled it releases 10C along its direction,
+clipped to C) or *held out* (when sampled it releases a zero update: the null client of zero-out
+adjacency). Either way its upload goes through the mechanism's own ``release`` (clip, its noise
+share) and ``aggregate`` (top-up, central noise): no special case inside the mechanism. Real
+clients see the canaries only through the model.
 
 The auditor's score of a canary is the cosine between its direction and the sum of the round
 aggregates released so far. From the scores it derives
@@ -44,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .mechanism import PrivacyMechanism, Tensors
+from .mechanism import PrivacyMechanism, Tensors, clip_flat
 from .noise import ChaChaSource, secret_key, secure_source
 
 CANARY_SCALE = 10.0  # a canary update is CANARY_SCALE * C before clipping: always clipped to C
@@ -261,6 +265,24 @@ class CanaryClients:
                                           support=support)
             uploads.append(released)
         return uploads
+
+    def contribution(self, slots: Sequence[int], template: Mapping[str, torch.Tensor],
+                     support: Mapping[str, torch.Tensor] | None = None) -> Tensors:
+        """The sum of the sampled canaries' clipped updates: what their uploads carry besides
+        their noise shares. The server knows it (it inserted them), so taking it out of the
+        released sum is post-processing, and the noise shares stay in."""
+        total = {k: torch.zeros_like(t) for k, t in template.items()}
+        for slot in slots:
+            if not self.is_canary(slot) or not self.inserted[slot - self.first_slot]:
+                continue
+            update = self._tensors(self.direction(slot - self.first_slot) * CANARY_SCALE
+                                   * self.clip_norm, template)
+            if support is not None:
+                update = {k: t * support[k] for k, t in update.items()}
+            clipped, _ = clip_flat(update, self.clip_norm)
+            for k in total:
+                total[k] += clipped[k]
+        return total
 
     def observe(self, mean_update: Mapping[str, torch.Tensor]) -> None:
         """Add a round's released aggregate to the running sum the audit scores."""
