@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def attempt(case: Case, timeout: float = 120.0) -> Outcome:
         if case.setup is not None:
             case.setup(results)
         before = {p for p in results.rglob("*")} if results.exists() else set()
-        config = case.config.replace("{port}", str(port)) + f" results-dir='{results}'"
+        config = f"results-dir='{results}' " + case.config.replace("{port}", str(port))
         env = {**os.environ, "FLWR_HOME": str(Path(folder) / "flwr-home"),
                "PLATEAU_DATA_DIR": os.environ.get("PLATEAU_DATA_DIR",
                                                   str(Path.home() / ".cache" / "plateau"))}
@@ -107,7 +108,10 @@ def attempt(case: Case, timeout: float = 120.0) -> Outcome:
         after = {p for p in results.rglob("*")} if results.exists() else set()
     lines = [line for line in proc.stderr.splitlines() if line.strip()
              and not line.startswith("make:")]
-    return Outcome(case, proc.returncode, seconds, lines[-1] if lines else "", len(lines),
+    # make itself exits 2 whenever its recipe fails: the launcher's own code is in its message
+    failed = re.search(r"^make: \*\*\* \[.*\] Error (\d+)$", proc.stderr, re.MULTILINE)
+    code = int(failed.group(1)) if failed else proc.returncode
+    return Outcome(case, code, seconds, lines[-1] if lines else "", len(lines),
                    "Traceback" in proc.stdout + proc.stderr,
                    sorted(str(p.relative_to(results)) for p in after - before))
 

@@ -324,7 +324,7 @@ class RunConfig:
             import difflib
 
             known = sorted({*fields, *options})
-            close = difflib.get_close_matches(unknown[0], known, n=3, cutoff=0.6)
+            close = difflib.get_close_matches(unknown[0], known, n=3, cutoff=0.75)
             hint = (f"did you mean {' or '.join(repr(k) for k in close)}?" if close else
                     "the keys are listed in docs/config.md (python -m plateau.config --list)")
             raise ConfigError(f"unknown run-config key {unknown[0]!r}; {hint}")

@@ -356,6 +356,10 @@ def partition_indices(
     min_size: int = -1,
 ) -> list[np.ndarray]:
     """Split sample indices among clients with the flwr-datasets partitioner of that name."""
+    if num_partitions > len(labels):
+        raise DataError(f"its {len(labels):,} training samples cannot be split among "
+                        f"{num_partitions:,} clients: at most {len(labels):,} clients (one "
+                        "sample each); use fewer clients")
     import datasets
     from flwr_datasets.partitioner import (
         DirichletPartitioner,
@@ -363,10 +367,6 @@ def partition_indices(
         PathologicalPartitioner,
     )
 
-    if num_partitions > len(labels):
-        raise DataError(f"its {len(labels):,} training samples cannot be split among "
-                        f"{num_partitions:,} clients: at most {len(labels):,} clients (one "
-                        "sample each); use fewer clients")
     table = datasets.Dataset.from_dict(
         {"label": labels.astype(np.int64), "index": np.arange(len(labels))}
     )

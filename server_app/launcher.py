@@ -94,9 +94,11 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
         position = match.end()
         name, value = match.groups()
         quote = value[0]
-        if quote in "'\"" and (len(value) < 2 or value[-1] != quote):
-            bare = value.strip("'\"")
-            raise ConfigError(f"{name}={value}: the string is not closed; write "
+        # unclosed: no closing quote, or one borrowed from the next pair ('central run-name=')
+        if quote in "'\"" and (len(value) < 2 or value[-1] != quote
+                                or re.search(r"\s\S+=$", value[1:-1])):
+            bare = re.split(r"\s", value.strip("'\""), maxsplit=1)[0]
+            raise ConfigError(f"{name}={value.split()[0]}: the string is not closed; write "
                               f"{name}='{bare}'")
         try:
             overrides[name] = tomllib.loads(f"v = {value}")["v"]

@@ -74,8 +74,7 @@ OUTSIDE_EPSILON = {
 # record-level DP: what the silos' own epsilon means, and what the server shows of it
 RECORD_ADJACENCY = {
     "add/remove": "one record added or removed; for a silo that declared record-public-size: "
-                  "its q and delta come from that public number, so nothing it sends depends on "
-                  "its record count",
+                  "its q and delta, and every figure it reports, come from that public number",
     "substitution": "one record replaced by another; for a silo without record-public-size: "
                     "its q and delta come from its own record count, which this epsilon does "
                     "not hide (under client-level DP the count stays on the silo; a run without "

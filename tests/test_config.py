@@ -134,11 +134,40 @@ def test_overrides_parse_like_flwr_run() -> None:
     assert parse_overrides("dp='central' noise-multiplier=0.5 local-steps=3 run-name=\"x\"") == {
         "dp": "central", "noise-multiplier": 0.5, "local-steps": 3, "run-name": "x"}
     assert parse_overrides("  ") == {}
-    with pytest.raises(ConfigError, match="quote strings"):
+    with pytest.raises(ConfigError, match="strings are quoted: dp='central'"):
         parse_overrides("dp=central")
+    with pytest.raises(ConfigError, match="the string is not closed; write dp='central'"):
+        parse_overrides("local-steps=3 dp='central")
+    with pytest.raises(ConfigError, match="the string is not closed; write dp='central'"):
+        parse_overrides("dp='central run-name='x'")
+    with pytest.raises(ConfigError, match="cannot read 'oops'"):
+        parse_overrides("dp='central' oops")
 
 
 def test_every_key_has_a_description() -> None:
     assert len(describe_keys()) == len(RunConfig.keys())
     for name, _, _, doc in describe_keys():
         assert doc.strip(), name
+
+
+def test_a_misspelled_key_gets_a_suggestion_not_the_whole_key_list() -> None:
+    """Issue 32: a misspelled key dumped all 90 keys with no "did you mean"."""
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_mapping({"num-server-round": 3})
+    assert str(caught.value) == ("unknown run-config key 'num-server-round'; did you mean "
+                                 "'num-server-rounds'?")
+    with pytest.raises(ConfigError, match=r"docs/config\.md") as caught:
+        RunConfig.from_mapping({"zzz": 1})
+    assert "accountant" not in str(caught.value)
+
+
+def test_client_noise_shares_need_noise() -> None:
+    """Issue 32: dp='distributed' or 'local' with noise-multiplier=0 crashed 50 s in with a
+    ZeroDivisionError; it is a config error, and central DP without noise is still allowed
+    (a clipped baseline that claims no epsilon)."""
+    for placement in ("distributed", "local"):
+        with pytest.raises(ConfigError, match=f"noise-multiplier=0 with dp='{placement}'"):
+            RunConfig.from_mapping({"dp": placement, "noise-multiplier": 0.0})
+        RunConfig.from_mapping({"dp": placement, "noise-multiplier": 0.0,
+                                "target-epsilon": 4.0})
+    RunConfig.from_mapping({"dp": "central", "noise-multiplier": 0.0})

@@ -106,8 +106,9 @@ def test_what_can_only_fail_later_is_refused_before_flower_starts(
                          ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_signal_to_make_run_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
     """In the middle of a run, SIGTERM goes to `make` alone (as `kill` sends it), SIGINT and
-    SIGHUP to its whole process group (as Ctrl-C or a closed terminal send them): the
-    SuperLink, the SuperExec, the simulation and Ray all go."""
+    SIGHUP to its whole process group (as Ctrl-C or a closed terminal send them): the run
+    writes summary.json (status stopped, the signal as the reason), then the SuperLink, the
+    SuperExec, the simulation and Ray all go."""
     home = tmp_path / "flwr-home"
     log = tmp_path / "make.log"
     config = (f"num-server-rounds=500 local-steps=50 results-dir='{tmp_path}' "
@@ -133,6 +134,11 @@ def test_a_signal_to_make_run_stops_everything_it_started(tmp_path: Path, signum
             time.sleep(0.5)
         assert leftover_processes(home) == [], log.read_text()[-2000:]
         assert "stopping everything it started" in log.read_text()
+        # the ServerApp was asked to stop first, and wrote its summary (issue 32: it did not)
+        summary = json.loads((tmp_path / "interrupted" / "summary.json").read_text())
+        assert summary["status"] == "stopped", summary
+        assert signal.Signals(signum).name in summary["stop_reason"]
+        assert summary["rounds_completed"] >= 1
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(make.pid, signal.SIGKILL)

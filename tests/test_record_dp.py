@@ -445,6 +445,11 @@ def test_silos_report_their_epsilon_and_the_run_ends_when_none_can_train(tmp_pat
     assert record["silo_status"] == dict.fromkeys("012", "out of budget")
     assert record["epsilon_max"] == rounds[-1]["record_epsilon_max"] <= 1.65
     assert "record_epsilon" in summary["privacy"]["outside_epsilon"]["rounds.jsonl"]
+    assert summary["privacy"]["formally_dp"] is True  # record-level, though dp='off'
+    assert summary["privacy"]["units"] == ["one record of a silo"]
+    from server_app.results import ROUND_KEYS, SUMMARY_KEYS
+
+    assert set().union(*rounds) <= set(ROUND_KEYS) and set(summary) <= set(SUMMARY_KEYS)
     assert "plateau_record_epsilon" in summary["privacy"]["outside_epsilon"]["prometheus"]
     # the silo's epsilon, recomputed from what it reported by Google's dp-accounting
     (silo,) = record["silos"].values()

@@ -45,6 +45,15 @@ def test_central_dp_two_rounds_reports_clipping(tmp_path: Path) -> None:
     assert privacy["epsilon_against_server"] is None  # central: the server sees clipped updates
     # with C = 0.1 every client's update is clipped at this learning rate
     assert rounds[0]["clip_fraction"] == 1.0
+    assert privacy["units"] == ["one client's data"]
+    assert summary["round_loop_s"] > 0 and summary["setup_s"] > 0
+    # every key written is documented in docs/outputs.md (server_app.results), and vice versa
+    # every documented telemetry key is one the run can write
+    from server_app.results import ROUND_KEYS, SUMMARY_KEYS
+
+    assert set().union(*rounds) <= set(ROUND_KEYS), set().union(*rounds) - set(ROUND_KEYS)
+    assert set(summary) <= set(SUMMARY_KEYS), set(summary) - set(SUMMARY_KEYS)
+    assert set(privacy["outside_epsilon"]["rounds.jsonl"]) <= set(ROUND_KEYS)
 
 
 @pytest.mark.simulation

@@ -17,8 +17,9 @@ proximal terms, the global direction) is post-processing of public or already pr
 Which n, and which adjacency (README "Record-level DP"):
 
 * a silo that declares ``record-public-size`` (a public lower bound on its count) samples at
-  q = batch-size / public size and takes its delta from that number: nothing it sends depends
-  on its true count, and its epsilon holds under **add/remove** (Opacus' accountants);
+  q = batch-size / public size and takes its delta from that number: every figure it reports
+  comes from public numbers (its update, a sum over its records, still grows with how many it
+  has), and its epsilon holds under **add/remove** (Opacus' accountants);
 * otherwise q and delta come from its own count n_i, which then shapes what the silo sends;
   add/remove neighbours differ in n_i, so the epsilon is accounted under **substitution** (one
   record replaced, n_i fixed) by dp-accounting's PLD accountant (REPLACE_ONE). Under client-level

@@ -13,9 +13,10 @@ Record-level keys (see README "Record-level DP"):
 * ``record-ledger``: the file the silo's spend is kept in (required by the two budget keys:
   without it a budget would be per run, and a server starting new runs would spend it again);
 * ``record-public-size``: a public lower bound on the silo's record count. With it, the silo
-  samples and sets delta from that public number, so nothing it sends depends on its true count,
-  and its epsilon is accounted under add/remove; without it the count stays on the silo and the
-  epsilon is accounted under substitution (one record replaced: the count is not protected);
+  samples and sets delta from that public number, so every figure it reports comes from public
+  numbers, and its epsilon is accounted under add/remove; without it the count stays on the silo
+  and the epsilon is accounted under substitution (one record replaced: the count is not
+  protected);
 * ``publish-record-epsilon``: under client-level DP, report the silo's epsilon to the server even
   though, without ``record-public-size``, it reveals the silo's record count.
 """
