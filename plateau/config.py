@@ -112,7 +112,7 @@ DP_MODES = ("off", "central", "distributed", "local")
 class RunConfig:
     """Typed view of ``[tool.flwr.app.config]``: attribute ``local_steps`` is ``local-steps``."""
 
-    algorithm: str = key("fedavg", "Federated algorithm; see the README table 'Algorithms'.",
+    algorithm: str = key("fedavg", "Federated algorithm; see the README section 'Algorithms'.",
                          pattern=r"[a-z0-9-]+")
     num_server_rounds: int = key(20, "Communication rounds T.", min=1)
     sample_rate: float = key(
@@ -223,12 +223,14 @@ class RunConfig:
         0.0, "record-dp: if > 0, each silo calibrates its own record-noise-multiplier so that "
         "its epsilon after num-server-rounds rounds of local-steps steps stays <= this; also a "
         "cap: a silo declines a round that would exceed it.", min=0)
-    record_delta: float = key(0.0, "record-dp: each silo's delta; 0 = min(1e-5, 0.01/n_i), well "
-                              "below 1/n_i for a silo of n_i records.", min=0, max=1,
-                              max_exclusive=True)
-    record_accountant: str = key("rdp", "record-dp: the silo's accountant (Opacus): 'rdp' or "
-                                 "'prv' (privacy random variables, tighter).",
-                                 choices=("rdp", "prv"))
+    record_delta: float = key(0.0, "record-dp: if > 0, the largest delta the run asks of a "
+                              "silo; each silo uses the smaller of this and its own "
+                              "(max-record-delta in its node config, default min(1e-5, 0.01/n)); "
+                              "0 = each silo's own.", min=0, max=1, max_exclusive=True)
+    record_accountant: str = key("rdp", "record-dp: the accountant (Opacus) of silos that declare "
+                                 "record-public-size (add/remove): 'rdp' or 'prv' (privacy random "
+                                 "variables, tighter); the others account under substitution "
+                                 "with dp-accounting's PLD.", choices=("rdp", "prv"))
     record_per_sample: str = key(
         "hooks", "record-dp: how Opacus clips per record: 'hooks' (per-sample gradients, "
         "GradSampleModule) or 'ghost' (ghost clipping: per-sample norms without per-sample "
@@ -298,8 +300,10 @@ class RunConfig:
                                      "for replies: it looks after 2 ms, each wait doubling up "
                                      "to this (Flower's own loop waits 3 s on a deployment).",
                                      min=0, min_exclusive=True)
-    results_dir: str = key("results", "Folder for rounds.jsonl and summary.json (relative to "
-                           "the working directory of the SuperLink).", pattern=r".+")
+    results_dir: str = key("results", "Folder for rounds.jsonl and summary.json, relative to "
+                           "the working directory of the process that runs the ServerApp (the "
+                           "checkout for make run; the ServerApp SuperExec's in a deployment).",
+                           pattern=r".+")
     run_name: str = key("", "Sub-folder of results-dir; '' = <algorithm>-<dataset>-<time>.",
                         pattern=r"(?!\.+$)[A-Za-z0-9._-]*")
 

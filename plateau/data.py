@@ -24,6 +24,7 @@ import torch
 
 from . import offline
 from .errors import DataError
+from .hub import hub_reachable
 from .seeds import stream_rng
 
 FASHION_MNIST_DIRS = (
@@ -149,24 +150,6 @@ def _load_fashion_mnist_files(folder: Path) -> tuple[Split, Split]:
         return Split(images, _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
 
     return split("train"), split("t10k")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub (``HF_ENDPOINT``) answers a TCP connection, unless the user
-    said to work offline: ``datasets`` itself retries for about half a minute before failing."""
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    import socket
-
-    try:
-        with socket.create_connection((endpoint.hostname or "huggingface.co",
-                                       endpoint.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _hub_cached(info: DatasetInfo) -> bool:

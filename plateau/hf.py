@@ -19,6 +19,7 @@ from .hub import (
     TEXT_MODELS,
     VIT_HUB_ID,
     ModelError,
+    check_hub_source,
     hub_failure,
     load_tokenizer,
     minilm_dir,
@@ -124,6 +125,7 @@ def _pretrained(name: str, info: DatasetInfo) -> nn.Module:
     )
 
     source = str(minilm_dir()) if name == "minilm" else HUB_TEXT_MODELS.get(name, VIT_HUB_ID)
+    check_hub_source("model", source)
     try:
         if name == "minilm":
             encoder = AutoModel.from_pretrained(source, add_pooling_layer=False)

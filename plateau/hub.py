@@ -64,6 +64,38 @@ def tokenizer_source(model: str) -> str:
     raise ModelError(f"model {model!r} reads no text; text models: {', '.join(TEXT_MODELS)}")
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub (``HF_ENDPOINT``) answers a TCP connection, unless the user
+    said to work offline: ``huggingface_hub`` itself retries for about half a minute before it
+    fails, and a run should say in one line at once that it cannot."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co",
+                                       endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_hub_source(what: str, source: str) -> None:
+    """Fail at once, with the line a failed download would give, when ``source`` is a Hub id
+    that is neither cached here nor reachable (a local folder passes)."""
+    if Path(source).is_dir() or hub_reachable():
+        return
+    from huggingface_hub import constants
+
+    cached = Path(constants.HF_HUB_CACHE) / f"models--{source.replace('/', '--')}"
+    if not cached.is_dir():
+        raise ModelError(f"{what} {source!r} is on the Hugging Face Hub, which cannot be reached "
+                         f"from here, and it is not in the local cache; {OFFLINE_MODELS}")
+
+
 def hub_failure(what: str, source: str, err: Exception) -> ModelError:
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     return ModelError(f"{what} {source!r} could not be loaded ({reason[:160]}); {OFFLINE_MODELS}")
@@ -74,6 +106,7 @@ def load_tokenizer(source: str):
     """A tokenizer, loaded once per process."""
     from transformers import AutoTokenizer
 
+    check_hub_source("tokenizer", source)
     quiet()
     try:
         return AutoTokenizer.from_pretrained(source)

@@ -16,7 +16,6 @@ from plateau.config import ConfigError
 from plateau.privacy.audit import ScaledSource
 from plateau.privacy.canaries import (
     CanaryClients,
-    audit_confidence,
     audit_flags,
     audit_scores,
     gaussian_dp_epsilon,
@@ -153,6 +152,8 @@ def test_canaries_need_a_formally_dp_run() -> None:
 
 def test_repeated_audits_are_corrected_for_multiplicity() -> None:
     """Issue 31: audit-every raised the 95 % flag at every look with no correction."""
+    from plateau.privacy.canaries import audit_confidence
+
     assert audit_confidence(0, 20) == pytest.approx(0.95)
     assert audit_confidence(1, 10) == pytest.approx(1 - 0.05 / 10)
     assert audit_confidence(5, 20) == pytest.approx(1 - 0.05 / 4)  # rounds 5, 10, 15, the end

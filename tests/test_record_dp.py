@@ -24,7 +24,6 @@ from plateau.models import model_from_config
 from plateau.privacy.noise import ChaChaSource
 from plateau.privacy.record_dp import (
     LEDGER_KEY,
-    SUBSTITUTION,
     RecordPlan,
     RecordPrivatiser,
     SiloLedger,
@@ -32,9 +31,10 @@ from plateau.privacy.record_dp import (
     per_sample_module,
     plan_for,
 )
-from plateau.privacy.silo_policy import SiloPolicy
 
 from .helpers import make_config, simulate
+
+SUBSTITUTION = "substitution"  # the adjacency a count-private silo's ledger entries record
 
 
 def plan(sigma: float = 0.0, clip: float = 0.5, rate: float = 0.5, records: int = 16,
@@ -271,6 +271,8 @@ def test_a_silo_budget_without_a_ledger_file_is_refused(key: str) -> None:
                                        ("record-public-size", 10.5),
                                        ("publish-record-epsilon", "maybe")])
 def test_bad_silo_policy_values_name_the_key(key: str, value: object) -> None:
+    from plateau.privacy.silo_policy import SiloPolicy
+
     with pytest.raises(NodeConfigError, match=f"node config {key}="):
         SiloPolicy.from_node_config({key: value})
 

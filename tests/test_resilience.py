@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -104,28 +105,36 @@ def test_a_resume_that_would_drop_the_budget_is_refused(tmp_path: Path) -> None:
     assert ledger is not None and ledger["max_participations"] == 2
 
 
-@pytest.mark.simulation
 def test_a_copied_checkpoint_folder_cannot_be_resumed_twice(tmp_path: Path) -> None:
     """Issue 31: copying a checkpoint folder and resuming each copy released rounds no ledger
     counted (two copies: 4 round models, each summary 3 events). The server's run ledger
-    (outside the results folder) counts each run's rounds once: the second copy is refused."""
+    (outside the results folder) counts each run's rounds once: the second copy is refused.
+    The real round loop runs against a fake grid whose nodes never reply: each DP round still
+    releases its noise and is accounted, which is all the ledgers see."""
     import shutil
 
-    common = {"dp": "central", "noise_multiplier": 1.0, "sample_rate": 1.0,
-              "run_ledger": str(tmp_path / "run-ledger"), "local_steps": 2}
-    first = simulate(tmp_path, "r", num_server_rounds=2, **common)
-    assert first["status"] == "completed"
+    common = {"dp": "central", "noise_multiplier": 1.0, "sample_rate": 1.0, "run_name": "r",
+              "run_ledger": str(tmp_path / "run-ledger"), "round_timeout": 0.01,
+              "max_failed_rounds": 10}
+    first = run_loop_for(tmp_path, num_server_rounds=2, **common).run()
+    assert first["status"] == "completed" and first["rounds_completed"] == 2
     saved = json.loads((tmp_path / "r" / "checkpoint" / LEDGER).read_text())
     assert set(saved) >= {"lineage", "max_participations"} and "participations" not in saved
     shutil.copytree(tmp_path / "r" / "checkpoint", tmp_path / "copy")
-    resumed = simulate(tmp_path, "r", num_server_rounds=3, resume=True, **common)
+    resumed = run_loop_for(tmp_path, num_server_rounds=3, resume=True, **common).run()
     assert resumed["status"] == "completed" and resumed["rounds_completed"] == 3
     with pytest.raises(ConfigError, match="another copy of the checkpoint folder"):
-        run_loop_for(tmp_path, checkpoint_dir=str(tmp_path / "copy"), run_name="copy",
-                   num_server_rounds=3, resume=True, **common)
+        run_loop_for(tmp_path, num_server_rounds=3, resume=True,
+                     **{**common, "checkpoint_dir": str(tmp_path / "copy")})
+    # the launcher's up-front check refuses it too, before Flower starts
+    from server_app.checkpoint import check_resume
+
+    with pytest.raises(ConfigError, match="another copy of the checkpoint folder"):
+        check_resume(make_config(results_dir=str(tmp_path), num_server_rounds=3, resume=True,
+                                 **{**common, "checkpoint_dir": str(tmp_path / "copy")}))
 
 
-def run_loop_for(results: Path, **config: object) -> object:
+def run_loop_for(results: Path, **config: object) -> Any:
     """The ServerApp's set-up (partition query included) against a fake grid of 3 nodes."""
     from server_app.loop import RunLoop
     from tests.helpers import FakeGrid
