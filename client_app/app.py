@@ -72,9 +72,10 @@ def enforce_node_policy(config: RunConfig, node_config: Mapping[str, object]) ->
     if config.dp_enabled and config.clip_norm > ceiling:
         raise NodeConfigError(f"clip-norm={config.clip_norm} is above this SuperNode's "
                               f"max-clip-norm={ceiling}")
-    if policy.require_record_dp and config.record_dp != "on":
-        raise NodeConfigError("this SuperNode requires record-level DP (require-record-dp); "
-                              "the run has record-dp='off'")
+    if policy.requires_record_dp and config.record_dp != "on":
+        raise NodeConfigError("this SuperNode requires record-level DP (require-record-dp, or "
+                              "a record-level budget or noise floor); the run has "
+                              "record-dp='off'")
     record_floor = policy.min_record_noise_multiplier
     if (config.record_dp == "on" and config.record_target_epsilon == 0
             and config.record_noise_multiplier < record_floor):

@@ -41,6 +41,7 @@ from plateau.privacy.mechanism import (
 )
 from plateau.privacy.noise import secure_source, test_seed
 from plateau.privacy.record_dp import (
+    ADD_REMOVE,
     LEDGER_KEY,
     SUBSTITUTION,
     LedgerFile,
@@ -286,12 +287,22 @@ class SiloRound:
     def open(cls, cfg: RunConfig, context: Context, records: int,
              queries_per_step: int) -> SiloRound:
         policy = SiloPolicy.from_node_config(context.node_config)
+        count_private = cfg.dp_enabled and not policy.record_public_size
+        if count_private and policy.max_record_epsilon > 0:
+            # its declines would depend on the count, at thresholds the server steers (the
+            # run's sigma, steps and rounds): an oracle on the count, one free question a run
+            raise NodeConfigError(
+                "node config max-record-epsilon under client-level DP needs "
+                "record-public-size=<a public lower bound on the record count>: without it, "
+                "when the silo declines would tell the server its count")
         plan = plan_for(cfg, records, queries_per_step, policy)
         floor = policy.min_record_noise_multiplier
         if plan.noise_multiplier < floor:
-            raise NodeConfigError(
-                f"record-noise-multiplier {plan.noise_multiplier:.4g} (this silo's plan) is "
-                f"below this SuperNode's min-record-noise-multiplier={floor:g}")
+            log(WARNING, "record-noise-multiplier %.4g of this silo's plan is below "
+                "min-record-noise-multiplier=%g", plan.noise_multiplier, floor)
+            raise NodeConfigError(  # no sigma in the text: calibrated, it reflects the count
+                "the run's record-level noise for this silo is below this SuperNode's "
+                f"min-record-noise-multiplier={floor:g}")
         store = LedgerFile(policy.record_ledger) if policy.record_ledger else None
         if cfg.resume and store is None:
             raise NodeConfigError(
@@ -315,8 +326,12 @@ class SiloRound:
 
     def _over_budget(self, ledger: SiloLedger, cfg: RunConfig) -> str | None:
         """'record-budget' when this round's planned steps, on top of everything taken and
-        reserved, would take the silo above its cap (at the silo's delta)."""
-        caps = [c for c in (self.policy.max_record_epsilon, cfg.record_target_epsilon) if c > 0]
+        reserved, would take the silo above its cap (at the silo's delta). Under client-level
+        DP a silo whose plan uses its own count never declines (its own cap needs a public
+        size: ``open``), and the run's record-target-epsilon only calibrates its sigma."""
+        count_private = cfg.dp_enabled and not self.policy.record_public_size
+        run_cap = 0.0 if count_private else cfg.record_target_epsilon
+        caps = [c for c in (self.policy.max_record_epsilon, run_cap) if c > 0]
         if not caps:
             return None
         after = ledger.after(self.plan, cfg.local_steps).epsilon(self.plan.delta,
@@ -353,10 +368,12 @@ class SiloRound:
         depend on the silo's record count leave it only where that count is public anyway (a
         run without client-level DP, whose epsilon is then accounted under substitution) or by
         the silo's choice (``publish-record-epsilon``); a silo with ``record-public-size``
-        reports numbers computed from that public size only. Under client-level DP otherwise:
-        nothing (the reply itself says the silo is within its budget)."""
+        whose every step was sampled at that public size's rate reports numbers computed from
+        public ones. Under client-level DP otherwise: nothing (the reply itself says the silo
+        is within its budget)."""
         public = self.policy.record_public_size
-        if cfg.dp_enabled and not public and not self.policy.publish_record_epsilon:
+        from_public = public and self.ledger.adjacency == ADD_REMOVE  # every step at b/public
+        if cfg.dp_enabled and not from_public and not self.policy.publish_record_epsilon:
             return {}
         report: dict[str, float | int] = {
             "record-epsilon": self.ledger.epsilon(self.plan.delta, self.plan.accountant),

@@ -222,7 +222,8 @@ class RunConfig:
     record_target_epsilon: float = key(
         0.0, "record-dp: if > 0, each silo calibrates its own record-noise-multiplier so that "
         "its epsilon after num-server-rounds rounds of local-steps steps stays <= this; also a "
-        "cap: a silo declines a round that would exceed it.", min=0)
+        "cap (a silo declines a round that would exceed it), except under client-level dp for "
+        "a silo without record-public-size, whose declines would reveal its count.", min=0)
     record_delta: float = key(0.0, "record-dp: if > 0, the largest delta the run asks of a "
                               "silo; each silo uses the smaller of this and its own "
                               "(max-record-delta in its node config, default min(1e-5, 0.01/n)); "

@@ -60,10 +60,12 @@ def prepare_partitions(config: RunConfig, num_partitions: int) -> None:
     if config.record_dp == "on":
         sizes = [int(n) for n in partition_sizes(spec) if n > 0]  # an empty silo declines
         if sizes and config.batch_size >= min(sizes):
-            raise ConfigError(
-                f"record-dp='on' with batch-size={config.batch_size}: the smallest of the "
-                f"{num_partitions} silos has {min(sizes)} records, and record-level sampling "
-                f"needs q = batch-size / n_i < 1; allowed: batch-size < {min(sizes)}")
+            # the bundled splits are public, so the server may say so; a silo with fewer
+            # records than a batch samples them all (q = 1: no amplification by sampling)
+            log(WARNING, "record-dp='on' with batch-size=%d: the smallest of the %d silos has "
+                "%d records, so it samples every record each step (q = 1, no amplification "
+                "by sampling): its epsilon grows much faster", config.batch_size,
+                num_partitions, min(sizes))
         if sizes:
             warn_large_record_epsilon(config, min(sizes))
 

@@ -8,8 +8,9 @@ therefore gets a lineage id (random, saved in its checkpoint), and the run ledge
 outside any results folder (``run-ledger``), holds per lineage how many accounting events have
 been committed. A round is committed there, under an exclusive lock, only if the count there
 equals this copy's count before the round; a resume is refused when the count there is ahead
-of the checkpoint's. A crash between the checkpoint's ledger and the run ledger leaves the run
-ledger behind, never ahead: the resume brings it level.
+of the checkpoint's, or when the run ledger does not know the run at all (a copy resumed with
+another run-ledger folder). A crash between the checkpoint's ledger and the run ledger leaves
+the run ledger behind, never ahead: the resume brings it level.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from plateau.config import ConfigError, RunConfig
+from plateau.durable import sync_directory
 
 
 class CopiedRun(RuntimeError):
@@ -83,11 +85,18 @@ class RunLineage:
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(self.path)
+        sync_directory(self.folder)
 
     def check_resume(self, events: int, write: bool = True) -> None:
         """Refuse to resume a checkpoint that another copy has continued past; bring the run
         ledger level with a checkpoint whose last round it missed (a crash in between), unless
         ``write`` is false (a check before the run)."""
+        if not self.path.is_file():
+            raise ConfigError(
+                f"resume refused: the run ledger {self.folder} does not know this run "
+                f"(lineage {self.lineage}): resume with the run-ledger folder it started with "
+                "(a persistent volume in containers); a copy resumed elsewhere would release "
+                "rounds no ledger counts")
         if not write:
             committed = self._read()
             if committed > events:

@@ -23,7 +23,7 @@ from plateau.config import ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
 from plateau.messages import exchange, tensors_record
 from plateau.privacy.accounting import PrivacyAccountant
-from plateau.privacy.canaries import audit_confidence, audit_flags
+from plateau.privacy.canaries import audit_flags
 from plateau.privacy.mechanism import mechanism_from_config
 from plateau.privacy.noise import TEST_SEED_ENV, test_seed
 from strategies import LOCAL_RULES, PlateauStrategy
@@ -50,7 +50,7 @@ from .lineage import CopiedRun, RunLineage, run_ledger_folder
 from .metrics import RunMetrics
 from .privacy_plan import PrivacyLedger, plan_privacy
 from .results import RunRecorder, default_run_name
-from .stop_request import RunStopped, stop_requested
+from .stop_request import stop_requested
 
 ADJACENCY = ("zero-out: one client's data replaced by a null client that releases a zero "
              "update; its node still takes part, so every count is the same in both worlds")
@@ -349,7 +349,7 @@ class RunLoop:
                     log(WARNING, "stopping: %s", reason)
                     break
                 self.one_round(server_round)
-        except (CopiedRun, RunStopped) as stopped:
+        except CopiedRun as stopped:
             status, outcome["stop_reason"] = "stopped", str(stopped)
             log(WARNING, "stopping: %s", stopped)
         except Exception as err:
@@ -406,8 +406,7 @@ class RunLoop:
         canaries = self.strategy.canaries
         if canaries is None or self.ledger is None:
             return None
-        report = canaries.report(self.ledger.delta, audit_confidence(
-            self.config.audit_every, self.config.num_server_rounds))
+        report = canaries.report(self.ledger.delta)  # the run's next look
         result: dict[str, Any] = report.as_dict()
         epsilon = None if self.void_reason else self.ledger.epsilon
         flags = audit_flags(report, epsilon)
@@ -472,10 +471,10 @@ class RunLoop:
         started = time.monotonic()
         arrays = tensors_record(strategy.current)
         messages = strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)
+        # a stop ends the wait; the round still goes through with the replies it has (they
+        # were handed to the server: counted against it, and their round is accounted)
         replies = exchange(self.grid, messages, config.round_timeout, config.reply_poll_interval,
                            should_stop=lambda: stop_requested() is not None)
-        if (reason := stop_requested()) is not None:  # the round is abandoned: nothing released
-            raise RunStopped(f"{reason} (during round {server_round})")
         result = strategy.train_round(server_round, replies)
         epsilon = None
         if self.ledger is not None:

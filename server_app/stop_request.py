@@ -4,8 +4,9 @@
 simulation process, whose own signal handlers end the process without letting the app write its
 summary. So the launcher writes the reason (``SIGINT``, ``timeout after 3600 s``) into the file
 named by ``PLATEAU_STOP_FILE`` in the run's environment; the round loop looks for it before
-every round and while it waits for replies, stops, and writes ``summary.json`` with
-``status: "stopped"`` and the reason, before the launcher stops what is left.
+every round and while it waits for replies (the round then goes on with the replies it has),
+stops, and writes ``summary.json`` with ``status: "stopped"`` and the reason, before the
+launcher stops what is left.
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ import os
 from pathlib import Path
 
 STOP_FILE_ENV = "PLATEAU_STOP_FILE"
-
-
-class RunStopped(BaseException):
-    """The run was asked to stop (not an error: no ``except Exception`` may take it)."""
 
 
 def stop_requested() -> str | None:

@@ -151,16 +151,25 @@ def test_canaries_need_a_formally_dp_run() -> None:
 
 
 def test_repeated_audits_are_corrected_for_multiplicity() -> None:
-    """Issue 31: audit-every raised the 95 % flag at every look with no correction."""
+    """Issue 31: audit-every raised the 95 % flag at every look with no correction. Each look
+    now spends alpha_k = 0.05 * 6 / (pi^2 k^2): whatever the number of looks (resumes and
+    extended runs included), their alphas sum to at most 0.05."""
     from plateau.privacy.canaries import audit_confidence
 
-    assert audit_confidence(0, 20) == pytest.approx(0.95)
-    assert audit_confidence(1, 10) == pytest.approx(1 - 0.05 / 10)
-    assert audit_confidence(5, 20) == pytest.approx(1 - 0.05 / 4)  # rounds 5, 10, 15, the end
+    alphas = [1 - audit_confidence(k) for k in range(1, 100_001)]
+    assert sum(alphas) <= 0.05
+    assert alphas[0] == pytest.approx(0.05 * 6 / math.pi ** 2)
     scores = np.r_[np.full(30, 3.0), np.zeros(70)]
     inserted = np.r_[np.ones(30, bool), np.zeros(70, bool)]
-    assert (audit_scores(scores, inserted, 1e-5, audit_confidence(1, 10)).epsilon_lower_bound
+    assert (audit_scores(scores, inserted, 1e-5, audit_confidence(3)).epsilon_lower_bound
             < audit_scores(scores, inserted, 1e-5, 0.95).epsilon_lower_bound)
+    strategy, _ = audited_run(GaussianClientDP(1.0, 4.0), canaries=100)
+    assert strategy.canaries is not None
+    first = strategy.canaries.report(1e-5)
+    second = strategy.canaries.report(1e-5)
+    assert (first.confidence, second.confidence) == (audit_confidence(1), audit_confidence(2))
+    saved = strategy.canaries.state_dict()
+    assert saved["looks"] == 2  # a resumed run goes on from the third look
 
 
 @pytest.mark.simulation
@@ -174,8 +183,10 @@ def test_a_run_reports_the_audit_beside_epsilon(tmp_path: Path) -> None:
     assert audit["epsilon_estimate"] is not None and audit["accountant_epsilon"] == \
         summary["epsilon"]
     assert "lower-bound-above-epsilon" not in audit["flags"]
-    # two audits (round 2 and the end): each at 97.5 %, so the run's false-flag chance is 5 %
-    assert audit["confidence"] == pytest.approx(0.975)
+    # two audits (round 2 and the end): the end is the run's second look
+    from plateau.privacy.canaries import audit_confidence
+
+    assert audit["confidence"] == pytest.approx(audit_confidence(2))
     assert summary["privacy"]["population"] == 104  # the canaries count in N
     assert "audit_epsilon_lower_bound" in rounds[1] and "audit_epsilon_lower_bound" not in \
         rounds[0]

@@ -212,3 +212,21 @@ def test_the_shape_screen_sees_only_the_released_coordinates() -> None:
     honest = upload(mechanism, torch.zeros(d, dtype=torch.float64), noise, m)
     assert mechanism.screen_shape(honest, m, support) is None
     assert mechanism.screen_shape(honest, m) == "noise-share-concentrated"
+
+
+def test_a_share_on_one_percent_of_the_coordinates_is_rejected() -> None:
+    """A second reviewer's attack on the first version of the screen: the share put on 10
+    coordinates of every 1,024-block at just under the per-coordinate maximum, nothing
+    elsewhere, passed both the norm floor and the block energy test (and was credited with 96 %
+    of its share). Most coordinates are then near zero, which the small-values test sees."""
+    d, m = 2 ** 17, 10
+    mechanism = GaussianClientDP(1.0, 1.0, placement="distributed")
+    std = mechanism.client_noise_std(m)
+    generator = torch.Generator().manual_seed(4)
+    noise = torch.zeros(d, dtype=torch.float64)
+    spikes = torch.arange(d) % 1024 < 10
+    signs = torch.randint(0, 2, (int(spikes.sum()),), generator=generator).double() * 2 - 1
+    noise[spikes] = signs * 10.2 * std
+    lazy = upload(mechanism, torch.zeros(d, dtype=torch.float64), noise, m)
+    assert mechanism.screen(float(lazy["w"].norm()), d, m) is None
+    assert mechanism.screen_shape(lazy, m) == "noise-share-concentrated"

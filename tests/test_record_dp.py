@@ -152,9 +152,10 @@ def test_calibration_meets_the_target_and_two_queries_cost_root_two() -> None:
     assert one.delta == pytest.approx(min(1e-5, 0.01 / 2000))
     assert two.noise_multiplier == pytest.approx(one.noise_multiplier * math.sqrt(2))
     assert two.step_noise_multiplier == pytest.approx(one.step_noise_multiplier)
-    with pytest.raises(ValueError, match="not below this silo's record count") as refused:
-        plan_for(cfg, 20, 1)
-    assert "20 " not in str(refused.value).replace("batch-size=20 ", "")  # no count in it
+    # fewer records than a batch: every record every step (q = 1), the sum still divided by
+    # the public batch size; a refusal would tell the server the count is below its batch
+    small = plan_for(cfg, 12, 1)
+    assert small.sample_rate == 1.0 and small.expected_batch == 20
 
 
 def test_ledger_round_trips_and_refuses_a_corrupt_file(tmp_path: Path) -> None:
@@ -406,6 +407,78 @@ def test_an_abandoned_round_releases_its_reservation(tmp_path: Path) -> None:
     assert SiloLedger.load(path).reserved == {} and SiloLedger.load(path).steps == 0
 
 
+# ----- a second reviewer's attacks on the first version of the above --------------------------
+
+def test_error_texts_carry_nothing_computed_from_the_record_count(tmp_path: Path) -> None:
+    """The calibration's failure named q = batch / n (the server can force it with a tiny
+    record-target-epsilon), and the noise floor's error the calibrated sigma (a function of
+    n): both reached the server as the client error's text."""
+    impossible = {**CLIENT_DP, "record_target_epsilon": 0.001, "num_server_rounds": 10**6}
+    texts = []
+    for run, node in ((impossible, {}),
+                      ({**CLIENT_DP, "record_target_epsilon": 8.0},
+                       {"min-record-noise-multiplier": 50.0,
+                        "record-ledger": str(tmp_path / "l.json")})):
+        with pytest.raises(NodeConfigError) as refused:
+            compute.train(train_message(run, 1), silo_context(**node))
+        texts.append(str(refused.value))
+    n = silo_records(0)
+    for text in texts:
+        assert str(n) not in text and f"{16 / n:.4g}" not in text, text
+    assert "q=" not in texts[0] and "noise-multiplier 0." not in texts[1]
+
+
+def test_under_client_dp_a_count_private_silo_may_not_set_its_own_cap(tmp_path: Path) -> None:
+    """Its declines would answer the server's questions about its count (the server chooses
+    sigma, steps and rounds, run after run); with a public size the cap is allowed, and the
+    run's record-target-epsilon only calibrates a count-private silo (it never declines)."""
+    ledger = str(tmp_path / "l.json")
+    with pytest.raises(NodeConfigError, match="needs record-public-size"):
+        compute.train(train_message(CLIENT_DP, 1),
+                      silo_context(**{"max-record-epsilon": 3.0, "record-ledger": ledger}))
+    capped = compute.train(train_message(CLIENT_DP, 1), silo_context(**{
+        "max-record-epsilon": 20.0, "record-ledger": ledger, "record-public-size": 100}))
+    assert DECLINE_KEY not in capped
+    tight = {**CLIENT_DP, "record_target_epsilon": 0.5, "num_server_rounds": 1,
+             "local_steps": 4}
+    for server_round in range(1, 4):  # past the target: calibration only, no decline
+        assert DECLINE_KEY not in compute.train(train_message(tight, server_round),
+                                                silo_context())
+
+
+def test_a_public_size_publishes_only_while_every_step_used_it(tmp_path: Path) -> None:
+    """A shared ledger holding steps sampled at batch / n (a record-only run) makes the silo's
+    epsilon a function of n again: under client-level DP it is then not published."""
+    ledger = str(tmp_path / "l.json")
+    compute.train(train_message(RUN, 1), silo_context(**{"record-ledger": ledger}))  # b / n
+    reply = compute.train(train_message(CLIENT_DP, 2), silo_context(**{
+        "record-ledger": ledger, "record-public-size": 100}))
+    assert not [k for k in reply["metrics"] if k.startswith("record-")]
+
+
+def test_a_record_level_budget_or_floor_implies_record_dp(tmp_path: Path) -> None:
+    """A run with record-dp='off' trained on a budgeted silo's records uncharged."""
+    message = Message(train_message({"local_steps": 2}, 1), message_type=MessageType.TRAIN,
+                      dst_node_id=7)
+    for node in ({"max-record-epsilon": 3.0, "record-ledger": str(tmp_path / "a.json")},
+                 {"min-record-noise-multiplier": 0.5}):
+        with pytest.raises(NodeConfigError, match="requires record-level DP"):
+            plateau_train(message, silo_context(**node))
+
+
+def test_a_relative_ledger_path_and_a_loose_public_size_are_refused() -> None:
+    from plateau.privacy.silo_policy import SiloPolicy
+
+    with pytest.raises(NodeConfigError, match="expected an absolute path"):
+        SiloPolicy.from_node_config({"record-ledger": "silo.json"})
+    # a delta taken from a public size far below the count (0.01/P), or set loosely, would be
+    # far above 0.01/n for the silo's real count: the silo checks, on its own numbers only
+    assert 0.01 / silo_records(0) < 1e-3
+    with pytest.raises(NodeConfigError, match=r"above 0\.01/n for this silo's record count"):
+        compute.train(train_message(RUN, 1), silo_context(**{
+            "record-public-size": 20, "max-record-delta": 1e-3}))
+
+
 # ----- in simulation: budget status reported; exhausted silos decline; the run ends ----------
 
 budgeted = ClientApp()
@@ -486,9 +559,14 @@ def test_under_client_dp_the_server_publishes_budget_status_and_no_record_count(
     assert len(rows) == 3 and all(set(row) == {"silo", "true"} for row in rows)
 
 
-def test_a_batch_not_below_the_smallest_silo_is_refused_before_flower_starts() -> None:
-    from server_app.build import prepare_partitions
+def test_a_batch_not_below_the_smallest_silo_is_warned_before_flower_starts(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import server_app.build as build
 
-    with pytest.raises(ConfigError, match=r"record-dp='on' with batch-size=400: the smallest"):
-        prepare_partitions(make_config(record_dp="on", batch_size=400), 5)
-    prepare_partitions(make_config(record_dp="on", batch_size=16), 5)
+    lines: list[str] = []
+    monkeypatch.setattr(build, "log", lambda level, text, *args: lines.append(text % args))
+    build.prepare_partitions(make_config(record_dp="on", batch_size=400), 5)
+    assert any("samples every record each step (q = 1" in line for line in lines)
+    lines.clear()
+    build.prepare_partitions(make_config(record_dp="on", batch_size=16), 5)
+    assert not any("q = 1" in line for line in lines)

@@ -155,6 +155,9 @@ def test_two_copies_running_at_once_the_second_stops_before_its_round(tmp_path: 
     with pytest.raises(ConfigError, match="resume refused"):
         RunLineage(tmp_path, lineage.lineage).check_resume(1)
     RunLineage(tmp_path, lineage.lineage).check_resume(3)  # a crash after its own ledger
+    # a copy resumed against another run-ledger folder (another HOME, a fresh container)
+    with pytest.raises(ConfigError, match="does not know this run"):
+        RunLineage(tmp_path / "elsewhere", lineage.lineage).check_resume(3)
     assert json.loads(lineage.path.read_text())["events"] == 3
 
 

@@ -171,12 +171,14 @@ def audit_scores(scores: np.ndarray, inserted: np.ndarray, delta: float,
         correct_guesses=best[1], guesses=best[2])
 
 
-def audit_confidence(audit_every: int, rounds: int) -> float:
-    """The confidence of each of a run's audits, Bonferroni-corrected for how many it makes
-    (every ``audit_every`` rounds before the last, and the final one), so that the chance of
-    any false lower-bound flag in the run stays 1 - CONFIDENCE."""
-    looks = 1 + (len(range(audit_every, rounds, audit_every)) if audit_every > 0 else 0)
-    return 1 - (1 - CONFIDENCE) / looks
+def audit_confidence(look: int) -> float:
+    """The confidence of a run's ``look``-th audit (1-based, counted across resumes): an
+    alpha-spending rule, alpha_k = (1 - CONFIDENCE) * 6 / (pi^2 k^2), whose sum over any number
+    of looks is at most 1 - CONFIDENCE, so the chance of any false lower-bound flag in the run
+    stays 5 % however often it audits and however often it is resumed or extended."""
+    if look < 1:
+        raise ValueError(f"audit look {look}: looks are counted from 1")
+    return 1 - (1 - CONFIDENCE) * 6 / (math.pi ** 2 * look ** 2)
 
 
 def audit_flags(report: AuditReport, epsilon: float | None) -> list[str]:
@@ -217,6 +219,7 @@ class CanaryClients:
         self.key = key or secret_key("canaries")
         self.inserted = self._coins()
         self.total = np.zeros(self.dim)  # sum of the released round aggregates, flattened
+        self.looks = 0  # audits the run has made (each spends part of its 5 % alpha)
 
     def _derive(self, *labels: object) -> bytes:
         return hashlib.sha256(repr((self.key, labels)).encode()).digest()
@@ -300,14 +303,19 @@ class CanaryClients:
         return np.array([float(self.direction(j) @ self.total) / norm
                          for j in range(self.count)])
 
-    def report(self, delta: float, confidence: float = CONFIDENCE) -> AuditReport:
-        """The audit as of now (its lower bound holds with probability ``confidence``)."""
+    def report(self, delta: float, confidence: float | None = None) -> AuditReport:
+        """The audit as of now: the run's next look, at its ``audit_confidence`` (or at
+        ``confidence``, for a one-off check outside the run's sequence of looks)."""
+        if confidence is None:
+            self.looks += 1
+            confidence = audit_confidence(self.looks)
         return audit_scores(self.scores(), self.inserted, delta, confidence)
 
     def state_dict(self) -> dict[str, Any]:
-        """For checkpoints: the canaries' key (theirs, not any client's data) and the sum."""
+        """For checkpoints: the canaries' key (theirs, not any client's data), the sum and how
+        many looks the run has taken (a resumed run goes on spending the same alpha)."""
         return {"count": self.count, "first_slot": self.first_slot, "dim": self.dim,
-                "key": self.key, "total": self.total.copy()}
+                "key": self.key, "total": self.total.copy(), "looks": self.looks}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue an audit; refuses a state of other canaries or another released space."""
@@ -319,3 +327,4 @@ class CanaryClients:
         self.key = bytes(state["key"])
         self.inserted = self._coins()
         self.total = np.asarray(state["total"], dtype=np.float64).copy()
+        self.looks = int(state.get("looks", 0))

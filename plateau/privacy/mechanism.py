@@ -19,9 +19,9 @@ only for what its upload's norm proves (``credited_share``); the server adds the
 slot, so a client that adds part of its share cannot thin the aggregate's noise. Where the norm
 test cannot tell (too few released coordinates) nothing is credited: the total is then 2V.
 Noise shaped to pass the norm test is screened too (``screen_shape``): a share put into a few
-coordinates exceeds the per-coordinate maximum, and coordinates left bare show up as a block
-without its share of the energy. Shapes subtler than that (noise spread over a fixed fraction of
-every block) are not detected; secure aggregation is the remedy for an untrusted server's view.
+coordinates exceeds the per-coordinate maximum, a block left bare lacks its share of the
+energy, and a share left out of most coordinates leaves too many near zero. Shapes beyond these
+tests are not detected; secure aggregation is the remedy for an untrusted server's view.
 
 Noise comes from :mod:`plateau.privacy.noise` (ChaCha20 keyed by the OS per release, float64
 Gaussians).
@@ -47,6 +47,7 @@ Tensors = dict[str, torch.Tensor]
 # probability below exp(-40) = 4e-18.
 NORM_TEST_EXPONENT = 40.0
 SHAPE_BLOCK = 1024  # coordinates per block of the shape screen's energy test
+SHAPE_LEVELS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5)  # |x|/s levels of its small-values test
 
 
 def flat_norm(tensors: Mapping[str, torch.Tensor]) -> float:
@@ -285,15 +286,23 @@ class GaussianClientDP:
                      support: Mapping[str, torch.Tensor] | None = None) -> str | None:
         """Server side, placements with client shares: whether the upload's noise can be the
         isotropic Gaussian share N(0, s^2 I) it owes, not a share concentrated where the norm
-        test cannot see it. With x = clip(v) + z over the released coordinates:
+        test cannot see it. With x = clip(v) + z over the d released coordinates:
 
         * maximum: |x_j| <= C + s t for every j, where d P(|z| > s t) <= d exp(-t^2/2) =
           exp(-40), t = sqrt(2 (40 + ln d)): a share put into a few coordinates exceeds it;
-        * energy: every block of ``SHAPE_BLOCK`` coordinates has ||x_B|| >= ||z_B|| - C >=
-          s sqrt(B - 2 sqrt(B (40 + ln blocks))) - C (Laurent-Massart, union over the blocks):
-          coordinates left bare fail it. Blocks where that bound is not above C are not tested.
+        * energy: every block of ``SHAPE_BLOCK`` coordinates (the last one takes the rest) has
+          ||x_B|| >= ||z_B|| - C >= s sqrt(B - 2 sqrt(B (40 + ln blocks))) - C
+          (Laurent-Massart, union over the blocks): blocks left bare fail it. Blocks where that
+          bound is not above C are not tested;
+        * small values: for each a in ``SHAPE_LEVELS``, the fraction of coordinates with
+          |x_j| <= a s is at most P(|z| <= a) + sqrt((40 + ln levels) / (2 d)). By Anderson's
+          lemma P(|v_j + z_j| <= a s) <= P(|z_j| <= a s) whatever v_j, so Hoeffding bounds the
+          honest count: noise left out of most coordinates (and squeezed under the maximum into
+          the rest) fails it.
 
-        An honest upload fails either with probability below 2 exp(-40), whatever its update.
+        An honest upload fails any of them with probability below 3 exp(-40), whatever its
+        update. A share spread over most of the coordinates in a shape these tests do not
+        see still passes; secure aggregation is the remedy for a server's view of uploads.
         """
         std = self.client_noise_std(cohort)
         if std <= 0:
@@ -305,16 +314,23 @@ class GaussianClientDP:
         if dim == 0:
             return None
         x = NORM_TEST_EXPONENT
-        peak = self.clip_norm + std * math.sqrt(2.0 * (x + math.log(dim)))
-        if float(flat.abs().max()) > peak * (1 + 1e-6):
+        magnitude = flat.abs()
+        if float(magnitude.max()) > (self.clip_norm + std * math.sqrt(2.0 * (x + math.log(dim)))
+                                     ) * (1 + 1e-6):
             return "noise-share-concentrated"
-        block = min(SHAPE_BLOCK, dim)
-        blocks = dim // block
+        blocks = max(1, dim // SHAPE_BLOCK)
         tail = x + math.log(blocks)
-        floor = std * math.sqrt(max(0.0, block - 2.0 * math.sqrt(block * tail))) - self.clip_norm
-        if floor > self.clip_norm:
-            energy = flat[:blocks * block].reshape(blocks, block).norm(dim=1)
-            if float(energy.min()) < floor:
+        full = (blocks - 1) * SHAPE_BLOCK  # whole blocks; the last one takes the rest
+        for sizes, energy in ((SHAPE_BLOCK, flat[:full].reshape(-1, SHAPE_BLOCK).norm(dim=1)),
+                              (dim - full, flat[full:].norm().reshape(1))):
+            floor = std * math.sqrt(max(0.0, sizes - 2.0 * math.sqrt(sizes * tail))) \
+                - self.clip_norm
+            if energy.numel() and floor > self.clip_norm and float(energy.min()) < floor:
+                return "noise-share-concentrated"
+        slack = math.sqrt((x + math.log(len(SHAPE_LEVELS))) / (2.0 * dim))
+        for level in SHAPE_LEVELS:
+            honest = math.erf(level / math.sqrt(2.0))  # P(|z| <= level s)
+            if float((magnitude <= level * std).double().mean()) > honest + slack:
                 return "noise-share-concentrated"
         return None
 

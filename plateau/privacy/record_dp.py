@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plateau.config import RunConfig
+from plateau.durable import sync_directory
 from plateau.privacy.noise import NoiseSource, add_noise
 from plateau.privacy.silo_policy import NodeConfigError, SiloPolicy
 
@@ -111,9 +112,9 @@ def calibrated_multiplier(target: float, delta: float, sample_rate: float, steps
         low, high = 0.05, 1.0
         while substitution_epsilon(((high, sample_rate, steps),), delta) > target:
             low, high = high, high * 2
-            if high > 1e4:
-                raise ValueError(f"record-target-epsilon={target:g} cannot be met at q="
-                                 f"{sample_rate:.4g} over {steps} steps")
+            if high > 1e4:  # no rate in the text: it is a function of the record count
+                raise NodeConfigError(f"record-target-epsilon={target:g} cannot be met over "
+                                      f"{steps} steps at this silo's sampling rate")
         while high - low > 0.005 * high:
             middle = (low + high) / 2
             if substitution_epsilon(((middle, sample_rate, steps),), delta) > target:
@@ -144,6 +145,7 @@ class RecordPlan:
     delta: float
     accountant: str
     adjacency: str = SUBSTITUTION
+    batch_size: int = 0  # the public divisor of each step's noisy sum; 0: q * records
 
     @property
     def step_noise_multiplier(self) -> float:
@@ -152,8 +154,9 @@ class RecordPlan:
 
     @property
     def expected_batch(self) -> float:
-        """q * records = batch-size: the public constant the noisy sum is divided by."""
-        return self.sample_rate * self.records
+        """batch-size: the public constant the noisy sum is divided by (q * records, unless a
+        silo with fewer records than a batch samples every record, q = 1)."""
+        return float(self.batch_size) if self.batch_size else self.sample_rate * self.records
 
     def entry(self, steps: int) -> Entry:
         """``steps`` steps of this plan as a ledger entry."""
@@ -162,23 +165,28 @@ class RecordPlan:
 
 def plan_for(config: RunConfig, records: int, queries_per_step: int,
              policy: SiloPolicy = NO_POLICY) -> RecordPlan:
-    """The silo's plan: q and delta from its declared public size (add/remove) or from its own
-    record count (substitution), and sigma either given or calibrated so that
-    num-server-rounds rounds of local-steps steps (every round, the worst case) stay within
-    record-target-epsilon. Error texts never carry the record count."""
+    """The silo's plan: q = min(1, batch-size / n) and delta from its declared public size
+    (add/remove) or from its own record count (substitution), and sigma either given or
+    calibrated so that num-server-rounds rounds of local-steps steps (every round, the worst
+    case) stay within record-target-epsilon. A silo with fewer records than a batch samples
+    them all (q = 1, no amplification) rather than refuse: a refusal would tell the server
+    that its count is below the batch size the server chose. Error texts carry no number
+    computed from the record count."""
     public = policy.record_public_size
     if public and public > records:
         raise NodeConfigError(f"node config record-public-size={public} is above this silo's "
                               "record count: a public size must be a lower bound")
     size = public or records
-    if config.batch_size >= size:
-        bound = (f"this silo's record-public-size={public}" if public
-                 else "this silo's record count")
-        raise NodeConfigError(f"batch-size={config.batch_size} is not below {bound}: "
-                              "record-level sampling needs q = batch-size / n < 1")
     adjacency = ADD_REMOVE if public else SUBSTITUTION
-    rate = config.batch_size / size
+    rate = min(1.0, config.batch_size / size)
     delta = silo_delta(config, size, policy)
+    # checked at the silo's own delta, which the server cannot move: a check the server could
+    # steer (through record-delta) would answer its questions about the count
+    if public and policy.silo_delta(public) > 0.01 / records:
+        raise NodeConfigError(
+            f"record-public-size={public} gives delta={policy.silo_delta(public):g}, above 0.01/n "
+            "for this silo's record count (delta times n is the chance of a leak at all): set "
+            "max-record-delta to at most 0.01/n, or declare a public size closer to the count")
     sigma = config.record_noise_multiplier
     if config.record_target_epsilon > 0:
         steps = config.num_server_rounds * config.local_steps
@@ -189,7 +197,7 @@ def plan_for(config: RunConfig, records: int, queries_per_step: int,
                       queries_per_step=queries_per_step, sample_rate=rate, records=size,
                       delta=delta, accountant=accountant_name(adjacency,
                                                               config.record_accountant),
-                      adjacency=adjacency)
+                      adjacency=adjacency, batch_size=config.batch_size)
 
 
 def opacus_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str
@@ -305,6 +313,7 @@ class SiloLedger:
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(path)
+        sync_directory(path.parent)
 
     def merged(self, other: SiloLedger) -> SiloLedger:
         """The longer of two histories of the same silo (one is a prefix of the other when

@@ -6,7 +6,7 @@ error that names the key; torch-free, so the ClientApp process can enforce it be
 
 Record-level keys (see README "Record-level DP"):
 
-* ``require-record-dp``: refuse runs without record-level DP;
+* ``require-record-dp``: refuse runs without record-level DP (implied by the two keys after it);
 * ``min-record-noise-multiplier``: the least noise a run may put on this silo's records;
 * ``max-record-epsilon``: the silo's record-level budget, across every run that uses its data;
 * ``max-record-delta``: the delta that budget is checked at (default min(1e-5, 0.01/n));
@@ -80,6 +80,10 @@ class SiloPolicy:
             raise NodeConfigError(f"node config record-public-size={node['record-public-size']!r}"
                                   ": expected a whole number of records")
         ledger = str(node.get("record-ledger", "") or "")
+        if ledger and not Path(ledger).expanduser().is_absolute():
+            raise NodeConfigError(f"node config record-ledger={ledger!r}: expected an absolute "
+                                  "path (the ClientApp and the warm trainer run in different "
+                                  "folders, and must share one ledger)")
         policy = cls(
             require_record_dp=_flag(node, "require-record-dp"),
             min_record_noise_multiplier=_number(node, "min-record-noise-multiplier", 0.0),
@@ -97,6 +101,14 @@ class SiloPolicy:
                 "disk the budget would only hold for one run, and a server starting new runs "
                 "would spend it again")
         return policy
+
+    @property
+    def requires_record_dp(self) -> bool:
+        """Whether runs without record-level DP are refused: asked for, or implied by a budget
+        or a noise floor (a run with record-dp='off' would otherwise train on the records
+        with no charge on the ledger and no noise at all)."""
+        return (self.require_record_dp or self.max_record_epsilon > 0
+                or self.min_record_noise_multiplier > 0)
 
     def silo_delta(self, size: int) -> float:
         """The silo's own delta for ``size`` records (its public size, or its record count)."""
