@@ -97,7 +97,10 @@ def attempt(case: Case, timeout: float = 120.0) -> Outcome:
             case.setup(results)
         before = {p for p in results.rglob("*")} if results.exists() else set()
         config = f"results-dir='{results}' " + case.config.replace("{port}", str(port))
-        env = {**os.environ, "FLWR_HOME": str(Path(folder) / "flwr-home"),
+        # as typed at a shell: not a sub-make of `make test` (which would print make[1]: lines)
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+        env = {**env, "FLWR_HOME": str(Path(folder) / "flwr-home"),
                "PLATEAU_DATA_DIR": os.environ.get("PLATEAU_DATA_DIR",
                                                   str(Path.home() / ".cache" / "plateau"))}
         started = time.monotonic()
@@ -107,9 +110,9 @@ def attempt(case: Case, timeout: float = 120.0) -> Outcome:
         seconds = time.monotonic() - started
         after = {p for p in results.rglob("*")} if results.exists() else set()
     lines = [line for line in proc.stderr.splitlines() if line.strip()
-             and not line.startswith("make:")]
+             and not re.match(r"make(\[\d+\])?: ", line)]
     # make itself exits 2 whenever its recipe fails: the launcher's own code is in its message
-    failed = re.search(r"^make: \*\*\* \[.*\] Error (\d+)$", proc.stderr, re.MULTILINE)
+    failed = re.search(r"^make(?:\[\d+\])?: \*\*\* \[.*\] Error (\d+)$", proc.stderr, re.MULTILINE)
     code = int(failed.group(1)) if failed else proc.returncode
     return Outcome(case, code, seconds, lines[-1] if lines else "", len(lines),
                    "Traceback" in proc.stdout + proc.stderr,

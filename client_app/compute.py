@@ -70,11 +70,20 @@ def _model(cfg: RunConfig, device: torch.device) -> tuple[nn.Module, str]:
     return model, frozen_digest(model)
 
 
-@functools.lru_cache(maxsize=4)
+PER_SAMPLE_ATTRIBUTE = "_plateau_per_sample"
+
+
 def _per_sample(cfg: RunConfig, device: torch.device) -> nn.Module:
-    """The configuration's model inside Opacus' per-sample machinery (record-level DP)."""
-    return per_sample_module(_model(cfg, device)[0], cfg.record_per_sample,
-                             cfg.record_clip_norm)
+    """The configuration's model inside Opacus' per-sample machinery (record-level DP). The
+    wrapper lives on the model object itself, outside its modules and state_dict: a separate
+    cache could outlive the model's entry and hand back a wrapper around an evicted model
+    (whose parameters are not the ones being trained), or wrap one model twice."""
+    model, _ = _model(cfg, device)
+    wrapped = model.__dict__.get(PER_SAMPLE_ATTRIBUTE)
+    if wrapped is None:
+        wrapped = per_sample_module(model, cfg.record_per_sample, cfg.record_clip_norm)
+        model.__dict__[PER_SAMPLE_ATTRIBUTE] = wrapped
+    return wrapped
 
 
 @functools.lru_cache(maxsize=512)

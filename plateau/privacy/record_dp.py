@@ -181,12 +181,14 @@ def plan_for(config: RunConfig, records: int, queries_per_step: int,
     rate = min(1.0, config.batch_size / size)
     delta = silo_delta(config, size, policy)
     # checked at the silo's own delta, which the server cannot move: a check the server could
-    # steer (through record-delta) would answer its questions about the count
-    if public and policy.silo_delta(public) > 0.01 / records:
+    # steer (through record-delta) would answer its questions about the count. At delta >= 1/n
+    # "publish one record at random" is (0, delta)-DP: no guarantee at all
+    if public and policy.silo_delta(public) * records >= 1.0:
         raise NodeConfigError(
-            f"record-public-size={public} gives delta={policy.silo_delta(public):g}, above 0.01/n "
-            "for this silo's record count (delta times n is the chance of a leak at all): set "
-            "max-record-delta to at most 0.01/n, or declare a public size closer to the count")
+            f"record-public-size={public} gives delta={policy.silo_delta(public):g}, not below "
+            "1/n for this silo's record count (at delta >= 1/n, publishing one record at random "
+            "is private): set max-record-delta well below 1/n, or declare a public size closer "
+            "to the count")
     sigma = config.record_noise_multiplier
     if config.record_target_epsilon > 0:
         steps = config.num_server_rounds * config.local_steps
