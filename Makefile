@@ -15,7 +15,7 @@ GPUS_PER_CLIENT ?= 0
 CONFIG ?=
 TIMEOUT ?= 3600
 
-.PHONY: install data run test test-containers audit audit-study record-study study bench algorithms docs clean
+.PHONY: install data run test test-fast test-containers audit audit-study record-study study bench algorithms docs clean
 
 # the stamp names the torch build, so asking for another one reinstalls torch
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)-$(notdir $(TORCH_INDEX))
@@ -48,6 +48,11 @@ run: install
 test: install data
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not containers"
+
+# the edit loop: the quick unit tests (no simulation, flwr run, audit, container or slow test)
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -x -m "not simulation and not e2e and not audit and not containers and not slow"
 
 # the container tier: images built and the Compose and Kubernetes deployments run with podman,
 # as root (tests/test_containers.py; .ci/run installs podman, runc, debootstrap and the rest)

@@ -17,3 +17,13 @@ os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="plateau-test-state-")
 def task_identity() -> None:
     """Messages can only be built inside a task; unit tests pretend to be one."""
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+@pytest.fixture(autouse=True)
+def settled_population(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' fake grids register every node at once, as the simulation engine does: they
+    need not wait a network's second for SuperNodes still connecting (the settling itself is
+    tested in tests/test_identity.py with nodes that arrive one by one)."""
+    from strategies import population
+
+    monkeypatch.setattr(population, "POPULATION_SETTLE_S", population.SIMULATION_SETTLE_S)

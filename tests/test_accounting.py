@@ -61,6 +61,7 @@ def test_rdp_matches_dp_accounting_on_the_whole_grid(sigma: float, q: float) -> 
         assert epsilon == pytest.approx(reference.get_epsilon(delta), rel=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sigma", "q"), list(itertools.product(SIGMAS, RATES)))
 def test_pld_is_never_above_rdp_and_fine_orders_never_loosen_rdp(sigma: float, q: float) -> None:
     rdp = epsilons(PrivacyAccountant("rdp", "poisson"), poisson(sigma, q))
@@ -109,6 +110,7 @@ def test_fixed_size_cohorts_are_accounted_at_sensitivity_2c() -> None:
     assert accountant.epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sigma", "q"), [(0.8, 0.1), (1.0, 0.5), (2.0, 1.0)])
 def test_poisson_accounting_is_the_zero_out_relation(sigma: float, q: float) -> None:
     """Zero-out (dp-accounting's REPLACE_SPECIAL) is the relation stated: for the
@@ -161,6 +163,7 @@ def test_a_saved_ledger_replays_to_the_same_epsilon() -> None:
     assert again.epsilon(1e-5) == accountant.epsilon(1e-5) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("kind", "sampling", "target"),
                          [("rdp", "poisson", 4.0), ("pld", "poisson", 2.0),
                           ("rdp", "fixed", 8.0)])
@@ -238,6 +241,7 @@ def test_budget_stop_stops_before_the_round_that_would_overspend() -> None:
     assert ledger.epsilon <= 3.0 < ledger.next_round_fits(ledger.event)[1]
 
 
+@pytest.mark.slow
 def test_target_epsilon_is_a_cap_even_with_more_rounds_than_calibrated() -> None:
     """A run calibrated to epsilon 3 for 10 rounds, then resumed with 20: it stops at 3."""
     planned = make_config(dp="central", target_epsilon=3.0, num_server_rounds=10,

@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_algorithm_cost_benchmark_runs() -> None:
     proc = subprocess.run(
         [sys.executable, "benchmarks/algorithms.py", "--rounds", "1", "--clients", "4",
@@ -20,6 +21,7 @@ def test_algorithm_cost_benchmark_runs() -> None:
     assert "fednsam" in proc.stdout and "ratio to fedavg" in proc.stdout
 
 
+@pytest.mark.slow
 def test_overhead_benchmark_plain_loop_runs() -> None:
     proc = subprocess.run(
         [sys.executable, "benchmarks/overhead.py", "--skip-flower", "--clients", "4",

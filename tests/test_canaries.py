@@ -83,6 +83,7 @@ def test_gaussian_estimate_is_the_gaussian_mechanisms_epsilon() -> None:
     assert gaussian_dp_epsilon(2.0, 1e-5) > gaussian_dp_epsilon(1.0, 1e-5)
 
 
+@pytest.mark.slow
 def test_scores_that_separate_give_a_bound_and_an_estimate() -> None:
     rng = np.random.default_rng(0)
     inserted = rng.random(1000) < 0.5

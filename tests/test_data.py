@@ -87,6 +87,7 @@ def test_fashion_mnist_reads_the_debian_files() -> None:
     assert abs(float(tensors.x.mean())) < 0.05 and abs(float(tensors.x.std()) - 1) < 0.05
 
 
+@pytest.mark.slow
 def test_hub_dataset_offline_fails_with_one_clear_line(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_HOME": str(tmp_path)}
@@ -116,6 +117,7 @@ def spec(num_partitions: int, **overrides: object) -> PartitionSpec:
                          values["partitioner"], values["alpha"], values["classes_per_client"])
 
 
+@pytest.mark.slow
 def test_the_split_is_computed_once_and_stored(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The first call writes indices and offsets; a fresh process memory-maps them and a client

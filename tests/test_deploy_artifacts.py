@@ -77,6 +77,7 @@ def by_kind(docs: list[dict], kind: str, name: str) -> dict:
     return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
+@pytest.mark.slow
 def test_manifests_render_and_validate_against_the_kubernetes_schemas(rendered: dict) -> None:
     for docs in rendered.values():
         kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
@@ -161,6 +162,7 @@ def test_compose_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_certificates_verify_and_keys_are_openssh_ecdsa(tmp_path: Path) -> None:
     subprocess.run(["bash", str(DOCKER / "generate-certs.sh"), str(tmp_path)],
                    env={**os.environ, "NODES": "1", "SAN": "DNS:superlink,IP:10.0.0.1"},

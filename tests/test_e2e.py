@@ -102,13 +102,12 @@ def test_what_can_only_fail_later_is_refused_before_flower_starts(
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP],
-                         ids=["SIGTERM", "SIGINT", "SIGHUP"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_make_run_stops_everything_it_started(tmp_path: Path, signum: int) -> None:
-    """In the middle of a run, SIGTERM goes to `make` alone (as `kill` sends it), SIGINT and
-    SIGHUP to its whole process group (as Ctrl-C or a closed terminal send them): the run
-    writes summary.json (status stopped, the signal as the reason), then the SuperLink, the
-    SuperExec, the simulation and Ray all go."""
+    """In the middle of a run, SIGTERM goes to `make` alone (as `kill` sends it), SIGINT to its
+    whole process group (as Ctrl-C sends it; a closed terminal's SIGHUP takes the same path,
+    checked below without a run): the run writes summary.json (status stopped, the signal as
+    the reason), then the SuperLink, the SuperExec, the simulation and Ray all go."""
     home = tmp_path / "flwr-home"
     log = tmp_path / "make.log"
     config = (f"num-server-rounds=500 local-steps=50 results-dir='{tmp_path}' "
@@ -153,3 +152,14 @@ def test_the_local_superexec_looks_for_a_submitted_run_every_tenth_of_a_second(
     env = flwr_env(tmp_path, 1)
     monkeypatch.setenv(TASK_POLL_VARIABLE, env[TASK_POLL_VARIABLE])
     assert _get_task_poll_interval() == TASK_POLL_S == 0.1
+
+
+def test_a_closed_terminal_stops_a_run_like_ctrl_c() -> None:
+    """SIGHUP (a closed terminal) is one of the launcher's stop signals and stops it as SIGINT
+    does, naming itself as the reason (the run itself is stopped by SIGINT above)."""
+    from server_app.launcher import STOP_SIGNALS, Stopped, _raise_stopped
+
+    assert {signal.SIGHUP, signal.SIGINT, signal.SIGTERM} <= set(STOP_SIGNALS)
+    with pytest.raises(Stopped, match="SIGHUP") as stopped:
+        _raise_stopped(signal.SIGHUP, None)
+    assert stopped.value.signum == signal.SIGHUP and not isinstance(stopped.value, Exception)

@@ -172,13 +172,17 @@ class SimulatedArrivals(ArrivingNodes, InMemoryGrid):
     """The simulation engine's grid: it registers every node in one quick loop."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("grid_type", "gap", "settle"), [
     (ArrivingNodes, 0.3, 1.0),  # SuperNodes connecting over the network
     (SimulatedArrivals, 0.03, 0.1),  # the simulation engine's registration loop
 ])
 def test_the_population_is_every_node_that_registers_before_the_count_settles(
-    grid_type: type[ArrivingNodes], gap: float, settle: float,
+    grid_type: type[ArrivingNodes], gap: float, settle: float, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from strategies import population as settling
+
+    monkeypatch.setattr(settling, "POPULATION_SETTLE_S", 1.0)  # conftest shortens it
     grid = grid_type(count=6, gap=gap)
     population = ClientPopulation(make_config(min_available_clients=1), secret=False)
     assert population.determine(grid) == 6
@@ -186,6 +190,7 @@ def test_the_population_is_every_node_that_registers_before_the_count_settles(
     assert settle <= waited < settle + 0.5  # a simulation does not wait a network's second
 
 
+@pytest.mark.slow
 def test_the_strategies_do_not_import_the_superlink_stack() -> None:
     """`flwr.superlink.grid` pulls in the SuperLink's whole stack (0.8 s here): the launcher's
     config check and every process that builds a strategy would pay it on each start."""

@@ -79,6 +79,7 @@ tune = { lr = [0.1, 0.2] }
     assert len(narrow.trials(study.tuning.budget, study.name)) == 2  # all of a smaller space
 
 
+@pytest.mark.slow
 def test_equal_epsilon_gives_every_arm_the_same_sigma_and_a_cap(tmp_path: Path) -> None:
     calibrator = Calibrator(tmp_path / "calibration.json")
     common = {"dp": "central", "sample-rate": 0.1, "num-server-rounds": 10,

@@ -327,6 +327,7 @@ def test_concurrent_messages_are_each_trained_as_alone(trainer: Path) -> None:
         assert all(torch.equal(update[k], got[partition][k]) for k in update)
 
 
+@pytest.mark.slow
 def test_the_socket_is_private_and_the_path_is_not_taken_twice(trainer: Path,
                                                                tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(trainer).st_mode) == 0o600
@@ -351,6 +352,7 @@ def test_ping_is_a_readiness_probe(trainer: Path, tmp_path: Path) -> None:
     assert down.returncode == 1 and "does not exist" in down.stderr
 
 
+@pytest.mark.slow
 def test_a_stop_signal_amid_connections_still_stops_the_trainer(tmp_path: Path) -> None:
     """SIGTERM while connections keep arriving (a probe, ClientApps): a signal that lands while
     the server starts a connection's thread must still stop it, and the socket must go."""
