@@ -32,9 +32,9 @@ MAX_PART_BYTES = 1 << 33  # 8 GiB: a larger length prefix is corruption, not a m
 MAX_HEADER_BYTES = 1 << 16
 CONNECT_TIMEOUT_S = 10.0  # connecting and sending; the reply may take up to its own timeout
 _LENGTH = struct.Struct(">Q")
-# the packages whose code decides what a node trains and releases: the trainer must run the
-# same code as the ClientApp that hands it a message
-APP_PACKAGES = ("client_app", "plateau")
+# the packages whose code decides what a node trains and releases (the local rules live in
+# strategies/): the trainer must run the same code as the ClientApp that hands it a message
+APP_PACKAGES = ("client_app", "plateau", "strategies")
 
 
 class TrainerError(RuntimeError):

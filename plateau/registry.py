@@ -104,6 +104,18 @@ def load() -> None:
     package = importlib.import_module(ALGORITHMS_PACKAGE)
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{ALGORITHMS_PACKAGE}.{module.name}")
+    check_rules(_REGISTERED, _RULES)
+
+
+def check_rules(registered: Mapping[str, Algorithm], rules: Mapping[str, LocalRule]) -> None:
+    """Every algorithm's fixed ``local_rule`` names a rule some algorithm registered (checked
+    once all are loaded: a rule may be another module's). A rule chosen by a form (a property)
+    is checked by the client, which refuses a rule it does not know."""
+    for algorithm in registered.values():
+        rule = getattr(algorithm.strategy, "local_rule", None)
+        if isinstance(rule, str) and rule not in rules:
+            raise RegistryError(f"algorithm {algorithm.name!r} names the local rule {rule!r}, "
+                                f"which no algorithm registers; known: {sorted(rules)}")
 
 
 def algorithms() -> dict[str, Algorithm]:

@@ -23,6 +23,7 @@ from plateau.privacy.canaries import (
     one_run_p_value,
 )
 from plateau.privacy.mechanism import ClipReport, GaussianClientDP
+from plateau.privacy.noise import TEST_SEED_ENV
 from server_app.privacy_plan import PrivacyLedger
 from strategies.fedavg import FedAvg
 from tests.helpers import FakeGrid, make_config, reply, simulate
@@ -116,7 +117,9 @@ def test_the_real_mechanism_stays_below_its_epsilon(placement: str) -> None:
     assert "lower-bound-above-epsilon" not in audit_flags(report, epsilon)
 
 
-def test_unclipped_canaries_are_flagged_by_the_lower_bound() -> None:
+def test_unclipped_canaries_are_flagged_by_the_lower_bound(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TEST_SEED_ENV, "31")  # a statistical test: fixed draws, never flaky
     strategy, epsilon = audited_run(UnclippedCanaries(1.0, 4.0))
     report = strategy.canaries.report(1e-5)
     assert report.epsilon_lower_bound > epsilon
@@ -125,6 +128,9 @@ def test_unclipped_canaries_are_flagged_by_the_lower_bound() -> None:
 
 def test_noise_scaled_down_4x_is_flagged_by_the_estimate(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """It once failed on OS entropy (estimate 1.57 against 2 x 1.01, 1 run in 13): the draws
+    come from the test seed, so the check is exact and repeatable."""
+    monkeypatch.setenv(TEST_SEED_ENV, "31")
     real = aggregation.secure_source
     monkeypatch.setattr(aggregation, "secure_source",
                         lambda *labels: ScaledSource(real(*labels), 0.25))

@@ -278,9 +278,10 @@ def test_a_failure_in_the_trainer_comes_back_as_the_reason(trainer: Path) -> Non
 
 
 def test_the_trainer_refuses_another_app_version(trainer: Path, tmp_path: Path) -> None:
-    """The digest follows the code: one changed line in a copy of the app changes it, and the
+    """The digest follows the code: one changed line in a copy of the app changes it, in the
+    privacy package or in a local rule (strategies/, which the digest once left out), and the
     trainer refuses a message carrying another digest."""
-    for package in wire.APP_PACKAGES:
+    for package in ("client_app", "plateau", "strategies"):
         shutil.copytree(ROOT / package, tmp_path / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
     code = "from client_app.wire import app_digest; print(app_digest())"
@@ -291,10 +292,14 @@ def test_the_trainer_refuses_another_app_version(trainer: Path, tmp_path: Path) 
                               ).stdout.strip()
 
     assert digest() == wire.app_digest()
+    with (tmp_path / "strategies" / "fedavg.py").open("a") as handle:
+        handle.write("\n# another local rule\n")
+    rule_changed = digest()
+    assert rule_changed != wire.app_digest()
     with (tmp_path / "plateau" / "privacy" / "mechanism.py").open("a") as handle:
         handle.write("\n# another version\n")
     other = digest()
-    assert other != wire.app_digest()
+    assert other not in (wire.app_digest(), rule_changed)
     request = [wire.encode_header({"protocol": wire.PROTOCOL, "app": other, "kind": "train"}),
                b"", b""]
     header, _, _ = exchange(str(trainer), request, timeout=10)
