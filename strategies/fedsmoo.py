@@ -64,7 +64,7 @@ class FedSMOO(PlateauStrategy):
 
 def smoo(task: LocalTask) -> Tensors:
     """The corrected SAM perturbation and FedDyn's regulariser, the step
-    y <- y - lr * clip(g(y + s) + lam*(y - x_t + H_i) + wd*y) as in FL-Simulator; releases
+    y <- y - lr * (clip(g(y + s) + lam*(H_i - x_t)) + (lam + wd)*y) as in FL-Simulator; releases
     (Delta, mu_i) and keeps H_i, mu_i in the state."""
     rho, lam = task.hparams(SAMParams).rho, task.hparams(DynParams).alpha
     perturbation = task.vector("perturbation") or task.zeros()
@@ -79,12 +79,12 @@ def smoo(task: LocalTask) -> Tensors:
         shift = [rho * c / (norm + 1e-7) for c in corrected]
         dual = combine(dual, shift, perturbation, weights=(1.0, 1.0, -1.0))
         sharp = task.gradients_at(shift, x, y, record=False)
-        # the stability clip covers the whole step: SAM gradient, regulariser and weight decay
-        decay = [task.config.weight_decay * p.detach() for p in task.params]
-        return task.stability_clip(combine(sharp, task.drift(anchor), decay,
-                                           weights=(1.0, lam, 1.0)))
+        # as FL-Simulator: the clip covers the SAM gradient and the regulariser's pull towards
+        # the anchor; lam * y joins weight decay after the clip (its SGD's weight_decay=wd+lam)
+        pulled = task.stability_clip(combine(sharp, anchor, weights=(1.0, -lam)))
+        return combine(pulled, [p.detach() for p in task.params], weights=(1.0, lam))
 
-    run_steps(task, direction, decay=False)
+    run_steps(task, direction)
     delta = task.delta()
     task.keep_state("dual", dual)
     task.keep_state("accumulated", combine(accumulated, list(delta.values())))

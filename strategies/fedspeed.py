@@ -39,8 +39,9 @@ class FedSpeed(PlateauStrategy):
 
     Clients keep H_i (their accumulated updates; the paper's prox-correction g_hat_i is
     -H_i/lambda) in ``Context.state``. Every step moves along
-    clip((1-alpha)*g(y) + alpha*g(y + rho*g/|g|) + (1/lambda)*(y - x_t + H_i) + wd*y) (two
-    backprops, the stability clip over the whole step as in FL-Simulator); then
+    clip((1-alpha)*g(y) + alpha*g(y + rho*g/|g|) + (1/lambda)*(H_i - x_t)) + (1/lambda + wd)*y
+    (two backprops; as in FL-Simulator, whose SGD adds the y terms as weight decay after the
+    clip); then
     H_i <- H_i + Delta_i and the client releases Delta_i alone. The server is FedDyn's:
     H <- H + (1/N) sum Delta_i, x_{t+1} = x_t + mean(Delta) + H. The paper's server averages
     x_hat_i = y_K + H_i over the cohort, which would release each client's accumulated state;
@@ -72,11 +73,14 @@ def speed(task: LocalTask) -> Tensors:
         ascent = unit(g) if params.rho > 0 else None
         sharp = g if ascent is None else task.gradients_at(
             [params.rho * a for a in ascent], x, y, record=False)
-        decay = [task.config.weight_decay * p.detach() for p in task.params]
-        return task.stability_clip(combine(g, sharp, task.drift(anchor), decay, weights=(
-            1 - params.alpha, params.alpha, 1 / params.lambda_, 1.0)))
+        # as FL-Simulator: the clip covers the merged gradient and the prox pull towards the
+        # anchor; y / lambda joins weight decay after the clip (its SGD's weight_decay)
+        pulled = task.stability_clip(combine(g, sharp, anchor, weights=(
+            1 - params.alpha, params.alpha, -1 / params.lambda_)))
+        return combine(pulled, [p.detach() for p in task.params],
+                       weights=(1.0, 1 / params.lambda_))
 
-    run_steps(task, direction, decay=False)
+    run_steps(task, direction)
     delta = task.delta()
     task.keep_state("accumulated", combine(accumulated, list(delta.values())))
     return delta

@@ -163,9 +163,10 @@ def test_fedsmoo() -> None:
             corrected = g - mu - s_t
             shift = rho * corrected / (np.linalg.norm(corrected) + 1e-7)
             mu = mu + shift - s_t
-            # FL-Simulator's step: the stability clip covers the whole direction
-            w = w - LR * clip(ce_grad(w + shift, x, y) + lam * (w - W0 + h_i) + WD * w,
-                              GRAD_CLIP)
+            # FL-Simulator's step: the clip covers g(w + s) + lam (h_i - x_t); its SGD adds
+            # (wd + lam) w after the clip
+            w = w - LR * (clip(ce_grad(w + shift, x, y) + lam * (h_i - W0), GRAD_CLIP)
+                          + (WD + lam) * w)
         deltas.append(w - W0)
         duals.append(mu)
     for upload, delta, mu in zip(result.uploads, deltas, duals, strict=True):

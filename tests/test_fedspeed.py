@@ -15,13 +15,14 @@ SERVER_H = RNG.normal(size=(3, 4)) * 0.1
 
 def reference_delta(x: np.ndarray, y: np.ndarray, h_i: np.ndarray, alpha: float, rho: float,
                     lam: float, start: np.ndarray = W0) -> np.ndarray:
-    """K steps along clip((1-a) g(w) + a g(w + rho g/|g|) + (w - x_t + h_i)/lam + wd w)."""
+    """K steps along clip((1-a) g(w) + a g(w + rho g/|g|) + (h_i - x_t)/lam) + (1/lam + wd) w,
+    FL-Simulator's step (client/fedspeed.py: clip_grad_norm_, then SGD with weight_decay)."""
     w = start.copy()
     for _ in range(K):
         g = ce_grad(w, x, y)
         sharp = ce_grad(w + rho * g / np.linalg.norm(g), x, y) if rho > 0 else g
         merged = (1 - alpha) * g + alpha * sharp
-        w = w - LR * clip(merged + (w - start + h_i) / lam + WD * w, GRAD_CLIP)
+        w = w - LR * (clip(merged + (h_i - start) / lam, GRAD_CLIP) + (1 / lam + WD) * w)
     return w - start
 
 
