@@ -518,13 +518,20 @@ class RunLoop:
 def pace_reply_pulls(interval: float) -> bool:
     """Make a deployed ServerApp fetch the pieces of a reply it is told about after
     ``interval`` s, at most every ``4 * interval`` s, instead of Flower's 1 s doubling to 10 s
-    (about a second of every deployed round); False where this Flower's grid has no such pull."""
-    from flwr.superlink.grid import http_grid
-
+    (about a second of every deployed round). Flower's private module, so feature-detected:
+    where this Flower has no such pull, False and one warning, and Flower's own pace."""
     from client_app.supernode import paced_pulls
 
+    try:
+        from flwr.superlink.grid import http_grid
+    except ImportError as error:
+        log(WARNING, "reply pieces are pulled at Flower's own pace (up to 10 s a round): this "
+            "Flower has no flwr.superlink.grid.http_grid (%s)", error)
+        return False
     pull = getattr(http_grid, "pull_objects", None)
     if not callable(pull):
+        log(WARNING, "reply pieces are pulled at Flower's own pace (up to 10 s a round): this "
+            "Flower's http_grid has no pull_objects function")
         return False
     if getattr(pull, "paced_interval", None) is not None:
         return True

@@ -110,3 +110,21 @@ def test_the_server_paces_its_pulls_of_reply_pieces_once() -> None:
         assert http_grid.pull_objects.__wrapped__ is flowers  # wrapped once, not twice
     finally:
         http_grid.pull_objects = original
+
+
+def test_a_flower_without_the_private_pull_runs_at_its_own_pace(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Flower's next release may move or rename the private module the server paces: the run
+    must go on at Flower's own pace, with one warning, not fail."""
+    import sys
+
+    import flwr.superlink.grid as grid_package
+    from flwr.superlink.grid import http_grid
+
+    from server_app.loop import pace_reply_pulls
+
+    monkeypatch.delattr(http_grid, "pull_objects")  # renamed
+    assert pace_reply_pulls(0.1) is False
+    monkeypatch.delattr(grid_package, "http_grid")  # moved: the import itself fails
+    monkeypatch.setitem(sys.modules, "flwr.superlink.grid.http_grid", None)
+    assert pace_reply_pulls(0.1) is False
