@@ -72,7 +72,7 @@ def test_noise_std_matches_each_placement(placement: str, sigma_on_sum: float) -
     assert sigma_on_sum * 2.0 <= expected <= 1.1 * sigma_on_sum * 2.0
     # sample std of 200k draws: relative standard error ~ 1/sqrt(2n) = 0.16%, so 2% is > 10 SE
     assert noise.std().item() == pytest.approx(expected, rel=0.02)
-    assert abs(noise.mean().item()) < 5 * expected / math.sqrt(200_000)
+    assert abs(noise.mean().item()) < 6 * expected / math.sqrt(200_000)  # 2e-9 a run
 
 
 def test_noise_std_on_the_mean_is_sigma_c_over_m() -> None:

@@ -68,8 +68,9 @@ def test_a_round_rerun_after_resume_draws_fresh_noise() -> None:
     resumed.restore_state(checkpoint)
     rerun = one_round(resumed, server_round=3)
     difference = (released - rerun).std().item()
-    # two independent draws of N(0, (sigma C / m)^2): the difference has std sqrt(2)/4
-    assert difference == pytest.approx(math.sqrt(2) / len(NODES), rel=0.3)
+    # two independent draws of N(0, (sigma C / m)^2): the difference has std sqrt(2)/4 (64
+    # values; rel 0.6 fails a correct mechanism with probability ~1e-10, a repeat always)
+    assert difference == pytest.approx(math.sqrt(2) / len(NODES), rel=0.6)
 
 
 def test_the_cohort_of_a_dp_round_is_fresh_on_every_draw() -> None:

@@ -360,7 +360,8 @@ REAL_CASES: tuple[tuple[AuditSetup, Variant], ...] = (
      Variant("19 of 20 add 7% of their share, credited", lazy_fraction=1.0, lazy_share=0.27)),
 )
 BROKEN_CASES: tuple[tuple[AuditSetup, Variant], ...] = (
-    (AuditSetup("central", 2.0, "fixed", 1.0, 2),
+    # 6000 trials a world: at 3000 this case went unflagged about 3 times in a million runs
+    (AuditSetup("central", 2.0, "fixed", 1.0, 2, trials=6000),
      Variant("noise scaled down 4x", source=lambda: ScaledSource(secure_source("audit"), 0.25))),
     (AuditSetup("central", 2.0, "fixed", 1.0, 2),
      Variant("12-bit seed", source=lambda: WeakSeedSource(12), seed_bits=12)),
