@@ -101,10 +101,40 @@ def test_hub_dataset_offline_fails_with_one_clear_line(tmp_path: Path) -> None:
     assert "work offline: 'digits'" in last and "'fashion-mnist'" in last
 
 
-def test_dataset_constants() -> None:
-    assert DATASETS["cifar100"].num_classes == 100
-    assert DATASETS["cifar100"].label_column == "fine_label"
-    assert DATASETS["cifar10"].image_column == "img"
+@pytest.mark.parametrize(("name", "labels"), [("cifar10", ("label",)),
+                                              ("cifar100", ("fine_label", "coarse_label"))])
+def test_hub_images_load_from_the_hubs_own_columns(tmp_path: Path, name: str,
+                                                   labels: tuple[str, ...],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Hub loader on a local copy with the Hub's schema (images in `img`, CIFAR-100's fine
+    label beside its coarse one), written to disk and read back: the right columns become the
+    images and labels, and the label range fits the model's class count."""
+    import datasets
+    from PIL import Image
+
+    from plateau import data
+
+    info = DATASETS[name]
+    rng = np.random.default_rng(0)
+
+    def part(n: int) -> datasets.Dataset:
+        pixels = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        columns = {"img": [Image.fromarray(p) for p in pixels]}
+        columns |= {column: rng.integers(0, 100 if column == "fine_label" else 10, size=n)
+                    .tolist() for column in labels}
+        return datasets.Dataset.from_dict(columns).cast_column("img", datasets.Image())
+
+    local = datasets.DatasetDict({"train": part(12), info.test_split: part(5)})
+    local.save_to_disk(tmp_path / name)
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *args, **kw: datasets.load_from_disk(tmp_path / name))
+    train, test = data._load_hub(info)
+    assert train.inputs.shape == (12, 32, 32, 3) and train.inputs.dtype == np.uint8
+    assert np.array_equal(train.inputs[0], np.asarray(local["train"][0]["img"]))
+    assert np.array_equal(train.labels, local["train"][labels[0]])
+    assert np.array_equal(test.labels, local[info.test_split][labels[0]])
+    assert train.labels.max() < info.num_classes
 
 
 SPLIT = {"test_fraction": 0.2, "seed": 0, "partitioner": "dirichlet", "alpha": 0.5,
