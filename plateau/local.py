@@ -109,6 +109,13 @@ class LocalTask:
             return None
         return [record[n].to(p.device, p.dtype) for n, p in self.named]
 
+    def clipped_with_pull(self, gradient: Grads, anchor: Grads, strength: float) -> Grads:
+        """gradient + strength * (y - anchor) as FL-Simulator steps it (FedDyn-style
+        regularisers): the stability clip covers the gradient and the pull -strength * anchor,
+        and strength * y is added after it (that code's SGD weight_decay)."""
+        pulled = self.stability_clip(combine(gradient, anchor, weights=(1.0, -strength)))
+        return combine(pulled, [p.detach() for p in self.params], weights=(1.0, strength))
+
     def zeros(self) -> Grads:
         """A zero vector aligned with the trainable parameters."""
         return [torch.zeros_like(p) for p in self.params]

@@ -79,10 +79,7 @@ def smoo(task: LocalTask) -> Tensors:
         shift = [rho * c / (norm + 1e-7) for c in corrected]
         dual = combine(dual, shift, perturbation, weights=(1.0, 1.0, -1.0))
         sharp = task.gradients_at(shift, x, y, record=False)
-        # as FL-Simulator: the clip covers the SAM gradient and the regulariser's pull towards
-        # the anchor; lam * y joins weight decay after the clip (its SGD's weight_decay=wd+lam)
-        pulled = task.stability_clip(combine(sharp, anchor, weights=(1.0, -lam)))
-        return combine(pulled, [p.detach() for p in task.params], weights=(1.0, lam))
+        return task.clipped_with_pull(sharp, anchor, lam)
 
     run_steps(task, direction)
     delta = task.delta()

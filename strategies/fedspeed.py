@@ -73,12 +73,8 @@ def speed(task: LocalTask) -> Tensors:
         ascent = unit(g) if params.rho > 0 else None
         sharp = g if ascent is None else task.gradients_at(
             [params.rho * a for a in ascent], x, y, record=False)
-        # as FL-Simulator: the clip covers the merged gradient and the prox pull towards the
-        # anchor; y / lambda joins weight decay after the clip (its SGD's weight_decay)
-        pulled = task.stability_clip(combine(g, sharp, anchor, weights=(
-            1 - params.alpha, params.alpha, -1 / params.lambda_)))
-        return combine(pulled, [p.detach() for p in task.params],
-                       weights=(1.0, 1 / params.lambda_))
+        merged = combine(g, sharp, weights=(1 - params.alpha, params.alpha))
+        return task.clipped_with_pull(merged, anchor, 1 / params.lambda_)
 
     run_steps(task, direction)
     delta = task.delta()
