@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from plateau import messages
-from plateau.config import RunConfig
+from plateau.config import LOCAL_DATASET, RunConfig
 from plateau.privacy.silo_policy import NodeConfigError, SiloPolicy
 
 from .handoff import hand_off, trainer_socket
@@ -95,6 +95,7 @@ def identify(msg: Message, context: Context) -> Message:
     round 1 then costs what later rounds do."""
     pid, num = partition_of(context)
     question = msg.content.config_records.get(messages.CONFIG_KEY, ConfigRecord())
+    schema: Mapping[str, object] | None = None
     if RunConfig.key_fields().keys() <= set(question):
         cfg = RunConfig.from_record(question, algorithm_keys=False)
         if _admitted(cfg, context.node_config):
@@ -102,11 +103,16 @@ def identify(msg: Message, context: Context) -> Message:
             if path is None:
                 from . import compute
 
-                compute.prepare(cfg, context)
+                schema = compute.prepare(cfg, context)
             else:
-                hand_off(path, "query", RecordDict({messages.CONFIG_KEY: question}), context,
-                         cfg.round_timeout)
-    return Message(messages.identity(pid, num), reply_to=msg)
+                content, state = hand_off(path, "query", RecordDict(
+                    {messages.CONFIG_KEY: question}), context, cfg.round_timeout)
+                schema = content.config_records.get(messages.SCHEMA_KEY)
+                context.state.clear()
+                context.state.update(state)
+        elif cfg.dataset == LOCAL_DATASET:
+            schema = {"error": "this SuperNode's policy refuses the run (node config)"}
+    return Message(messages.identity(pid, num, schema), reply_to=msg)
 
 
 def _admitted(cfg: RunConfig, node_config: Mapping[str, object]) -> bool:
@@ -139,6 +145,40 @@ def train(msg: Message, context: Context) -> Message:
     context.state.clear()
     context.state.update(state)
     return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Federated evaluation of the global model on this silo's held-out records, unless the
+    silo's operator turned it off (``allow-evaluation=false`` in the node config: what the
+    evaluation publishes, sums over its held-out records, is outside epsilon)."""
+    cfg = RunConfig.from_record(msg.content["config"], algorithm_keys=False)
+    partition_of(context)
+    if not allows_evaluation(context.node_config):
+        return decline(msg, "evaluation-not-allowed")
+    enforce_node_policy(cfg, context.node_config)
+    path = trainer_socket(context.node_config)
+    if path is None:
+        from . import compute
+
+        return Message(content=compute.evaluate(msg.content, context), reply_to=msg)
+    content, state = hand_off(path, "evaluate", msg.content, context, cfg.round_timeout)
+    if set(content.keys()) not in ({messages.EVALUATION_KEY}, {messages.DECLINE_KEY}):
+        raise TrainerError(f"malformed evaluation from the trainer at {path}: records "
+                           f"{sorted(content.keys())}")
+    context.state.clear()
+    context.state.update(state)
+    return Message(content=content, reply_to=msg)
+
+
+def allows_evaluation(node_config: Mapping[str, object]) -> bool:
+    """The node config's ``allow-evaluation`` (default true)."""
+    value = node_config.get("allow-evaluation", True)
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise NodeConfigError(f"allow-evaluation={value!r}; expected true or false")
+        return value.lower() == "true"
+    return bool(value)
 
 
 def decline(msg: Message, reason: str) -> Message:

@@ -13,6 +13,7 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import WARNING
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,10 +22,12 @@ from flwr.supercore import log
 from torch import nn
 
 from plateau import messages
-from plateau.config import RunConfig
+from plateau.config import LOCAL_DATASET, RunConfig
 from plateau.data import Tensors as DataTensors
-from plateau.data import client_partition
+from plateau.data import client_partition, dataset_info
+from plateau.data import prepare as prepare_tensors
 from plateau.device import resolve_device
+from plateau.errors import DataError
 from plateau.local import LocalTask
 from plateau.models import (
     float_buffer_names,
@@ -53,6 +56,7 @@ from plateau.privacy.record_dp import (
 )
 from plateau.privacy.silo_policy import SiloPolicy
 from plateau.seeds import stream_generator
+from plateau.silo_data import SiloData, SiloDataError, load_silo, local_spec, silo_path
 from strategies import LOCAL_RULES
 
 from .app import NodeConfigError, partition_of
@@ -60,6 +64,7 @@ from .node_state import clear, load_before, save_after, state_folder
 
 STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
 STATE_RUN_KEY = "node-state"  # the Flower run whose algorithm state this node's files hold
+SILO_STATE_KEY = "silo-data"  # the fingerprint of the silo's files when the run first read them
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,6 +100,77 @@ def _partition_on(cfg: RunConfig, pid: int, num: int, device: torch.device) -> D
         classes_per_client=cfg.classes_per_client, spec=input_spec(cfg),
         validation_fraction=cfg.validation_fraction, min_size=cfg.min_partition_size,
     ).to(device)
+
+
+def silo_files(cfg: RunConfig, node_config: Mapping[str, Any],
+               partition_id: int) -> tuple[Path, Path | None]:
+    """This silo's data and held-out files: the node config's ``data`` and ``eval-data``
+    (a deployment), else partition i's entry of the run's data-dir (a simulation)."""
+    held_out = node_config.get("eval-data")
+    eval_path = Path(str(held_out)).expanduser() if held_out else None
+    if node_config.get("data"):
+        return Path(str(node_config["data"])).expanduser(), eval_path
+    if cfg.data_dir:
+        return silo_path(cfg.data_dir, partition_id), eval_path
+    raise SiloDataError("dataset='local' and this SuperNode names no data: start it with "
+                        "--node-config \"data=<file or folder>\" (or set data-dir in a "
+                        "simulation)")
+
+
+def silo(cfg: RunConfig, context: Context) -> SiloData:
+    """This silo's own data, checked against what the run agreed on: the same files as when
+    the run first read them (a file changed mid-run would train on records the schema check
+    never saw), and the input shape the server resolved from every silo's schema."""
+    pid, _ = partition_of(context)
+    path, eval_path = silo_files(cfg, context.node_config, pid)
+    data = load_silo(path, local_spec(cfg), eval_path=eval_path)
+    first = context.state.config_records.get(SILO_STATE_KEY)
+    if first is None or first.get("run") != context.run_id:
+        context.state[SILO_STATE_KEY] = ConfigRecord({"stamp": data.schema.stamp,
+                                                      "run": context.run_id})
+    elif first.get("stamp") != data.schema.stamp:
+        raise SiloDataError("this silo's files changed since the run first read them (their "
+                            "fingerprint differs): the schema check never saw them; start a "
+                            "new run to use them")
+    shape = "x".join(str(d) for d in data.schema.input_shape)
+    if cfg.input_shape and data.schema.input_shape and shape != cfg.input_shape:
+        raise SiloDataError(f"this silo's data gives input shape {shape}, the run agreed on "
+                            f"{cfg.input_shape}")
+    return data
+
+
+def _resolved(cfg: RunConfig) -> bool:
+    """Whether the model is known (dataset='local': once the server resolved the schema)."""
+    try:
+        dataset_info(cfg)
+    except DataError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=16)
+def _silo_tensors(cfg: RunConfig, path: Path, eval_path: Path | None, stamp: str,
+                  held_out: bool, device: torch.device) -> DataTensors:
+    """A silo's training (or held-out) tensors, once per process and version of its files."""
+    data = load_silo(path, local_spec(cfg), eval_path=eval_path)
+    return prepare_tensors(data.held_out if held_out else data.train, dataset_info(cfg),
+                           input_spec(cfg)).to(device)
+
+
+def _local_tensors(cfg: RunConfig, context: Context, device: torch.device,
+                   held_out: bool = False) -> DataTensors:
+    data = silo(cfg, context)
+    pid, _ = partition_of(context)
+    path, eval_path = silo_files(cfg, context.node_config, pid)
+    return _silo_tensors(cfg, path, eval_path, data.schema.stamp, held_out, device)
+
+
+def training_data(cfg: RunConfig, context: Context, device: torch.device) -> DataTensors:
+    """This node's training tensors: its partition of a bundled dataset, or its own files."""
+    if cfg.dataset == LOCAL_DATASET:
+        return _local_tensors(cfg, context, device)
+    pid, num = partition_of(context)
+    return _partition_on(cfg, pid, num, device)
 
 
 def public_mask(round_config: Mapping[str, Any]) -> tuple[int, float] | None:
@@ -154,13 +230,24 @@ def local_round(task: LocalTask, rule: str, cohort: float,
         messages.tensors_record(buffers) if buffers else None)
 
 
-def prepare(cfg: RunConfig, context: Context) -> None:
+def prepare(cfg: RunConfig, context: Context) -> dict[str, Any] | None:
     """Load the model and this partition's tensors and run torch's first backward pass, so
-    that round 1 costs what later rounds do."""
-    pid, num = partition_of(context)
+    that round 1 costs what later rounds do. With dataset='local', return the silo's schema
+    fingerprint (its record count only where no client-level DP hides it), or its error; the
+    model is only built once the server has resolved the schema."""
     device = resolve_device(cfg.device)
-    data = _partition_on(cfg, pid, num, device)
+    fingerprint = None
+    if cfg.dataset == LOCAL_DATASET:
+        try:
+            fingerprint = silo(cfg, context).schema.to_record(with_counts=not cfg.dp_enabled)
+        except SiloDataError as err:
+            log(WARNING, "this silo's data cannot be used: %s", err)
+            return {"error": str(err)}
+        if not _resolved(cfg):
+            return fingerprint
+    data = training_data(cfg, context, device)
     _warm(cfg, device, data.x[:cfg.batch_size], data.y[:cfg.batch_size])
+    return fingerprint
 
 
 def _warm(cfg: RunConfig, device: torch.device, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -221,14 +308,48 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     state back into ``context.state``."""
     round_config = content[messages.CONFIG_KEY]
     cfg = RunConfig.from_record(round_config)
-    pid, num = partition_of(context)
     device = resolve_device(cfg.device)
     _, digest = _model(cfg, device)
     expected = str(round_config.get("frozen-digest", digest))
     if expected != digest:
         raise ValueError(f"this node's frozen weights (digest {digest}) differ from the "
                          f"server's ({expected}): same model files and library versions needed")
-    return train_on(content, context, _partition_on(cfg, pid, num, device))
+    try:
+        data = training_data(cfg, context, device)
+    except SiloDataError as err:
+        log(WARNING, "declining: this silo's data cannot be used: %s", err)
+        return messages.decline("silo-data")
+    return train_on(content, context, data)
+
+
+@torch.no_grad()
+def evaluate(content: RecordDict, context: Context) -> RecordDict:
+    """Federated evaluation: the global model on this silo's held-out records (never trained
+    on), returned as sums (examples, correct, loss) the server weights by examples."""
+    cfg = RunConfig.from_record(content[messages.CONFIG_KEY])
+    device = resolve_device(cfg.device)
+    try:
+        data = (_local_tensors(cfg, context, device, held_out=True)
+                if cfg.dataset == LOCAL_DATASET else None)
+    except SiloDataError as err:
+        log(WARNING, "declining evaluation: this silo's data cannot be used: %s", err)
+        return messages.decline("silo-data")
+    if data is None:
+        return messages.decline("no-held-out-data: a bundled dataset is evaluated centrally")
+    if len(data) == 0:
+        return messages.decline("no-held-out-data")
+    model, _ = _model(cfg, device)
+    load_travelling(model, content[messages.MODEL_KEY].to_torch_state_dict())
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(data), 1024):
+        x, y = data.x[start:start + 1024], data.y[start:start + 1024]
+        logits = model(x)
+        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+    model.train(was_training)
+    return messages.evaluation_reply(len(data), correct, loss_sum)
 
 
 def train_on(content: RecordDict, context: Context, data: DataTensors) -> RecordDict:

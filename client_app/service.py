@@ -11,12 +11,13 @@ import socketserver
 import threading
 import time
 
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.common.serde import context_from_proto, recorddict_from_proto, recorddict_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from plateau.config import RunConfig
+from plateau.messages import SCHEMA_KEY
 
 from . import compute, wire
 
@@ -61,7 +62,7 @@ class TrainerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             return {"ok": True, "app": self.digest, "pid": os.getpid(), "served": dict(self.served),
                     "failed": self.failed,
                     "uptime_s": round(time.monotonic() - self.started, 1)}, b"", b""
-        if kind not in ("query", "train"):
+        if kind not in ("query", "train", "evaluate"):
             return _refusal(f"unknown kind {kind!r}; expected one of {list(wire.KINDS)}")
         started = time.monotonic()
         with self.work_lock:
@@ -69,8 +70,12 @@ class TrainerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 records = recorddict_from_proto(ProtoRecordDict.FromString(content))
                 node_context = context_from_proto(ProtoContext.FromString(context))
                 if kind == "query":
-                    compute.prepare(RunConfig.from_record(records["config"]), node_context)
-                    reply = RecordDict()
+                    schema = compute.prepare(RunConfig.from_record(records["config"]),
+                                             node_context)
+                    reply = RecordDict() if schema is None else RecordDict(
+                        {SCHEMA_KEY: ConfigRecord(schema)})
+                elif kind == "evaluate":
+                    reply = compute.evaluate(records, node_context)
                 else:
                     reply = compute.train(records, node_context)
                 answer = ({"ok": True}, recorddict_to_proto(reply).SerializeToString(),

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PROTOCOL = 1
-KINDS = ("ping", "query", "train")
+KINDS = ("ping", "query", "train", "evaluate")
 PARTS = 3  # header, payload, payload: in both directions
 MAX_PART_BYTES = 1 << 33  # 8 GiB: a larger length prefix is corruption, not a model
 MAX_HEADER_BYTES = 1 << 16

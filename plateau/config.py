@@ -99,13 +99,17 @@ P = TypeVar("P", bound=Params)
 IMAGE_DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
 TEXT_DATASETS = ("rotten-tomatoes", "20newsgroups", "sst2", "mrpc", "qnli", "qqp", "imdb")
 DATASETS = IMAGE_DATASETS + TEXT_DATASETS
+LOCAL_DATASET = "local"  # each silo's own files (node config `data`, or data-dir in simulation)
 PARTITIONERS = ("iid", "dirichlet", "pathological")
-IMAGE_MODELS = ("linear", "cnn", "resnet10", "resnet18", "vit", "tiny-vit")
+IMAGE_MODELS = ("linear", "mlp", "cnn", "resnet10", "resnet18", "vit", "tiny-vit")
+TABULAR_MODELS = ("linear", "mlp")
 TEXT_MODELS = ("minilm", "tiny-bert", "roberta-base", "distilbert-base-uncased",
                "bert-base-uncased")
 MODELS = IMAGE_MODELS + TEXT_MODELS
 TRANSFORMER_MODELS = ("vit", "tiny-vit", *TEXT_MODELS)
 DP_MODES = ("off", "central", "distributed", "local")
+EVALUATION_MODES = ("auto", "central", "federated", "both")
+USER_MODEL = r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*"  # 'package.module:function'
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,53 @@ class RunConfig:
     grad_clip: float = key(
         10.0, "Per-step gradient-norm clip for training stability (not DP); 0 = off.", min=0
     )
-    dataset: str = key("digits", "Dataset.", choices=DATASETS)
+    dataset: str = key("digits", "Dataset: a bundled one, or 'local' (each silo's own files; "
+                       "see README 'Your own data').", choices=(*DATASETS, LOCAL_DATASET))
+    data_dir: str = key("", "dataset='local' in simulation: a folder holding one file or folder "
+                        "per partition (silo-<i>.parquet, .csv, .jsonl, or silo-<i>/); a "
+                        "SuperNode's node config `data` takes precedence.")
+    label_column: str = key("label", "dataset='local': the column holding the class.")
+    feature_columns: str = key("", "dataset='local', tabular: comma-separated feature columns; "
+                               "'' = every column but the label.",
+                               pattern=r"([^,]+(,[^,]+)*)?")
+    categories: str = key("", "dataset='local', tabular: declared vocabularies of the string "
+                          "columns, 'col=a|b|c;col2=x|y' (one-hot, plus one bucket for "
+                          "values not declared).")
+    feature_scaling: str = key("silo", "dataset='local', tabular: numeric features standardised "
+                               "with each silo's own mean and std (computed on the silo, never "
+                               "sent), with feature-mean/feature-std ('given'), or not at all.",
+                               choices=("silo", "given", "none"))
+    feature_mean: str = key("", "feature-scaling='given': comma-separated means, one per "
+                            "numeric feature column, in column order.")
+    feature_std: str = key("", "feature-scaling='given': comma-separated standard deviations.")
+    text_column: str = key("", "dataset='local': the text column (makes the data text).")
+    text_pair_column: str = key("", "dataset='local': a second text column (sentence pairs).")
+    image_column: str = key("image", "dataset='local': the image column (image folders: "
+                            "'image').")
+    image_size: int = key(0, "dataset='local': resize every image to this square size; 0 = keep "
+                          "(every image must then have one square size).", min=0, max=1024)
+    image_channels: int = key(0, "dataset='local': convert images to 1 (grey) or 3 (RGB) "
+                              "channels; 0 = as stored.", min=0, max=3)
+    image_mean: str = key("0.5", "dataset='local': per-channel normalisation mean (one value, "
+                          "or one per channel).")
+    image_std: str = key("0.5", "dataset='local': per-channel normalisation std.")
+    label_names: str = key("", "dataset='local': comma-separated class names of string labels "
+                           "(position = class id); '' = integer labels.")
+    num_classes: int = key(0, "dataset='local': the number of classes; 0 = from label-names, "
+                           "or one more than the largest label any silo holds.", min=0)
+    input_shape: str = key("", "dataset='local': what the model reads, 'F' (tabular features "
+                           "after one-hot) or 'CxHxW'; '' = from the silos' agreed schema (the "
+                           "server resolves it before round 1).",
+                           pattern=r"(\d+(x\d+x\d+)?)?")
+    eval_fraction: float = key(0.1, "dataset='local': the share of a silo's records it holds "
+                               "out for federated evaluation, unless its node config names "
+                               "`eval-data`.", min=0, max=0.5)
+    evaluate: str = key("auto", "Where the global model is evaluated: on the server's held-out "
+                        "split ('central'), by each silo on its own held-out records "
+                        "('federated'), or 'both'; 'auto' = central for bundled datasets, "
+                        "federated for dataset='local'.", choices=EVALUATION_MODES)
+    evaluate_every: int = key(1, "Federated evaluation every this many rounds (and always "
+                              "after the last).", min=1)
     partitioner: str = key("dirichlet", "How the training split is divided among clients.",
                            choices=PARTITIONERS)
     dirichlet_alpha: float = key(
@@ -156,8 +206,11 @@ class RunConfig:
         "the rest.", min=0, max=0.5, max_exclusive=True)
     model: str = key("linear", "Model: softmax regression, a small GroupNorm CNN, a CIFAR-style "
                      "ResNet or a ViT for images; a transformers text classifier for text (see "
-                     "'Transformers'). Under DP the noise grows with the released coordinates.",
-                     choices=MODELS)
+                     "'Transformers'), an MLP for tabular data, or your own, "
+                     "'package.module:function'. Under DP the noise grows with the released "
+                     "coordinates.", pattern=rf"[a-z0-9-]+|{USER_MODEL}")
+    mlp_widths: str = key("256,128", "model='mlp': comma-separated hidden widths.",
+                          pattern=r"\d+(,\d+)*")
     trainable: str = key(
         "all", "Transformers: what clients train and release: every weight, the task 'head', "
         "the last trainable-layers encoder layers plus head ('top-k'), or LoRA adapters plus "
@@ -172,8 +225,8 @@ class RunConfig:
                             pattern=r"[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*")
     max_length: int = key(64, "Text: tokens per example (longer texts are truncated; each "
                           "batch is cut to its longest sequence).", min=8, max=512)
-    norm: str = key("group", "Normalisation layers: GroupNorm (no buffers) or BatchNorm.",
-                    choices=("group", "batch"))
+    norm: str = key("group", "Normalisation layers: GroupNorm (no buffers), BatchNorm, or "
+                    "none (mlp only).", choices=("group", "batch", "none"))
     model_width: int = key(0, "Base channel width, even (GroupNorm uses 2 groups); 0 = the "
                            "model's default (cnn 32, resnet 64).", min=0, max=4096)
     seed: int = key(0, "Seed of the data split, model init, client sampling and batches "
@@ -353,8 +406,19 @@ class RunConfig:
         return kind(**{f.name: options[name] for name, f in kind.key_fields().items()})
 
     def _check_combinations(self) -> None:
+        if not re.fullmatch(USER_MODEL, self.model) and self.model not in MODELS:
+            raise ConfigError(f"model={self.model!r} is not allowed; expected one of "
+                              + ", ".join(repr(m) for m in MODELS)
+                              + ", or your own as 'package.module:function'")
+        if self.norm == "none" and self.model != "mlp":
+            raise ConfigError(f"norm='none' with model={self.model!r}: only the mlp has no "
+                              "normalisation layers; allowed: 'group', 'batch'")
+        if self.dataset == LOCAL_DATASET:
+            self._check_local()
         text_model, text_data = self.model in TEXT_MODELS, self.dataset in TEXT_DATASETS
-        if text_model != text_data:
+        if self.dataset == LOCAL_DATASET:
+            text_data = bool(self.text_column)
+        if not self.user_model and text_model != text_data:
             allowed = TEXT_MODELS if text_data else IMAGE_MODELS
             raise ConfigError(
                 f"model={self.model!r} with dataset={self.dataset!r}: "
@@ -423,6 +487,57 @@ class RunConfig:
         if self.record_dp == "on":
             self._check_record_dp()
 
+    def _check_local(self) -> None:
+        """What dataset='local' needs that one key alone cannot say."""
+        if self.evaluate == "central" or self.evaluate == "both":
+            raise ConfigError(f"evaluate={self.evaluate!r} with dataset='local': the server holds "
+                              "no data to evaluate on; allowed: 'federated' or 'auto'")
+        if self.sharpness_every:
+            raise ConfigError("sharpness-every with dataset='local': the flatness probes need "
+                              "held-out data on the server; allowed: sharpness-every=0")
+        for name in ("feature-mean", "feature-std", "image-mean", "image-std"):
+            try:
+                _floats(getattr(self, name.replace("-", "_")))
+            except ValueError:
+                raise ConfigError(f"{name}={getattr(self, name.replace('-', '_'))!r} is not "
+                                  "allowed; expected comma-separated numbers") from None
+        if (self.feature_scaling == "given") != bool(self.feature_mean and self.feature_std):
+            raise ConfigError(f"feature-scaling={self.feature_scaling!r} with feature-mean="
+                              f"{self.feature_mean!r}, feature-std={self.feature_std!r}: "
+                              "'given' needs both lists, the other modes neither")
+        if any(s <= 0 for s in _floats(self.feature_std) + _floats(self.image_std)):
+            raise ConfigError("feature-std and image-std must be > 0")
+        if self.image_channels == 2:
+            raise ConfigError("image-channels=2 is not allowed; expected 0 (as stored), 1 or 3")
+        names = [n for n in self.label_names.split(",") if n] if self.label_names else []
+        if names and len(set(names)) != len(names):
+            raise ConfigError(f"label-names={self.label_names!r} repeats a name")
+        if names and self.num_classes and self.num_classes != len(names):
+            raise ConfigError(f"num-classes={self.num_classes} with {len(names)} label-names: "
+                              "they must agree (or leave num-classes=0)")
+        if self.text_column and self.model in TABULAR_MODELS:
+            raise ConfigError(f"model={self.model!r} with text-column={self.text_column!r}: "
+                              "text needs one of " + ", ".join(repr(m) for m in TEXT_MODELS))
+
+    @property
+    def user_model(self) -> bool:
+        """Whether the model is the user's own, 'package.module:function'."""
+        return re.fullmatch(USER_MODEL, self.model) is not None
+
+    @property
+    def central_evaluation(self) -> bool:
+        """Whether the server evaluates on its own held-out split."""
+        if self.evaluate == "auto":
+            return self.dataset != LOCAL_DATASET
+        return self.evaluate in ("central", "both")
+
+    @property
+    def federated_evaluation(self) -> bool:
+        """Whether the silos evaluate the global model on their own held-out records."""
+        if self.evaluate == "auto":
+            return self.dataset == LOCAL_DATASET
+        return self.evaluate in ("federated", "both")
+
     def _check_record_dp(self) -> None:
         if self.norm == "batch":
             raise ConfigError("record-dp='on' with norm='batch': BatchNorm mixes records of a "
@@ -478,6 +593,11 @@ class RunConfig:
     def dp_enabled(self) -> bool:
         """Whether client updates are clipped and noised."""
         return self.dp != "off"
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    """'0.5,0.25' -> (0.5, 0.25); '' -> ()."""
+    return tuple(float(v) for v in text.split(",")) if text.strip() else ()
 
 
 def _coerce(name: str, value: Any, kind: type, check: Check) -> ConfigValue:

@@ -18,14 +18,19 @@ import tempfile
 import warnings
 from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import offline
+from .config import LOCAL_DATASET
 from .errors import DataError
 from .hub import hub_reachable
 from .seeds import stream_rng
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 FASHION_MNIST_DIRS = (
     os.environ.get("PLATEAU_FASHION_MNIST_DIR", ""),
@@ -58,6 +63,16 @@ class DatasetInfo:
     kind: str = "image"
     text_columns: tuple[str, ...] = ()
     test_split: str = "test"
+    features: int = 0  # tabular data: the model's input width
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """What a model reads per example: (features,), (C, H, W), or () for text."""
+        if self.kind == "tabular":
+            return (self.features,)
+        if self.kind == "image":
+            return (self.in_channels, self.image_size, self.image_size)
+        return ()
 
 
 def _glue(task: str, columns: tuple[str, ...]) -> DatasetInfo:
@@ -88,6 +103,44 @@ DATASETS: dict[str, DatasetInfo] = {
     "imdb": DatasetInfo("imdb", 2, hub_id="stanfordnlp/imdb", kind="text",
                         text_columns=("text",)),
 }
+
+
+def dataset_info(config: RunConfig) -> DatasetInfo:
+    """The dataset's public description: a bundled dataset's constants, or for
+    dataset='local' what the run config resolved from the silos' agreed schema."""
+    if config.dataset != LOCAL_DATASET:
+        return DATASETS[config.dataset]
+    names = tuple(n for n in config.label_names.split(",") if n)
+    classes = config.num_classes or len(names)
+    if config.text_column:
+        columns = (config.text_column, *((config.text_pair_column,)
+                                         if config.text_pair_column else ()))
+        return DatasetInfo(LOCAL_DATASET, classes, kind="text", text_columns=columns,
+                           label_column=config.label_column)
+    if not config.input_shape or not classes:
+        raise DataError("dataset='local': input-shape and num-classes are resolved from the "
+                        "silos' schema before round 1 (or set them in the run config)")
+    dims = [int(v) for v in config.input_shape.split("x")]
+    if len(dims) == 1:
+        return DatasetInfo(LOCAL_DATASET, classes, kind="tabular", features=dims[0],
+                           label_column=config.label_column)
+    channels, height, width = dims
+    if height != width:
+        raise DataError(f"input-shape={config.input_shape!r}: the image models take square "
+                        "images; set image-size to resize them")
+    mean, std = _per_channel(config.image_mean, channels), _per_channel(config.image_std, channels)
+    return DatasetInfo(LOCAL_DATASET, classes, channels, height, mean, std,
+                       image_column=config.image_column, label_column=config.label_column)
+
+
+def _per_channel(text: str, channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        raise DataError(f"{len(values)} normalisation constants for {channels}-channel images; "
+                        "give one, or one per channel")
+    return values
 
 
 @dataclass(frozen=True)
@@ -392,10 +445,14 @@ def partition_indices(
 
 
 def to_tensors(split: Split, info: DatasetInfo, index: np.ndarray | None = None) -> Tensors:
-    """Normalise (fixed public constants) and convert NHWC images to NCHW float32 tensors."""
+    """Normalise (fixed public constants) and convert NHWC images to NCHW float32 tensors;
+    tabular features (already preprocessed on the silo) become float32 rows."""
     # a copy: the split may be a read-only memory map
     images = np.array(split.inputs if index is None else split.inputs[index])
     labels = np.array(split.labels if index is None else split.labels[index])
+    if info.kind == "tabular":
+        return Tensors(torch.from_numpy(images.astype(np.float32)).contiguous(),
+                       torch.from_numpy(labels.astype(np.int64)))
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
     if images.dtype == np.uint8:
         x = x / 255.0

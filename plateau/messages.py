@@ -26,6 +26,8 @@ BUFFERS_KEY = "buffers"
 METRICS_KEY = "metrics"
 DECLINE_KEY = "decline"  # a client that takes no part in a round, with its reason
 IDENTITY_KEY = "identity"  # a node's answer to the partition query: partition-id, num-partitions
+SCHEMA_KEY = "schema"  # with it, dataset='local': the silo's schema fingerprint, or its error
+EVALUATION_KEY = "evaluation"  # a silo's federated evaluation: sums over its held-out records
 TRAIN_REPLY_KEYS = frozenset({UPDATE_KEY, METRICS_KEY, BUFFERS_KEY})
 FIRST_LOOK_S = 0.002  # the server's first look for replies; each later wait doubles
 
@@ -49,10 +51,22 @@ def decline(reason: str) -> RecordDict:
     return RecordDict({DECLINE_KEY: ConfigRecord({"reason": reason})})
 
 
-def identity(partition_id: int, num_partitions: int) -> RecordDict:
-    """A node's answer to the partition query."""
-    return RecordDict({IDENTITY_KEY: MetricRecord({"partition-id": partition_id,
-                                                   "num-partitions": num_partitions})})
+def identity(partition_id: int, num_partitions: int,
+             schema: Mapping[str, Any] | None = None) -> RecordDict:
+    """A node's answer to the partition query; with local data, its schema fingerprint (or
+    ``{"error": reason}`` when its data cannot be used)."""
+    content = RecordDict({IDENTITY_KEY: MetricRecord({"partition-id": partition_id,
+                                                      "num-partitions": num_partitions})})
+    if schema is not None:
+        content[SCHEMA_KEY] = ConfigRecord(dict(schema))
+    return content
+
+
+def evaluation_reply(examples: int, correct: int, loss_sum: float) -> RecordDict:
+    """A silo's federated evaluation of the global model: sums, so the server can weight by
+    examples and a lying silo can be caught (more examples than declared, accuracy > 1)."""
+    return RecordDict({EVALUATION_KEY: MetricRecord({
+        "examples": int(examples), "correct": int(correct), "loss-sum": float(loss_sum)})})
 
 
 def is_reply_shape(content: RecordDict) -> bool:

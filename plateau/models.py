@@ -10,6 +10,8 @@ frozen weights are rebuilt from the same source and seed everywhere and checked 
 from __future__ import annotations
 
 import hashlib
+import importlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TRANSFORMER_MODELS
-from .data import DATASETS, DatasetInfo, InputSpec
+from .data import DatasetInfo, InputSpec, dataset_info
+from .errors import DataError
 
 if TYPE_CHECKING:
     from .config import RunConfig
@@ -26,6 +29,67 @@ if TYPE_CHECKING:
 def norm_layer(kind: str, channels: int) -> nn.Module:
     """GroupNorm(2, C) as in the DP-FedPGN/FedNSAM GN-ResNets, or BatchNorm."""
     return nn.GroupNorm(2, channels) if kind == "group" else nn.BatchNorm2d(channels)
+
+
+def input_width(info: DatasetInfo) -> int:
+    """Numbers per example once flattened: tabular features, or C * H * W."""
+    return info.features if info.kind == "tabular" else info.in_channels * info.image_size**2
+
+
+class MLP(nn.Module):
+    """Flattened input, hidden ReLU layers with GroupNorm (no buffers: DP- and Opacus-ready),
+    BatchNorm or no normalisation, then the class logits: tabular data's model."""
+
+    def __init__(self, info: DatasetInfo, widths: tuple[int, ...], norm: str = "group") -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = input_width(info)
+        for hidden in widths:
+            layers.append(nn.Linear(width, hidden))
+            if norm == "group":
+                layers.append(nn.GroupNorm(2 if hidden % 2 == 0 else 1, hidden))
+            elif norm == "batch":
+                layers.append(nn.BatchNorm1d(hidden))
+            layers.append(nn.ReLU())
+            width = hidden
+        layers.append(nn.Linear(width, info.num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What a user's model builder is given: the kind of data ('tabular', 'image', 'text'),
+    one example's shape ((features,), (C, H, W), or () for token tensors), and for text the
+    tokenizer and length the ClientApps tokenise with."""
+
+    kind: str
+    shape: tuple[int, ...]
+    tokenizer: str = ""
+    max_length: int = 0
+
+
+def user_model(path: str, info: DatasetInfo, spec: InputSpec) -> nn.Module:
+    """The user's own torch module: ``package.module:function`` called with the input spec
+    and the number of classes. The module must be importable wherever the ServerApp and the
+    ClientApps run (installed in their environment or image)."""
+    module_name, function_name = path.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise DataError(f"model={path!r}: cannot import {module_name!r} ({err}); install it "
+                        "where the ServerApp and every ClientApp run (pip install, or the "
+                        "image: see README 'Your own data')") from None
+    build = getattr(module, function_name, None)
+    if not callable(build):
+        raise DataError(f"model={path!r}: {module_name!r} has no function {function_name!r}")
+    model = build(ModelInput(info.kind, info.input_shape, spec.tokenizer, spec.max_length),
+                  info.num_classes)
+    if not isinstance(model, nn.Module):
+        raise DataError(f"model={path!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 class SmallCNN(nn.Module):
@@ -105,24 +169,30 @@ class Linear(nn.Module):
 
     def __init__(self, info: DatasetInfo) -> None:
         super().__init__()
-        self.fc = nn.Linear(info.in_channels * info.image_size**2, info.num_classes)
+        self.fc = nn.Linear(input_width(info), info.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x.flatten(1))
 
 
 def build_model(name: str, info: DatasetInfo, *, norm: str = "group", width: int = 0,
-                seed: int = 0) -> nn.Module:
+                seed: int = 0, mlp_widths: tuple[int, ...] = (256, 128)) -> nn.Module:
     """Build a model for a dataset; the same seed gives the same initial weights everywhere."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "linear":
             return Linear(info)
+        if name == "mlp":
+            return MLP(info, mlp_widths, norm)
+        if info.kind == "tabular":
+            raise DataError(f"model={name!r} reads images; tabular data needs 'linear', 'mlp' "
+                            "or your own model")
         if name == "cnn":
             return SmallCNN(info.in_channels, info.num_classes, width or 32, norm)
         blocks = {"resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2)}
         if name not in blocks:
-            raise ValueError(f"unknown model {name!r}; expected linear, cnn, resnet10, resnet18")
+            raise ValueError(f"unknown model {name!r}; expected linear, mlp, cnn, resnet10, "
+                             "resnet18")
         return ResNet(blocks[name], info.in_channels, info.num_classes, norm, width or 64)
 
 
@@ -133,10 +203,15 @@ def float_buffer_names(model: nn.Module) -> list[str]:
 
 def model_from_config(config: RunConfig, *, seed: int | None = None) -> nn.Module:
     """The configured model with its trainable part selected, seeded by ``config.seed``."""
-    info = DATASETS[config.dataset]
+    info = dataset_info(config)
+    if config.user_model:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed if seed is None else seed)
+            return user_model(config.model, info, input_spec(config))
     if config.model not in TRANSFORMER_MODELS:  # no transformers import (3 s) for these
         return build_model(config.model, info, norm=config.norm, width=config.model_width,
-                           seed=config.seed if seed is None else seed)
+                           seed=config.seed if seed is None else seed,
+                           mlp_widths=tuple(int(w) for w in config.mlp_widths.split(",")))
     from .hf import build_transformer
 
     with torch.random.fork_rng(devices=[]):
@@ -149,7 +224,7 @@ def model_from_config(config: RunConfig, *, seed: int | None = None) -> nn.Modul
 
 def input_spec(config: RunConfig) -> InputSpec:
     """How the configured model reads its dataset (tokenizer and length for text)."""
-    if DATASETS[config.dataset].kind != "text":
+    if dataset_info(config).kind != "text":
         return InputSpec()
     from .hub import tokenizer_source
 

@@ -7,12 +7,13 @@ from logging import INFO, WARNING
 
 from flwr.supercore import log
 
-from plateau.config import ConfigError, ConfigValue, RunConfig
+from plateau.config import LOCAL_DATASET, ConfigError, ConfigValue, RunConfig
 from plateau.data import DATASETS, DataError, PartitionSpec, ensure_partitions, partition_sizes
 from plateau.device import resolve_device
 from plateau.models import float_buffer_names, frozen_digest, model_from_config, travelling_state
 from plateau.privacy.mechanism import mechanism_from_config
 from strategies import LOCAL_RULES, STRATEGIES, PlateauStrategy
+from strategies.population import ClientPopulation
 from strategies.shared import GlobalDirection
 
 
@@ -36,8 +37,9 @@ def load_config(raw: Mapping[str, ConfigValue]) -> RunConfig:
             "global direction; allowed: " + ", ".join(
                 repr(n) for n in STRATEGIES if holds_direction(n, config))
             + ", or direction-shrinkage='off'")
-    classes = DATASETS[config.dataset].num_classes
-    if config.partitioner == "pathological" and config.classes_per_client > classes:
+    classes = DATASETS[config.dataset].num_classes if config.dataset in DATASETS else 0
+    if (config.partitioner == "pathological" and classes
+            and config.classes_per_client > classes):
         raise ConfigError(
             f"classes-per-client={config.classes_per_client} is not allowed for "
             f"dataset={config.dataset!r}; expected <= {classes}"
@@ -49,6 +51,11 @@ def prepare_partitions(config: RunConfig, num_partitions: int) -> None:
     """Split the training data among ``num_partitions`` clients once, before any of them asks
     for it (stored on disk; every later process reads it): a split that cannot be made, or a
     dataset that cannot be loaded, is a one-line config error here, not a failure per client."""
+    if config.dataset == LOCAL_DATASET:
+        from .silos import check_data_dir
+
+        check_data_dir(config, num_partitions)
+        return
     spec = PartitionSpec(config.dataset, config.test_fraction, config.seed, num_partitions,
                          config.partitioner, config.dirichlet_alpha, config.classes_per_client,
                          config.validation_fraction, config.min_partition_size)
@@ -91,14 +98,34 @@ def warn_large_record_epsilon(config: RunConfig, smallest: int) -> None:
             config.num_server_rounds, planned, SUBSTITUTION, plan.delta, LARGE_EPSILON)
 
 
-def build_strategy(config: RunConfig) -> PlateauStrategy:
-    """The configured algorithm, wired to the privacy mechanism and the device."""
+def check_per_sample(config: RunConfig, model: object) -> None:
+    """Record-level DP needs per-record gradients: Opacus' validator names the first layer
+    that mixes records (BatchNorm) or that it cannot handle, before anything trains."""
+    from opacus.validators import ModuleValidator
+
+    layers = [(name, module) for name, module in model.named_modules()  # type: ignore[attr-defined]
+              if not any(module.children())]
+    for name, module in [*layers, ("", model)]:
+        errors = ModuleValidator.validate(module, strict=False)
+        if errors:
+            reason = str(errors[0]).split(". ")[0][:200]
+            where = f"layer {name!r} ({type(module).__name__})" if name else "the model"
+            raise ConfigError(f"record-dp='on' with model={config.model!r}: Opacus refuses "
+                              f"{where}: {reason}")
+
+
+def build_strategy(config: RunConfig, clients: ClientPopulation | None = None
+                   ) -> PlateauStrategy:
+    """The configured algorithm, wired to the privacy mechanism and the device (and to the
+    population, when the loop has already identified the nodes)."""
     device = resolve_device(config.device)
     model = model_from_config(config)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(INFO, "model %s: %d of %d parameters trained and released per client (trainable=%r)",
         config.model, trained, total, config.trainable)
+    if config.record_dp == "on":
+        check_per_sample(config, model)
     buffers = float_buffer_names(model)
     if config.dp_enabled and buffers:
         log(WARNING, "dp-allow-batchnorm=true: %d BatchNorm buffers are averaged WITHOUT clipping "
@@ -117,6 +144,7 @@ def build_strategy(config: RunConfig) -> PlateauStrategy:
         buffer_names=buffers,
         privacy=privacy,
         device=device,
+        clients=clients,
     )
     strategy.current = {k: v.to(device) for k, v in travelling_state(model).items()}
     strategy.frozen_digest = frozen_digest(model)

@@ -28,6 +28,7 @@ from .evaluation import CentralEvaluator
 from .flatness import FlatnessProbe
 from .metrics import RunMetrics
 from .results import RunRecorder
+from .silos import FederatedEvaluator
 
 
 class RunFailed(RuntimeError):
@@ -97,18 +98,37 @@ class FailurePolicy(RoundCallback):
 
 
 class Evaluation(RoundCallback):
-    """Central evaluation of the new global model on held-out data; the round's wall time is
-    taken right after it (training plus evaluation, as the console reports it)."""
+    """Evaluation of the new global model: central, on the server's held-out split, and/or
+    federated, by the silos on their own held-out records (every evaluate-every rounds and
+    after the last). ``test_accuracy`` is the central one, or the federated one where the
+    server holds no data. The round's wall time is taken right after (training plus
+    evaluation, as the console reports it)."""
 
-    keys = ("test_accuracy", "test_loss", "wall_s")
+    keys = ("test_accuracy", "test_loss", "federated_accuracy", "federated_loss",
+            "federated_examples", "federated_silos", "federated_declined",
+            "federated_rejected", "wall_s")
 
-    def __init__(self, evaluator: CentralEvaluator, strategy: PlateauStrategy) -> None:
-        self.evaluator, self.strategy = evaluator, strategy
+    def __init__(self, central: CentralEvaluator | None, federated: FederatedEvaluator | None,
+                 strategy: PlateauStrategy) -> None:
+        self.central, self.federated, self.strategy = central, federated, strategy
 
     def after_round(self, outcome: RoundOutcome) -> None:
-        result = self.evaluator(self.strategy.current)
-        outcome.record |= {"test_accuracy": result.accuracy, "test_loss": result.loss,
-                           "wall_s": round(time.monotonic() - outcome.started, 4)}
+        record, current = outcome.record, self.strategy.current
+        record |= {"test_accuracy": None, "test_loss": None}
+        if self.central is not None:
+            result = self.central(current)
+            record |= {"test_accuracy": result.accuracy, "test_loss": result.loss}
+        if self.federated is not None and self.federated.due(outcome.server_round):
+            federated = self.federated(current, outcome.server_round)
+            record |= {"federated_accuracy": federated.accuracy,
+                       "federated_loss": federated.loss,
+                       "federated_examples": federated.examples,
+                       "federated_silos": federated.per_silo,
+                       "federated_declined": federated.declined,
+                       "federated_rejected": federated.rejected}
+            if self.central is None:
+                record |= {"test_accuracy": federated.accuracy, "test_loss": federated.loss}
+        record["wall_s"] = round(time.monotonic() - outcome.started, 4)
 
 
 class FlatnessProbes(RoundCallback):
@@ -200,9 +220,11 @@ class Console(RoundCallback):
                     f"{fmt(record['mean_clip_error'])}" if self.config.dp_enabled else "")
         epsilon = ("" if not self.has_ledger else " | epsilon n/a (not private)"
                    if record["epsilon"] is None else f" | epsilon {record['epsilon']:.4f}")
-        log(INFO, "[round %d/%d] test accuracy %.4f, loss %.4f | train loss %s | clients %d/%d | "
+        where = "test" if self.config.central_evaluation else "federated"
+        log(INFO, "[round %d/%d] %s accuracy %s, loss %s | train loss %s | clients %d/%d | "
             "update norm %s, global %s%s%s | %.2f s", record["round"],
-            self.config.num_server_rounds, record["test_accuracy"], record["test_loss"],
+            self.config.num_server_rounds, where, fmt(record["test_accuracy"]),
+            fmt(record["test_loss"]),
             fmt(record["train_loss"]), record["num_clients"], outcome.stats.sampled,
             fmt(record["mean_update_norm"]), fmt(record["global_update_norm"]), clipping,
             epsilon, record["wall_s"])

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from plateau.config import ConfigError, ConfigValue, RunConfig
+from plateau.config import ConfigError, ConfigValue, RunConfig, toml_value
 from server_app.stop_request import STOP_FILE_ENV, request_stop
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
@@ -326,7 +326,12 @@ def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
     Ctrl-C in the terminal reaches the launcher alone and not Flower's processes, whose handlers
     would end them before the summary is written."""
     try:
-        check_config(app_dir, parse_overrides(config), clients)
+        overrides = parse_overrides(config)
+        if isinstance(folder := overrides.get("data-dir"), str) and folder:
+            # the simulation's processes start elsewhere: the folder as the user meant it
+            overrides["data-dir"] = str(Path(folder).expanduser().resolve())
+            config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+        check_config(app_dir, overrides, clients)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

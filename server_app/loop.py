@@ -19,15 +19,17 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from plateau.config import ConfigError, ConfigValue, RunConfig
+from plateau.config import LOCAL_DATASET, ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
 from plateau.messages import exchange, tensors_record
 from plateau.privacy.accounting import PrivacyAccountant
 from plateau.privacy.canaries import audit_flags
 from plateau.privacy.mechanism import mechanism_from_config
 from plateau.privacy.noise import TEST_SEED_ENV, test_seed
+from plateau.silo_data import Schema
 from strategies import LOCAL_RULES, PlateauStrategy
 from strategies.base import WITHIN_BUDGET
+from strategies.population import ClientPopulation
 
 from .build import build_strategy, load_config, prepare_partitions
 from .callbacks import (
@@ -50,6 +52,7 @@ from .lineage import CopiedRun, RunLineage, run_ledger_folder
 from .metrics import RunMetrics
 from .privacy_plan import PrivacyLedger, plan_privacy
 from .results import RunRecorder, default_run_name
+from .silos import LOCAL_OUTSIDE_EPSILON, FederatedEvaluator, agree_on_schema
 from .stop_request import stop_requested
 
 ADJACENCY = ("zero-out: one client's data replaced by a null client that releases a zero "
@@ -126,10 +129,14 @@ def round_record(server_round: int, metrics: Mapping[str, Any], lr: float, dp: b
 
 def outside_epsilon(config: RunConfig) -> dict[str, list[str]]:
     """What the run publishes that no client-level epsilon covers (operator telemetry)."""
-    if config.record_dp != "on":
-        return OUTSIDE_EPSILON
-    return {place: [*OUTSIDE_EPSILON.get(place, []), *RECORD_OUTSIDE_EPSILON.get(place, [])]
-            for place in (*OUTSIDE_EPSILON, *RECORD_OUTSIDE_EPSILON)}
+    parts = [OUTSIDE_EPSILON]
+    if config.record_dp == "on":
+        parts.append(RECORD_OUTSIDE_EPSILON)
+    if config.dataset == LOCAL_DATASET or config.federated_evaluation:
+        parts.append(LOCAL_OUTSIDE_EPSILON)
+    places = dict.fromkeys(place for part in parts for place in part)
+    return {place: [item for part in parts for item in part.get(place, [])]
+            for place in places}
 
 
 def record_privacy_summary(config: RunConfig, strategy: PlateauStrategy,
@@ -228,8 +235,18 @@ class RunLoop:
         set_up = time.monotonic()
         try:
             config = load_config(raw_config)
-            self.strategy: PlateauStrategy = build_strategy(config)
-            self.evaluator = CentralEvaluator(config, self.strategy.device)
+            clients = ClientPopulation(config, secret=mechanism_from_config(config) is not None)
+            self.schemas: dict[int, Schema] = {}
+            if config.dataset == LOCAL_DATASET:
+                # the silos' schemas decide the model: ask the nodes before building it
+                clients.determine(grid)
+                clients.identified_partition_counts(grid)
+                config, self.schemas = agree_on_schema(config, clients.schemas)
+            self.strategy: PlateauStrategy = build_strategy(config, clients=clients)
+            self.evaluator = (CentralEvaluator(config, self.strategy.device)
+                              if config.central_evaluation else None)
+            self.federated = (FederatedEvaluator(config, clients, grid, self.schemas)
+                              if config.federated_evaluation else None)
             self.probe = (FlatnessProbe(config, self.strategy.device)
                           if config.sharpness_every else None)
         except (ConfigError, DataError, RuntimeError) as err:
@@ -252,7 +269,8 @@ class RunLoop:
         population = self.strategy.clients.determine(grid)
         try:
             for num_partitions in self.strategy.clients.identified_partition_counts(grid):
-                prepare_partitions(config, num_partitions)
+                if config.dataset != LOCAL_DATASET:
+                    prepare_partitions(config, num_partitions)
         except (ConfigError, RuntimeError) as err:
             log(ERROR, "cannot start the run: %s", err)
             raise
@@ -295,7 +313,7 @@ class RunLoop:
         has_ledger = self.ledger is not None
         self.callbacks: dict[str, RoundCallback] = {
             "failure-policy": FailurePolicy(self.config),
-            "evaluation": Evaluation(self.evaluator, self.strategy),
+            "evaluation": Evaluation(self.evaluator, self.federated, self.strategy),
             "flatness": FlatnessProbes(self.probe, self.strategy),
             "privacy-record": PrivacyRecord(
                 self.config, self.strategy, void_reason=lambda: self.void_reason,
@@ -335,7 +353,7 @@ class RunLoop:
         strategy.summary()
         log(INFO, "results: %s", self.recorder.directory.resolve())
         self.metrics.serve()
-        if self.start_round == 1:
+        if self.start_round == 1 and self.evaluator is not None:
             initial = self.evaluator(strategy.current)
             log(INFO, "[round 0/%d] test accuracy %.4f, loss %.4f", config.num_server_rounds,
                 initial.accuracy, initial.loss)
@@ -366,6 +384,13 @@ class RunLoop:
                     outcome["epsilon_void_reason"] = self.void_reason
             if config.record_dp == "on":
                 outcome["record_privacy"] = self.record_privacy()
+            outcome["evaluation"] = ("both" if config.central_evaluation
+                                     and config.federated_evaluation else "federated"
+                                     if config.federated_evaluation else "central")
+            if self.schemas:
+                outcome["silo_schemas"] = {
+                    str(p): schema.to_record(with_counts=not config.dp_enabled)
+                    for p, schema in self.schemas.items()}
             if (audit := self.audit()) is not None:
                 outcome["audit"] = audit
                 self.metrics.observe_audit(audit)

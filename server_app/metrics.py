@@ -73,6 +73,12 @@ class RunMetrics:
             "plateau_record_budget_within", "1 while a silo's replies say it is within its "
             "record-level budget, 0 once it declined for lack of it" + TELEMETRY,
             (*LABELS, "partition"), registry=self.registry)
+        self.federated_accuracy = gauge(
+            "federated_accuracy", "Accuracy of the global model on the silos' own held-out "
+            "records, weighted by their examples" + TELEMETRY)
+        self.silo_accuracy = Gauge(
+            "plateau_silo_accuracy", "Accuracy of the global model on one silo's held-out "
+            "records" + TELEMETRY, (*LABELS, "partition"), registry=self.registry)
         self.clip_fraction = gauge("clip_fraction", "Fraction of client updates clipped"
                                    + TELEMETRY)
         self.global_update_norm = gauge("global_update_norm", "|x_{t+1} - x_t|")
@@ -117,6 +123,7 @@ class RunMetrics:
         for metric, key in ((self.round, "round"), (self.accuracy, "test_accuracy"),
                             (self.test_loss, "test_loss"), (self.train_loss, "train_loss"),
                             (self.clip_fraction, "clip_fraction"),
+                            (self.federated_accuracy, "federated_accuracy"),
                             (self.global_update_norm, "global_update_norm"),
                             (self.sharpness, "sharpness"),
                             (self.hessian, "hessian_top_eigenvalue")):
@@ -135,6 +142,8 @@ class RunMetrics:
             against_server = record["epsilon_against_server"]
             self.epsilon_server.labels(**labels).set(
                 against_server if isinstance(against_server, int | float) else float("nan"))
+        for partition, silo in (record.get("federated_silos") or {}).items():
+            self.silo_accuracy.labels(**labels, partition=partition).set(silo["accuracy"])
         for partition, spent in (record.get("record_epsilon") or {}).items():
             self.record_epsilon.labels(**labels, partition=partition).set(spent)
         for partition, status in (record.get("record_budget") or {}).items():

@@ -132,6 +132,8 @@ class PlateauStrategy(FedAvg):
         The client-level DP mechanism, or None for non-private training.
     device : torch.device
         Where the server keeps the model and draws central noise.
+    clients : ClientPopulation | None
+        The population, when the loop has already asked the nodes who they are.
     """
 
     local_rule: str = "sgd"
@@ -148,6 +150,7 @@ class PlateauStrategy(FedAvg):
         buffer_names: list[str],
         privacy: PrivacyMechanism | None = None,
         device: torch.device | str = "cpu",
+        clients: ClientPopulation | None = None,
     ) -> None:
         super().__init__(
             fraction_train=config.sample_rate,
@@ -162,7 +165,9 @@ class PlateauStrategy(FedAvg):
         self.device = torch.device(device)
         self.current: Tensors = {}
         self.frozen_digest = ""  # of the weights clients rebuild locally and never receive
-        self.clients = ClientPopulation(config, secret=privacy is not None)
+        # the loop may have identified the nodes already (dataset='local': their schemas
+        # decide the model)
+        self.clients = clients or ClientPopulation(config, secret=privacy is not None)
         self.privacy = privacy  # also builds the screener and the aggregation
         self.canaries: CanaryClients | None = None
         self._canary_state: Mapping[str, Any] | None = None  # from a checkpoint, until built

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from plateau.config import RunConfig
-from plateau.messages import CONFIG_KEY, IDENTITY_KEY, exchange, short_reason
+from plateau.messages import CONFIG_KEY, IDENTITY_KEY, SCHEMA_KEY, exchange, short_reason
 from plateau.privacy.sampling import ClientSampler, Cohort
 
 POPULATION_SETTLE_S = 1.0  # SuperNodes connecting over the network
@@ -54,6 +54,9 @@ class ClientPopulation:
         self.real_population = 0
         self.partitions: dict[int, int] = {}  # node id -> partition id
         self.partition_counts: set[int] = set()  # num-partitions the nodes reported
+        # dataset='local': partition id -> the silo's schema fingerprint (or its error), as
+        # its node answered the partition query
+        self.schemas: dict[int, dict[str, Any]] = {}
 
     def partition_of(self, node_id: int) -> int:
         """The node's partition id (a negative placeholder for a node never identified)."""
@@ -124,6 +127,8 @@ class ClientPopulation:
             else:
                 self.partitions[node] = partition
                 taken.add(partition)
+                if (schema := answer.content.config_records.get(SCHEMA_KEY)) is not None:
+                    self.schemas[partition] = dict(schema)
                 if isinstance(count := identity.get("num-partitions"), int) and count > 0:
                     self.partition_counts.add(count)
 
