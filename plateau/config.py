@@ -108,7 +108,7 @@ TEXT_MODELS = ("minilm", "tiny-bert", "roberta-base", "distilbert-base-uncased",
 MODELS = IMAGE_MODELS + TEXT_MODELS
 TRANSFORMER_MODELS = ("vit", "tiny-vit", *TEXT_MODELS)
 DP_MODES = ("off", "central", "distributed", "local")
-EVALUATION_MODES = ("auto", "central", "federated", "both")
+EVALUATION_MODES = ("auto", "central", "federated")
 USER_MODEL = r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*"  # 'package.module:function'
 
 
@@ -180,9 +180,9 @@ class RunConfig:
                                "out for federated evaluation, unless its node config names "
                                "`eval-data`.", min=0, max=0.5)
     evaluate: str = key("auto", "Where the global model is evaluated: on the server's held-out "
-                        "split ('central'), by each silo on its own held-out records "
-                        "('federated'), or 'both'; 'auto' = central for bundled datasets, "
-                        "federated for dataset='local'.", choices=EVALUATION_MODES)
+                        "split ('central', bundled datasets), or by each silo on its own "
+                        "held-out records ('federated', dataset='local'); 'auto' picks the one "
+                        "the dataset allows.", choices=EVALUATION_MODES)
     evaluate_every: int = key(1, "Federated evaluation every this many rounds (and always "
                               "after the last).", min=1)
     partitioner: str = key("dirichlet", "How the training split is divided among clients.",
@@ -415,6 +415,10 @@ class RunConfig:
                               "normalisation layers; allowed: 'group', 'batch'")
         if self.dataset == LOCAL_DATASET:
             self._check_local()
+        elif self.evaluate == "federated":
+            raise ConfigError(f"evaluate='federated' with dataset={self.dataset!r}: the clients "
+                              "of a bundled dataset hold no held-out records of their own; "
+                              "allowed: 'central' or 'auto' (or dataset='local')")
         text_model, text_data = self.model in TEXT_MODELS, self.dataset in TEXT_DATASETS
         if self.dataset == LOCAL_DATASET:
             text_data = bool(self.text_column)
@@ -489,9 +493,9 @@ class RunConfig:
 
     def _check_local(self) -> None:
         """What dataset='local' needs that one key alone cannot say."""
-        if self.evaluate == "central" or self.evaluate == "both":
-            raise ConfigError(f"evaluate={self.evaluate!r} with dataset='local': the server holds "
-                              "no data to evaluate on; allowed: 'federated' or 'auto'")
+        if self.evaluate == "central":
+            raise ConfigError("evaluate='central' with dataset='local': the server holds no data "
+                              "to evaluate on; allowed: 'federated' or 'auto'")
         if self.sharpness_every:
             raise ConfigError("sharpness-every with dataset='local': the flatness probes need "
                               "held-out data on the server; allowed: sharpness-every=0")
@@ -515,6 +519,10 @@ class RunConfig:
         if names and self.num_classes and self.num_classes != len(names):
             raise ConfigError(f"num-classes={self.num_classes} with {len(names)} label-names: "
                               "they must agree (or leave num-classes=0)")
+        if self.text_column and self.user_model:
+            raise ConfigError(f"model={self.model!r} with text-column={self.text_column!r}: "
+                              "text is tokenised for the bundled text models; allowed: one of "
+                              + ", ".join(repr(m) for m in TEXT_MODELS))
         if self.text_column and self.model in TABULAR_MODELS:
             raise ConfigError(f"model={self.model!r} with text-column={self.text_column!r}: "
                               "text needs one of " + ", ".join(repr(m) for m in TEXT_MODELS))
@@ -526,17 +534,13 @@ class RunConfig:
 
     @property
     def central_evaluation(self) -> bool:
-        """Whether the server evaluates on its own held-out split."""
-        if self.evaluate == "auto":
-            return self.dataset != LOCAL_DATASET
-        return self.evaluate in ("central", "both")
+        """Whether the server evaluates on its own held-out split (bundled datasets)."""
+        return self.dataset != LOCAL_DATASET
 
     @property
     def federated_evaluation(self) -> bool:
         """Whether the silos evaluate the global model on their own held-out records."""
-        if self.evaluate == "auto":
-            return self.dataset == LOCAL_DATASET
-        return self.evaluate in ("federated", "both")
+        return self.dataset == LOCAL_DATASET
 
     def _check_record_dp(self) -> None:
         if self.norm == "batch":

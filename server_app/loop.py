@@ -132,7 +132,7 @@ def outside_epsilon(config: RunConfig) -> dict[str, list[str]]:
     parts = [OUTSIDE_EPSILON]
     if config.record_dp == "on":
         parts.append(RECORD_OUTSIDE_EPSILON)
-    if config.dataset == LOCAL_DATASET or config.federated_evaluation:
+    if config.federated_evaluation:
         parts.append(LOCAL_OUTSIDE_EPSILON)
     places = dict.fromkeys(place for part in parts for place in part)
     return {place: [item for part in parts for item in part.get(place, [])]
@@ -384,9 +384,7 @@ class RunLoop:
                     outcome["epsilon_void_reason"] = self.void_reason
             if config.record_dp == "on":
                 outcome["record_privacy"] = self.record_privacy()
-            outcome["evaluation"] = ("both" if config.central_evaluation
-                                     and config.federated_evaluation else "federated"
-                                     if config.federated_evaluation else "central")
+            outcome["evaluation"] = "federated" if config.federated_evaluation else "central"
             if self.schemas:
                 outcome["silo_schemas"] = {
                     str(p): schema.to_record(with_counts=not config.dp_enabled)

@@ -3,6 +3,10 @@ separate processes, TLS and SuperNode authentication on, two DP rounds of FedSMO
 clients: Context.state must survive between rounds on a real SuperNode), an unregistered
 SuperNode rejected, every process stopped by its PID.
 
+Each silo trains on its own Parquet file, named by its node config (``data=<path>``), with the
+user's own model (``model='package.module:function'``, importable where the ServerApp and the
+trainers run), and evaluates the global model on its own held-out records after each round.
+
 Each SuperNode has a warm trainer (``python -m client_app.trainer``) beside it: the ClientApp
 process Flower starts for every message imports no torch, enforces the node policy and hands
 the work over the node's ``trainer-socket``; the trainers must have done every round's work.
@@ -106,6 +110,12 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
     fed = Federation(tmp_path)
     link_port, node_ports = free_port(), (free_port(), free_port(), free_port())
     sockets = [tmp_path / f"trainer-{i}.sock" for i in (1, 2)]
+    from .test_local_data import USER_MODEL, write_silos
+
+    silos = write_silos(tmp_path / "silos", 2)
+    (tmp_path / "usermodels").mkdir()
+    (tmp_path / "usermodels" / "deployed_usermodel.py").write_text(USER_MODEL)
+    user_path = {"PYTHONPATH": str(tmp_path / "usermodels")}
     started = time.monotonic()
     zygotes: list[int] = []
     try:
@@ -117,7 +127,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                   "--disable-runtime-dependency-installation")
         fed.start("superexec-serverapp", str(BIN / "flower-superexec"),
                   f"--root-certificates={certs / 'ca.crt'}",
-                  f"--runtime-api-address=127.0.0.1:{link_port}")
+                  f"--runtime-api-address=127.0.0.1:{link_port}", **user_path)
         cli_home = tmp_path / "home-cli"
         cli_home.mkdir(exist_ok=True)
         (cli_home / "config.toml").write_text(
@@ -133,7 +143,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         # client gets one CPU), and the SuperExecs look for new work every 0.1 s, not 1 s
         for i, path in zip((1, 2), sockets, strict=True):
             fed.start(f"trainer-{i}", sys.executable, "-m", "client_app.trainer",
-                      f"--socket={path}", "--threads=1")
+                      f"--socket={path}", "--threads=1", **user_path)
             fed.start(f"supernode-{i}", sys.executable, "-m", "client_app.supernode",
                       "--poll-interval=0.1",
                       f"--root-certificates={certs / 'ca.crt'}",
@@ -141,7 +151,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                       f"--auth-supernode-private-key={certs / 'keys' / f'supernode-{i}'}",
                       "--isolation=process", "--host=127.0.0.1", f"--port={node_ports[i - 1]}",
                       f"--node-config=partition-id={i - 1} num-partitions=2 "
-                      f"trainer-socket='{path}'")
+                      f"trainer-socket='{path}' data='{silos / f'silo-{i - 1}.parquet'}'")
             fed.start(f"superexec-clientapp-{i}", sys.executable, "-m", "client_app.superexec",
                       "--insecure",
                       f"--runtime-api-address=127.0.0.1:{node_ports[i - 1]}",
@@ -158,6 +168,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                    "both trainers listening")
         setup_s = time.monotonic() - started
         config = ("num-server-rounds=2 algorithm='fedsmoo' dp='central' noise-multiplier=0.8 "
+                  "dataset='local' model='deployed_usermodel:build' "
                   f"sample-rate=1.0 results-dir='{tmp_path / 'results'}' run-name='deployed'")
         run_started = time.monotonic()
         app = stage_app(ROOT, tmp_path)  # flwr run would walk .venv otherwise
@@ -180,11 +191,17 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         assert all(r["num_clients"] == 2 and r["epsilon"] > 0 for r in rounds)
         # FedSMOO's H_i and mu_i persisted in each SuperNode's Context.state between rounds
         assert [r["mean_state_rounds"] for r in rounds] == [0, 1]
-        # every node's partition query and both rounds were the trainers' work
+        # each silo's own file, evaluated on its own held-out records after every round
+        assert all(sorted(r["federated_silos"]) == ["0", "1"] for r in rounds)
+        summary = json.loads((tmp_path / "results" / "deployed" / "summary.json").read_text())
+        assert summary["config"]["input-shape"] == "64" and summary["evaluation"] == "federated"
+        assert "records" not in summary["silo_schemas"]["0"]  # client-level DP: count stays
+        # every node's partition query, both rounds and both evaluations were the trainers' work
         for path in sockets:
             stats = trainer_stats(path)
             assert stats is not None and stats["failed"] == 0, stats
-            assert {k: stats["served"][k] for k in ("query", "train")} == {"query": 1, "train": 2}
+            assert {k: stats["served"][k] for k in ("query", "train", "evaluate")} == {
+                "query": 1, "train": 2, "evaluate": 2}
         wait_until(lambda: intruder.poll() is not None, 60, "unregistered SuperNode exits")
         assert intruder.returncode != 0
         assert "Failed to activate SuperNode" in fed.log("supernode-unregistered")

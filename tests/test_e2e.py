@@ -163,3 +163,27 @@ def test_a_closed_terminal_stops_a_run_like_ctrl_c() -> None:
     with pytest.raises(Stopped, match="SIGHUP") as stopped:
         _raise_stopped(signal.SIGHUP, None)
     assert stopped.value.signum == signal.SIGHUP and not isinstance(stopped.value, Exception)
+
+
+@pytest.mark.e2e
+def test_make_run_trains_on_parquet_silos_with_record_level_dp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's command, through a real `flwr run`: three Parquet files written from a real
+    dataset, data-dir relative to where make runs, record-level DP at epsilon 8."""
+    from .test_local_data import write_silos
+
+    home = tmp_path / "flwr-home"
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    write_silos(tmp_path / "silos", 3)
+    monkeypatch.chdir(tmp_path)
+    config = ("dataset='local' data-dir='silos' label-column='label' model='mlp' "
+              "record-dp='on' record-target-epsilon=8 num-server-rounds=3 sample-rate=1.0 "
+              f"local-steps=10 results-dir='{tmp_path}' run-name='silos'")
+    assert launch(ROOT, clients=3, config=config, timeout_s=300) == 0
+    assert "finished:completed" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "silos" / "summary.json").read_text())
+    assert summary["evaluation"] == "federated" and summary["final_accuracy"] > 0.5
+    assert summary["config"]["data-dir"] == str(tmp_path / "silos")
+    assert max(summary["record_privacy"]["epsilon_per_silo"].values()) <= 8.0 + 1e-6
+    assert leftover_processes(home) == []

@@ -97,6 +97,8 @@ def local_config(data_dir: Path, **overrides: object) -> RunConfig:
     ({"label-names": "a,b", "num-classes": 3}, "must agree"),
     ({"model": "cnn", "norm": "none"}, "only the mlp"),
     ({"sharpness-every": 1}, "flatness probes"),
+    ({"text-column": "review", "model": "mypackage.models:build"}, "bundled text models"),
+    ({"dataset": "digits", "evaluate": "federated"}, "hold no held-out records"),
 ])
 def test_local_config_mistakes_are_one_line_errors(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -431,4 +433,22 @@ def test_image_folder_silos_train_a_cnn(tmp_path: Path) -> None:
                                local_steps=5)
     assert summary["status"] == "completed"
     assert summary["config"]["input-shape"] == "1x8x8"
+    assert rounds[-1]["federated_accuracy"] is not None
+
+
+@pytest.mark.simulation
+def test_the_users_model_trains_in_a_simulation(tmp_path: Path, monkeypatch) -> None:
+    """The simulation's workers import the user's module as a deployment's would: from the
+    environment (here PYTHONPATH), not from the test's sys.path."""
+    import os
+
+    (tmp_path / "silo_usermodel_sim.py").write_text(USER_MODEL)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = write_silos(tmp_path / "silos", 2)
+    summary, rounds = simulate(tmp_path, 2, dataset="local", data_dir=str(folder),
+                               model="silo_usermodel_sim:build", sample_rate=1.0,
+                               num_server_rounds=2, local_steps=5)
+    assert summary["status"] == "completed" and rounds[-1]["num_clients"] == 2
     assert rounds[-1]["federated_accuracy"] is not None
