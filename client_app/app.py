@@ -151,11 +151,14 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on this silo's held-out records, unless the
     silo's operator turned it off (``allow-evaluation=false`` in the node config: what the
-    evaluation publishes, sums over its held-out records, is outside epsilon)."""
+    evaluation publishes, sums over its held-out records, is outside epsilon) or its sums would
+    tell its private record count (:func:`evaluation_published`)."""
     cfg = RunConfig.from_record(msg.content["config"], algorithm_keys=False)
     partition_of(context)
     if not allows_evaluation(context.node_config):
         return decline(msg, "evaluation-not-allowed")
+    if not evaluation_published(cfg, context.node_config):
+        return decline(msg, "count-private")
     enforce_node_policy(cfg, context.node_config)
     path = trainer_socket(context.node_config)
     if path is None:
@@ -179,6 +182,23 @@ def allows_evaluation(node_config: Mapping[str, object]) -> bool:
             raise NodeConfigError(f"allow-evaluation={value!r}; expected true or false")
         return value.lower() == "true"
     return bool(value)
+
+
+def count_public(cfg: RunConfig, node_config: Mapping[str, object]) -> bool:
+    """Whether this silo's record count leaves it anyway: a run without client-level DP, for a
+    silo without ``record-public-size`` (its replies carry the count as num-examples)."""
+    return not cfg.dp_enabled and not SiloPolicy.from_node_config(node_config).record_public_size
+
+
+def evaluation_published(cfg: RunConfig, node_config: Mapping[str, object]) -> bool:
+    """Whether this silo answers federated evaluation. Its sums carry its held-out count, a
+    share (eval-fraction) of its record count unless its held-out records are a file of their
+    own (``eval-data``): where that count is private, the silo evaluates only with such a file
+    or when its operator says so explicitly (``allow-evaluation=true``)."""
+    if not allows_evaluation(node_config):
+        return False
+    return (count_public(cfg, node_config) or bool(node_config.get("eval-data"))
+            or "allow-evaluation" in node_config)
 
 
 def decline(msg: Message, reason: str) -> Message:

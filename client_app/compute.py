@@ -59,7 +59,7 @@ from plateau.seeds import stream_generator
 from plateau.silo_data import SiloData, SiloDataError, load_silo, local_spec, silo_path
 from strategies import LOCAL_RULES
 
-from .app import NodeConfigError, partition_of
+from .app import NodeConfigError, count_public, evaluation_published, partition_of
 from .node_state import clear, load_before, save_after, state_folder
 
 STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
@@ -238,11 +238,16 @@ def prepare(cfg: RunConfig, context: Context) -> dict[str, Any] | None:
     device = resolve_device(cfg.device)
     fingerprint = None
     if cfg.dataset == LOCAL_DATASET:
+        private = cfg.dp_enabled or cfg.record_dp == "on"
         try:
-            fingerprint = silo(cfg, context).schema.to_record(with_counts=not cfg.dp_enabled)
+            fingerprint = silo(cfg, context).schema.to_record(
+                with_counts=count_public(cfg, context.node_config), with_labels=not private,
+                with_eval_count=evaluation_published(cfg, context.node_config))
         except SiloDataError as err:
             log(WARNING, "this silo's data cannot be used: %s", err)
-            return {"error": str(err)}
+            # a reason may name a label value or a column's type: functions of the records
+            return {"error": "its data cannot be used (under DP the reason stays in the "
+                             "SuperNode's log)" if private else str(err)}
         if not _resolved(cfg):
             return fingerprint
     data = training_data(cfg, context, device)

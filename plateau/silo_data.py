@@ -223,18 +223,21 @@ class Schema:
     format: str
     stamp: str
 
-    def to_record(self, *, with_counts: bool) -> dict[str, str | int | list[str] | list[int]]:
-        """Values a Flower ConfigRecord accepts; with_counts=False leaves out the training
-        record count (a silo under client-level DP keeps it), never the held-out count."""
-        record: dict[str, str | int | list[str] | list[int]] = {
+    def to_record(self, *, with_counts: bool, with_labels: bool = True,
+                  with_eval_count: bool = True) -> dict[str, str | int | list[str] | list[int]]:
+        """Values a Flower ConfigRecord accepts: what the silo publishes of its schema. Each
+        ``with_*`` False leaves a function of the records out: the training count (private
+        under client-level DP or with a public size), the label set (under any DP: a rare
+        label reveals its record), the held-out count (0: the silo declines evaluation). The
+        files' stamp never leaves: the silo itself checks it every round."""
+        return {
             "kind": self.kind, "columns": [c for c, _ in self.columns],
-            "column-types": [t for _, t in self.columns], "labels": list(self.labels),
-            "input-shape": list(self.input_shape), "eval-records": self.eval_records,
-            "format": self.format, "stamp": self.stamp,
+            "column-types": [t for _, t in self.columns],
+            "labels": list(self.labels) if with_labels else [],
+            "input-shape": list(self.input_shape),
+            "eval-records": self.eval_records if with_eval_count else 0,
+            "format": self.format, **({"records": self.records} if with_counts else {}),
         }
-        if with_counts:
-            record["records"] = self.records
-        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Schema:
@@ -269,7 +272,7 @@ class Schema:
         if any(d < 1 for d in shape) or records < -1 or eval_records < 0:
             raise ValueError("schema record: a negative count or an empty input dimension")
         return cls(kind, tuple(zip(names, types, strict=True)), values("labels", str), shape,
-                   records, eval_records, fmt, scalar("stamp", str))
+                   records, eval_records, fmt, scalar("stamp", str, ""))
 
 
 def _who(silos: list[int]) -> str:

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-from plateau.config import ConfigError, ConfigValue, RunConfig, toml_value
+from plateau.config import LOCAL_DATASET, ConfigError, ConfigValue, RunConfig, toml_value
 from server_app.stop_request import STOP_FILE_ENV, request_stop
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
@@ -130,13 +130,18 @@ def stage_app(app_dir: Path, into: Path) -> Path:
     return stage
 
 
-def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue], clients: int) -> None:
+def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue],
+                 clients: int) -> dict[str, ConfigValue]:
     """Validate defaults + overrides before anything starts (the ServerApp checks again),
     including what would only fail later: the dataset loads and splits among the clients (the
-    split is stored, so no client computes it again), a resume finds a checkpoint it may
-    continue, and the metrics port is free."""
+    split is stored, so no client computes it again), a simulation's silo files are readable
+    and agree on a schema, a resume finds a checkpoint it may continue, and the metrics port is
+    free. Returns what the run should add to its overrides: a simulation's class count, read
+    from its silos' files here, where all of them are the user's own (deployed silos keep
+    their label sets to themselves under DP, so the run declares it)."""
     from server_app.app import load_config
     from server_app.build import prepare_partitions
+    from server_app.silos import check_data_dir
 
     config = load_config({**app_defaults(app_dir), **overrides})
     if clients < config.min_available_clients:
@@ -151,7 +156,12 @@ def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue], clients: i
 
         with contextlib.chdir(app_dir):  # results-dir is relative to where the run starts
             check_resume(config)
+    if config.dataset == LOCAL_DATASET:
+        resolved = check_data_dir(config, clients)
+        declared = config.num_classes or config.label_names
+        return {} if declared else {"num-classes": resolved.num_classes}
     prepare_partitions(config, clients)
+    return {}
 
 
 def check_metrics_port(config: RunConfig) -> None:
@@ -327,11 +337,13 @@ def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
     would end them before the summary is written."""
     try:
         overrides = parse_overrides(config)
+        resolved = dict(overrides)
         if isinstance(folder := overrides.get("data-dir"), str) and folder:
             # the simulation's processes start elsewhere: the folder as the user meant it
-            overrides["data-dir"] = str(Path(folder).expanduser().resolve())
-            config = " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
-        check_config(app_dir, overrides, clients)
+            resolved["data-dir"] = str(Path(folder).expanduser().resolve())
+        resolved |= check_config(app_dir, resolved, clients)
+        if resolved != overrides:
+            config = " ".join(f"{k}={toml_value(v)}" for k, v in resolved.items())
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

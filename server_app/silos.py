@@ -40,26 +40,31 @@ from plateau.silo_data import (
 )
 from strategies.population import ClientPopulation
 
-# what dataset='local' publishes beyond the model: listed in privacy.outside_epsilon
+# what dataset='local' publishes beyond the model: listed in privacy.outside_epsilon (the label
+# sets only without DP; the held-out counts only where the training count is public, or the
+# held-out records are a file of their own, or the silo's operator allowed it)
 LOCAL_OUTSIDE_EPSILON = {
     "rounds.jsonl": ["federated_accuracy", "federated_loss", "federated_examples",
                      "federated_silos", "federated_declined", "federated_rejected",
                      "test_accuracy and test_loss when evaluate='federated' (the silos' "
                      "held-out records are not trained on, so no epsilon covers them)"],
     "prometheus": ["plateau_federated_accuracy", "plateau_silo_accuracy"],
-    "summary.json": ["silo_schemas (column names and types, label sets, input shape, held-out "
-                     "counts; training counts only without client-level DP)"],
+    "summary.json": ["silo_schemas (column names and types, input shape, file format; label "
+                     "sets only without DP; held-out counts where published; training counts "
+                     "only where num-examples carries them anyway)"],
 }
 IMAGE_ONLY_MODELS = ("cnn", "resnet10", "resnet18", "vit", "tiny-vit")
 
 
-def agree_on_schema(config: RunConfig, answers: Mapping[int, Mapping[str, Any]]
-                    ) -> tuple[RunConfig, dict[int, Schema]]:
+def agree_on_schema(config: RunConfig, answers: Mapping[int, Mapping[str, Any]], *,
+                    own_files: bool = False) -> tuple[RunConfig, dict[int, Schema]]:
     """The run config with the input shape and class count every usable silo's schema gives,
     and those schemas; one line naming the silo and the difference when they disagree.
 
     A silo whose data cannot be used (its answer carries the reason) is left out and declines
-    its rounds; a run where none is left stops here, before anything trains.
+    its rounds; a run where none is left stops here, before anything trains. ``own_files``: the
+    schemas were read from the files by the user's own launcher (a simulation), not sent by
+    silos, which under DP keep their label sets.
     """
     usable: dict[int, Schema] = {}
     unusable: dict[int, str] = {}
@@ -77,6 +82,11 @@ def agree_on_schema(config: RunConfig, answers: Mapping[int, Mapping[str, Any]]
         reasons = "; ".join(f"silo {p}: {r}" for p, r in unusable.items()) or "no silo answered"
         raise ConfigError(f"dataset='local': no silo has usable data ({reasons[:600]})")
     spec = local_spec(config)
+    if ((config.dp_enabled or config.record_dp == "on") and not own_files
+            and not config.num_classes and not config.label_names):
+        raise ConfigError("dataset='local' under DP: declare num-classes (or label-names); a "
+                          "silo's label set does not leave it (a rare label would reveal its "
+                          "record); make run fills it in from a simulation's files")
     try:
         classes = resolve_classes(usable, spec)
     except SiloDataError as err:
@@ -122,7 +132,7 @@ def check_data_dir(config: RunConfig, clients: int) -> RunConfig:
             answers[partition] = schema.to_record(with_counts=True)
         except SiloDataError as err:
             answers[partition] = {"error": str(err)}
-    resolved, _ = agree_on_schema(config, answers)
+    resolved, _ = agree_on_schema(config, answers, own_files=True)
     return resolved
 
 

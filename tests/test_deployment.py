@@ -112,7 +112,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
     sockets = [tmp_path / f"trainer-{i}.sock" for i in (1, 2)]
     from .test_local_data import USER_MODEL, write_silos
 
-    silos = write_silos(tmp_path / "silos", 2)
+    silos = write_silos(tmp_path / "silos", 3)
     (tmp_path / "usermodels").mkdir()
     (tmp_path / "usermodels" / "deployed_usermodel.py").write_text(USER_MODEL)
     user_path = {"PYTHONPATH": str(tmp_path / "usermodels")}
@@ -151,7 +151,11 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                       f"--auth-supernode-private-key={certs / 'keys' / f'supernode-{i}'}",
                       "--isolation=process", "--host=127.0.0.1", f"--port={node_ports[i - 1]}",
                       f"--node-config=partition-id={i - 1} num-partitions=2 "
-                      f"trainer-socket='{path}' data='{silos / f'silo-{i - 1}.parquet'}'")
+                      f"trainer-socket='{path}' data='{silos / f'silo-{i - 1}.parquet'}' "
+                      # under DP a held-out tenth would tell the record count: node 1 holds
+                      # out a file of its own, node 2's operator allows it explicitly
+                      + (f"eval-data='{silos / 'silo-2.parquet'}'" if i == 1
+                         else "allow-evaluation=true"))
             fed.start(f"superexec-clientapp-{i}", sys.executable, "-m", "client_app.superexec",
                       "--insecure",
                       f"--runtime-api-address=127.0.0.1:{node_ports[i - 1]}",
@@ -168,7 +172,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                    "both trainers listening")
         setup_s = time.monotonic() - started
         config = ("num-server-rounds=2 algorithm='fedsmoo' dp='central' noise-multiplier=0.8 "
-                  "dataset='local' model='deployed_usermodel:build' "
+                  "dataset='local' model='deployed_usermodel:build' num-classes=10 "
                   f"sample-rate=1.0 results-dir='{tmp_path / 'results'}' run-name='deployed'")
         run_started = time.monotonic()
         app = stage_app(ROOT, tmp_path)  # flwr run would walk .venv otherwise
@@ -195,7 +199,9 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         assert all(sorted(r["federated_silos"]) == ["0", "1"] for r in rounds)
         summary = json.loads((tmp_path / "results" / "deployed" / "summary.json").read_text())
         assert summary["config"]["input-shape"] == "64" and summary["evaluation"] == "federated"
-        assert "records" not in summary["silo_schemas"]["0"]  # client-level DP: count stays
+        # client-level DP: each silo's count and label set stay on it
+        assert all("records" not in schema and schema["labels"] == []
+                   for schema in summary["silo_schemas"].values())
         # every node's partition query, both rounds and both evaluations were the trainers' work
         for path in sockets:
             stats = trainer_stats(path)

@@ -308,6 +308,60 @@ def test_a_silo_that_does_not_allow_evaluation_declines(tmp_path: Path) -> None:
     assert answer.content[messages.DECLINE_KEY]["reason"] == "evaluation-not-allowed"
 
 
+# ----- what a silo publishes of itself under DP ----------------------------------------
+
+def fingerprint(folder: Path, **node_config: object) -> dict:
+    config = local_config(folder, dp="central", num_classes=10)
+    return compute.prepare(config, silo_context(1, 0, 1, **node_config))
+
+
+def test_under_dp_a_silo_keeps_its_count_and_label_set(tmp_path: Path) -> None:
+    folder = write_silos(tmp_path / "silos", 1)
+    plain = compute.prepare(local_config(folder), silo_context(1, 0, 1))
+    assert plain["records"] > 0 and plain["labels"] and plain["eval-records"] > 0
+    private = fingerprint(folder)
+    # the held-out count is a tenth of the record count: withheld, and evaluation declined
+    assert "records" not in private and private["labels"] == [] and private["eval-records"] == 0
+    assert "stamp" not in private and "stamp" not in plain
+    held_out = folder / "silo-0.parquet"
+    assert fingerprint(folder, **{"eval-data": str(held_out)})["eval-records"] > 0
+    assert fingerprint(folder, **{"allow-evaluation": "true"})["eval-records"] > 0
+
+
+def test_under_dp_why_a_silos_data_is_unusable_stays_on_the_silo(tmp_path: Path) -> None:
+    folder = write_silos(tmp_path / "silos", 1)
+    table = pd.read_parquet(folder / "silo-0.parquet")
+    table.loc[0, "label"] = 12
+    table.to_parquet(folder / "silo-0.parquet", index=False)
+    answer = fingerprint(folder)
+    assert "12" not in answer["error"] and "SuperNode's log" in answer["error"]
+    assert "12" in compute.prepare(local_config(folder, num_classes=10),
+                                   silo_context(1, 0, 1))["error"]
+
+
+def test_under_dp_the_run_must_declare_its_classes(tmp_path: Path) -> None:
+    table = digits_table()
+    config, answers = schema_answers(tmp_path, [table.iloc[:900], table.iloc[900:]])
+    private = RunConfig.from_mapping({**config.to_dict(), "record-dp": "on"})
+    with pytest.raises(ConfigError, match="declare num-classes"):
+        agree_on_schema(private, answers)
+    declared = RunConfig.from_mapping({**private.to_dict(), "num-classes": 10})
+    assert agree_on_schema(declared, answers)[0].num_classes == 10
+
+
+def test_under_client_dp_evaluation_is_declined_unless_it_cannot_tell_the_count(
+        tmp_path: Path) -> None:
+    from client_app.app import evaluate
+
+    folder = write_silos(tmp_path / "silos", 1)
+    config = RunConfig.from_mapping({**local_config(folder).to_dict(), "input-shape": "64",
+                                     "num-classes": 10, "dp": "central"})
+    sent = Message(content=RecordDict({"config": ConfigRecord(config.to_dict())}),
+                   message_type=MessageType.EVALUATE, dst_node_id=1)
+    answer = evaluate(sent, silo_context(1, 0, 1))
+    assert answer.content[messages.DECLINE_KEY]["reason"] == "count-private"
+
+
 # ----- the silo's own data in a round -----------------------------------------------------
 
 def test_a_file_changed_mid_run_is_declined(tmp_path: Path) -> None:
@@ -397,7 +451,8 @@ def test_parquet_silos_train_with_record_dp_and_federated_evaluation(tmp_path: P
     folder = write_silos(tmp_path / "silos", 3)
     summary, rounds = simulate(
         tmp_path, 3, dataset="local", data_dir=str(folder), model="mlp", sample_rate=1.0,
-        record_dp="on", record_target_epsilon=8.0, num_server_rounds=3, local_steps=10,
+        num_classes=10, record_dp="on", record_target_epsilon=8.0, num_server_rounds=3,
+        local_steps=10,
         batch_size=32, lr=0.5)
     assert summary["status"] == "completed" and summary["evaluation"] == "federated"
     assert rounds[-1]["federated_examples"] > 0 and len(rounds[-1]["federated_silos"]) == 3
