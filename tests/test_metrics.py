@@ -33,7 +33,9 @@ RECORD = {"round": 3, "test_accuracy": 0.8, "test_loss": 0.5, "train_loss": 0.4,
           "hessian_top_eigenvalue": 12.0, "epsilon": 2.5, "num_sampled": 10, "num_clients": 8,
           "wall_s": 1.2, "epsilon_against_server": 3.0, "audit_epsilon_lower_bound": 0.4,
           "audit_epsilon_estimate": 1.1, "record_epsilon": {"0": 1.5, "1": 2.0},
-          "record_budget": {"0": "within budget", "1": "out of budget"}}
+          "record_budget": {"0": "within budget", "1": "out of budget"},
+          "federated_accuracy": 0.75,
+          "federated_silos": {"0": {"accuracy": 0.7, "loss": 0.9, "examples": 40}}}
 
 
 def get(url: str) -> str:
