@@ -31,6 +31,9 @@ from .results import RunRecorder
 from .silos import FederatedEvaluator
 
 
+UNUSABLE_DATA = "silo-data"  # the decline of a silo whose own files cannot be used
+
+
 class RunFailed(RuntimeError):
     """A run that cannot go on (too many failed rounds in a row)."""
 
@@ -73,7 +76,10 @@ class FailurePolicy(RoundCallback):
 
     def after_round(self, outcome: RoundOutcome) -> None:
         stats, config = outcome.stats, self.config
-        willing = stats.sampled - sum(stats.declined.values())  # a decline is not a failure
+        # a decline is not a failure, except a silo's unusable data: a run whose silos can no
+        # longer read their files must stop, not go on training nothing
+        unusable = stats.declined.get(UNUSABLE_DATA, 0)
+        willing = stats.sampled - sum(stats.declined.values()) + unusable
         if willing <= 0 or stats.accepted >= min(config.min_replies, willing):
             self.failed_in_a_row = 0
             return
@@ -87,7 +93,8 @@ class FailurePolicy(RoundCallback):
             raise RunFailed(
                 f"{self.failed_in_a_row} rounds in a row with fewer than min-replies="
                 f"{config.min_replies} accepted replies (last: {stats.failed} errors, "
-                f"{stats.missing} without reply, rejected {dict(stats.rejected)})"
+                f"{stats.missing} without reply, rejected {dict(stats.rejected)}"
+                + (f", {unusable} declined for unusable data" if unusable else "") + ")"
                 + (f"; client errors: {'; '.join(reasons)[:400]}" if reasons else ""))
 
     def state_dict(self) -> dict[str, Any]:

@@ -385,6 +385,12 @@ class RunLoop:
             if config.record_dp == "on":
                 outcome["record_privacy"] = self.record_privacy()
             outcome["evaluation"] = "federated" if config.federated_evaluation else "central"
+            last = next((r for r in reversed(self.recorder.records)
+                         if r.get("federated_silos") is not None), None)
+            if last is not None:  # the last federated evaluation, per silo
+                outcome["federated"] = {k: last[k] for k in (
+                    "round", "federated_accuracy", "federated_loss", "federated_examples",
+                    "federated_silos", "federated_declined", "federated_rejected")}
             if self.schemas:
                 outcome["silo_schemas"] = {
                     str(p): schema.to_record(with_counts=not config.dp_enabled)

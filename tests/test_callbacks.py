@@ -32,6 +32,18 @@ def test_the_failure_policy_stops_after_max_failed_rounds_in_a_row() -> None:
         policy.after_round(outcome(accepted=0))
 
 
+def test_silos_whose_data_became_unusable_stop_the_run() -> None:
+    """Declines for no data are not failures; declines for unusable data are: a run whose
+    silos can no longer read their files stops instead of training nothing."""
+    policy = FailurePolicy(make_config(max_failed_rounds=2))
+    unusable = RoundOutcome(server_round=1, started=0.0, replies=[], stats=RoundStats(
+        sampled=3, accepted=0, declined=Counter({"silo-data": 2, "no-data": 1})))
+    policy.after_round(unusable)
+    assert policy.failed_in_a_row == 1
+    with pytest.raises(RunFailed, match="2 declined for unusable data"):
+        policy.after_round(unusable)
+
+
 def test_the_failure_count_survives_a_resume() -> None:
     config = make_config(min_replies=2, max_failed_rounds=3)
     before = FailurePolicy(config)

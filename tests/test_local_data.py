@@ -130,6 +130,7 @@ def schema_answers(tmp_path: Path, tables: list[pd.DataFrame], **overrides: obje
     return config, answers
 
 
+@pytest.mark.slow
 def test_agreeing_silos_resolve_the_models_input_and_classes(tmp_path: Path) -> None:
     table = digits_table()
     config, answers = schema_answers(tmp_path, [table.iloc[:900], table.iloc[900:]])
@@ -151,6 +152,7 @@ def test_a_column_of_another_type_is_refused_before_round_1_naming_the_silo(
         agree_on_schema(config, answers)
 
 
+@pytest.mark.slow
 def test_a_missing_column_is_refused_naming_the_silo(tmp_path: Path) -> None:
     table = digits_table()
     config, answers = schema_answers(tmp_path, [table.iloc[:600], table.iloc[600:1200],
@@ -242,6 +244,7 @@ class SiloGrid(FakeGrid):
         return answers
 
 
+@pytest.mark.slow
 def test_federated_evaluation_equals_the_sums_computed_directly(tmp_path: Path) -> None:
     folder = write_silos(tmp_path / "silos", 3)
     config = local_config(folder, eval_fraction=0.2, num_server_rounds=2)
@@ -315,6 +318,7 @@ def fingerprint(folder: Path, **node_config: object) -> dict:
     return compute.prepare(config, silo_context(1, 0, 1, **node_config))
 
 
+@pytest.mark.slow
 def test_under_dp_a_silo_keeps_its_count_and_label_set(tmp_path: Path) -> None:
     folder = write_silos(tmp_path / "silos", 1)
     plain = compute.prepare(local_config(folder), silo_context(1, 0, 1))
@@ -424,6 +428,7 @@ def test_the_users_model_is_built_from_its_import_path(tmp_path: Path, monkeypat
                                                  again.state_dict().values(), strict=True))
 
 
+@pytest.mark.slow
 def test_a_user_model_opacus_cannot_train_is_refused_naming_the_layer(
         tmp_path: Path, monkeypatch) -> None:
     from server_app.build import build_strategy
@@ -463,6 +468,7 @@ def test_parquet_silos_train_with_record_dp_and_federated_evaluation(tmp_path: P
     assert max(summary["record_privacy"]["epsilon_per_silo"].values()) <= 8.0 + 1e-6
     assert "federated_accuracy" in summary["privacy"]["outside_epsilon"]["rounds.jsonl"]
     assert set(summary["silo_schemas"]) == {"0", "1", "2"}
+    assert summary["federated"]["federated_silos"] == rounds[-1]["federated_silos"]
 
 
 @pytest.mark.simulation

@@ -225,6 +225,7 @@ def test_silo_path_finds_each_layout(tmp_path: Path) -> None:
     assert load_silo(silo_path(odd, 0), NONE).schema.records == 40
 
 
+@pytest.mark.slow
 def test_eval_split_is_disjoint_deterministic_and_an_eval_file_replaces_it(tmp_path: Path
                                                                          ) -> None:
     frame = digits_frame()
