@@ -9,6 +9,7 @@ and the noise is drawn here, per release, from :func:`plateau.privacy.noise.secu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -56,7 +57,14 @@ from plateau.privacy.record_dp import (
 )
 from plateau.privacy.silo_policy import SiloPolicy
 from plateau.seeds import stream_generator
-from plateau.silo_data import SiloData, SiloDataError, load_silo, local_spec, silo_path
+from plateau.silo_data import (
+    LocalSpec,
+    SiloData,
+    SiloDataError,
+    load_silo,
+    local_spec,
+    silo_path,
+)
 from strategies import LOCAL_RULES
 
 from .app import NodeConfigError, count_public, evaluation_published, partition_of
@@ -117,13 +125,30 @@ def silo_files(cfg: RunConfig, node_config: Mapping[str, Any],
                         "simulation)")
 
 
+def silo_spec(cfg: RunConfig, node_config: Mapping[str, Any]) -> LocalSpec:
+    """How this silo reads its data: the run's spec, with the held-out split the silo's own
+    (node config ``eval-seed``, default 0, and ``eval-fraction``, default the run's). The run's
+    seed does not choose it: a server could otherwise move records between the held-out set,
+    which evaluation exposes with no epsilon, and the training set across runs."""
+    try:
+        seed = int(node_config.get("eval-seed", 0))
+        fraction = float(node_config.get("eval-fraction", cfg.eval_fraction))
+    except (TypeError, ValueError):
+        raise NodeConfigError("eval-seed must be an integer and eval-fraction a number in "
+                              "[0, 0.5]") from None
+    if not 0 <= fraction <= 0.5 or seed < 0:
+        raise NodeConfigError(f"eval-fraction={fraction:g}, eval-seed={seed}: expected a "
+                              "fraction in [0, 0.5] and a seed >= 0")
+    return dataclasses.replace(local_spec(cfg), seed=seed, eval_fraction=fraction)
+
+
 def silo(cfg: RunConfig, context: Context) -> SiloData:
     """This silo's own data, checked against what the run agreed on: the same files as when
     the run first read them (a file changed mid-run would train on records the schema check
     never saw), and the input shape the server resolved from every silo's schema."""
     pid, _ = partition_of(context)
     path, eval_path = silo_files(cfg, context.node_config, pid)
-    data = load_silo(path, local_spec(cfg), eval_path=eval_path)
+    data = load_silo(path, silo_spec(cfg, context.node_config), eval_path=eval_path)
     first = context.state.config_records.get(SILO_STATE_KEY)
     if first is None or first.get("run") != context.run_id:
         context.state[SILO_STATE_KEY] = ConfigRecord({"stamp": data.schema.stamp,
@@ -149,10 +174,10 @@ def _resolved(cfg: RunConfig) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _silo_tensors(cfg: RunConfig, path: Path, eval_path: Path | None, stamp: str,
-                  held_out: bool, device: torch.device) -> DataTensors:
+def _silo_tensors(cfg: RunConfig, spec: LocalSpec, path: Path, eval_path: Path | None,
+                  stamp: str, held_out: bool, device: torch.device) -> DataTensors:
     """A silo's training (or held-out) tensors, once per process and version of its files."""
-    data = load_silo(path, local_spec(cfg), eval_path=eval_path)
+    data = load_silo(path, spec, eval_path=eval_path)
     return prepare_tensors(data.held_out if held_out else data.train, dataset_info(cfg),
                            input_spec(cfg)).to(device)
 
@@ -162,7 +187,8 @@ def _local_tensors(cfg: RunConfig, context: Context, device: torch.device,
     data = silo(cfg, context)
     pid, _ = partition_of(context)
     path, eval_path = silo_files(cfg, context.node_config, pid)
-    return _silo_tensors(cfg, path, eval_path, data.schema.stamp, held_out, device)
+    return _silo_tensors(cfg, silo_spec(cfg, context.node_config), path, eval_path,
+                         data.schema.stamp, held_out, device)
 
 
 def training_data(cfg: RunConfig, context: Context, device: torch.device) -> DataTensors:

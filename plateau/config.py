@@ -178,7 +178,8 @@ class RunConfig:
                            pattern=r"(\d+(x\d+x\d+)?)?")
     eval_fraction: float = key(0.1, "dataset='local': the share of a silo's records it holds "
                                "out for federated evaluation, unless its node config names "
-                               "`eval-data`.", min=0, max=0.5)
+                               "`eval-data` or its own `eval-fraction` (the split's seed is the "
+                               "silo's `eval-seed`, not the run's).", min=0, max=0.5)
     evaluate: str = key("auto", "Where the global model is evaluated: on the server's held-out "
                         "split ('central', bundled datasets), or by each silo on its own "
                         "held-out records ('federated', dataset='local'); 'auto' picks the one "

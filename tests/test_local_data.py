@@ -380,6 +380,26 @@ def test_a_file_changed_mid_run_is_declined(tmp_path: Path) -> None:
         compute.silo(config, context)
 
 
+def test_the_held_out_split_is_the_silos_not_the_servers(tmp_path: Path) -> None:
+    """A server that changed the run's seed between runs would move records between the
+    held-out set (evaluated, no epsilon) and the training set; the silo's eval-seed and
+    eval-fraction choose it."""
+    folder = write_silos(tmp_path / "silos", 1)
+    device = torch.device("cpu")
+
+    def held_out(seed: int, **node_config: object) -> torch.Tensor:
+        config = RunConfig.from_mapping({**local_config(folder).to_dict(), "seed": seed,
+                                         "input-shape": "64", "num-classes": 10})
+        return compute._local_tensors(config, silo_context(1, 0, 1, **node_config), device,
+                                      held_out=True).x
+
+    assert torch.equal(held_out(0), held_out(5))
+    assert not torch.equal(held_out(0), held_out(0, **{"eval-seed": 3}))
+    assert len(held_out(5, **{"eval-fraction": 0.2})) > 1.5 * len(held_out(5))
+    with pytest.raises(Exception, match="eval-fraction"):
+        held_out(0, **{"eval-fraction": "most"})
+
+
 def test_a_node_without_data_says_how_to_name_it(tmp_path: Path) -> None:
     config = make_config(dataset="local", model="mlp")
     with pytest.raises(Exception, match='--node-config "data=<file or folder>"'):
