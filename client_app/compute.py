@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import WARNING
@@ -52,6 +53,7 @@ from plateau.privacy.record_dp import (
     RecordPlan,
     RecordPrivatiser,
     SiloLedger,
+    per_record_refusal,
     per_sample_module,
     plan_for,
 )
@@ -72,6 +74,8 @@ from .node_state import clear, load_before, save_after, state_folder
 
 STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
 STATE_RUN_KEY = "node-state"  # the Flower run whose algorithm state this node's files hold
+DEFAULT_EVAL_FRACTION = 0.1  # of a silo's records held out, unless its node config says
+EVALUATED_KEY = "silo-evaluated"  # the run and round of this silo's last evaluation
 SILO_STATE_KEY = "silo-data"  # the fingerprint of the silo's files when the run first read them
 
 
@@ -127,12 +131,12 @@ def silo_files(cfg: RunConfig, node_config: Mapping[str, Any],
 
 def silo_spec(cfg: RunConfig, node_config: Mapping[str, Any]) -> LocalSpec:
     """How this silo reads its data: the run's spec, with the held-out split the silo's own
-    (node config ``eval-seed``, default 0, and ``eval-fraction``, default the run's). The run's
-    seed does not choose it: a server could otherwise move records between the held-out set,
-    which evaluation exposes with no epsilon, and the training set across runs."""
+    (node config ``eval-seed``, default 0, and ``eval-fraction``, default 0.1). The run does not
+    choose it: a server could otherwise move records between the held-out set, which
+    evaluation exposes with no epsilon, and the training set, within a run or across runs."""
     try:
         seed = int(node_config.get("eval-seed", 0))
-        fraction = float(node_config.get("eval-fraction", cfg.eval_fraction))
+        fraction = float(node_config.get("eval-fraction", DEFAULT_EVAL_FRACTION))
     except (TypeError, ValueError):
         raise NodeConfigError("eval-seed must be an integer and eval-fraction a number in "
                               "[0, 0.5]") from None
@@ -148,15 +152,26 @@ def silo(cfg: RunConfig, context: Context) -> SiloData:
     never saw), and the input shape the server resolved from every silo's schema."""
     pid, _ = partition_of(context)
     path, eval_path = silo_files(cfg, context.node_config, pid)
-    data = load_silo(path, silo_spec(cfg, context.node_config), eval_path=eval_path)
+    spec = silo_spec(cfg, context.node_config)
+    data = load_silo(path, spec, eval_path=eval_path)
+    # what the run may not change mid-run (num-classes aside: the server resolves it from the
+    # schemas after the first reading, and under DP it is declared from the start)
+    pinned = dataclasses.replace(spec, num_classes=0)
+    reading = hashlib.sha256(repr((pinned, str(path), str(eval_path))).encode()).hexdigest()[:16]
     first = context.state.config_records.get(SILO_STATE_KEY)
     if first is None or first.get("run") != context.run_id:
         context.state[SILO_STATE_KEY] = ConfigRecord({"stamp": data.schema.stamp,
+                                                      "reading": reading,
                                                       "run": context.run_id})
     elif first.get("stamp") != data.schema.stamp:
         raise SiloDataError("this silo's files changed since the run first read them (their "
                             "fingerprint differs): the schema check never saw them; start a "
                             "new run to use them")
+    elif first.get("reading") != reading:
+        # a server that changed how the records are read mid-run (label-names, columns, ...)
+        # could learn from each refusal or evaluation: the run keeps its first reading
+        raise SiloDataError("the run asks to read this silo's data differently from its "
+                            "first message (data keys of the run config changed mid-run)")
     shape = "x".join(str(d) for d in data.schema.input_shape)
     if cfg.input_shape and data.schema.input_shape and shape != cfg.input_shape:
         raise SiloDataError(f"this silo's data gives input shape {shape}, the run agreed on "
@@ -268,7 +283,8 @@ def prepare(cfg: RunConfig, context: Context) -> dict[str, Any] | None:
         try:
             fingerprint = silo(cfg, context).schema.to_record(
                 with_counts=count_public(cfg, context.node_config), with_labels=not private,
-                with_eval_count=evaluation_published(cfg, context.node_config))
+                with_eval_count=evaluation_published(cfg, context.node_config),
+                exact_types=not private)
         except SiloDataError as err:
             log(WARNING, "this silo's data cannot be used: %s", err)
             # a reason may name a label value or a column's type: functions of the records
@@ -369,6 +385,14 @@ def evaluate(content: RecordDict, context: Context) -> RecordDict:
         return messages.decline("no-held-out-data: a bundled dataset is evaluated centrally")
     if len(data) == 0:
         return messages.decline("no-held-out-data")
+    server_round = int(content[messages.CONFIG_KEY].get("server-round", 0))
+    done = context.state.config_records.get(EVALUATED_KEY)
+    if done is not None and done.get("run") == context.run_id and (
+            server_round <= int(done.get("round", 0)) or server_round > cfg.num_server_rounds):
+        # one evaluation a round, rounds increasing: a server may not probe the held-out
+        # records with as many crafted models as it likes
+        return messages.decline("evaluation-replayed")
+    context.state[EVALUATED_KEY] = ConfigRecord({"run": context.run_id, "round": server_round})
     model, _ = _model(cfg, device)
     load_travelling(model, content[messages.MODEL_KEY].to_torch_state_dict())
     was_training = model.training
@@ -397,6 +421,11 @@ def train_on(content: RecordDict, context: Context, data: DataTensors) -> Record
         return messages.decline("no-data")
     silo = None
     if cfg.record_dp == "on":
+        # the server chose the model: a layer that mixes or keeps statistics of the records
+        # would release them outside the silo's epsilon (the server checks too; a silo trusts
+        # only its own check)
+        if (reason := per_record_refusal(model)) is not None:
+            raise NodeConfigError(f"record-level DP cannot train model={cfg.model!r}: {reason}")
         silo = SiloRound.open(cfg, context, len(data), LOCAL_RULES[rule].backprops_per_step)
         if silo.refusal is not None:
             return messages.decline(silo.refusal)

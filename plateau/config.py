@@ -150,10 +150,12 @@ class RunConfig:
     categories: str = key("", "dataset='local', tabular: declared vocabularies of the string "
                           "columns, 'col=a|b|c;col2=x|y' (one-hot, plus one bucket for "
                           "values not declared).")
-    feature_scaling: str = key("silo", "dataset='local', tabular: numeric features standardised "
+    feature_scaling: str = key("auto", "dataset='local', tabular: numeric features standardised "
                                "with each silo's own mean and std (computed on the silo, never "
-                               "sent), with feature-mean/feature-std ('given'), or not at all.",
-                               choices=("silo", "given", "none"))
+                               "sent: 'silo'), with feature-mean/feature-std ('given'), or not "
+                               "at all; 'auto' = 'silo', or 'none' under record-dp (a silo's "
+                               "own statistics would couple each record to all the others).",
+                               choices=("auto", "silo", "given", "none"))
     feature_mean: str = key("", "feature-scaling='given': comma-separated means, one per "
                             "numeric feature column, in column order.")
     feature_std: str = key("", "feature-scaling='given': comma-separated standard deviations.")
@@ -176,10 +178,6 @@ class RunConfig:
                            "after one-hot) or 'CxHxW'; '' = from the silos' agreed schema (the "
                            "server resolves it before round 1).",
                            pattern=r"(\d+(x\d+x\d+)?)?")
-    eval_fraction: float = key(0.1, "dataset='local': the share of a silo's records it holds "
-                               "out for federated evaluation, unless its node config names "
-                               "`eval-data` or its own `eval-fraction` (the split's seed is the "
-                               "silo's `eval-seed`, not the run's).", min=0, max=0.5)
     evaluate: str = key("auto", "Where the global model is evaluated: on the server's held-out "
                         "split ('central', bundled datasets), or by each silo on its own "
                         "held-out records ('federated', dataset='local'); 'auto' picks the one "
@@ -520,6 +518,11 @@ class RunConfig:
         if names and self.num_classes and self.num_classes != len(names):
             raise ConfigError(f"num-classes={self.num_classes} with {len(names)} label-names: "
                               "they must agree (or leave num-classes=0)")
+        if self.record_dp == "on" and self.feature_scaling == "silo":
+            raise ConfigError("feature-scaling='silo' with record-dp='on': a silo's own mean "
+                              "and std make every record's input depend on all the others, "
+                              "which per-record clipping does not bound; allowed: 'given' "
+                              "(public constants), 'none' or 'auto'")
         if self.text_column and self.user_model:
             raise ConfigError(f"model={self.model!r} with text-column={self.text_column!r}: "
                               "text is tokenised for the bundled text models; allowed: one of "

@@ -22,7 +22,6 @@ STREAMS = (
     "test-subset",  # the held-out examples central evaluation uses
     "flatness-batch",  # the flatness probes' fixed batch
     "flatness-probe",  # the power iteration's start (server_round)
-    "silo-eval-split",  # which of a silo's own records it holds out for federated evaluation
 )
 
 

@@ -18,6 +18,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Hashable, Mapping
@@ -29,7 +30,8 @@ import numpy as np
 
 from .data import Split, _texts
 from .errors import DataError
-from .seeds import stream_rng
+
+LOG = logging.getLogger("plateau.silo_data")
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -40,9 +42,9 @@ TABULAR, IMAGE, TEXT = "tabular", "image", "text"
 FORMATS = ("save_to_disk", "parquet", "csv", "jsonl", "imagefolder")
 FILE_FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-SCALINGS = ("silo", "given", "none")
-COLUMN_TYPES = ("float", "int", "bool", "string", "image", "class")
-NUMERIC = ("float", "int", "bool")
+SCALINGS = ("silo", "given", "none")  # LocalSpec's; the run config's 'auto' resolves
+COLUMN_TYPES = ("float", "int", "bool", "number", "string", "image", "class")
+NUMERIC = ("float", "int", "bool", "number")  # 'number': the type class a silo publishes
 # PIL modes read as they are (channels), and those converted to one of them when image-channels=0
 MODE_CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 MODE_AS = {"1": "L", "P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB",
@@ -74,6 +76,9 @@ class LocalSpec:
     label_names: tuple[str, ...] = ()  # string labels: position = class id; () = integers
     num_classes: int = 0  # > 0: labels must lie in 0..num_classes-1
     eval_fraction: float = 0.1  # share of the records held out (when no eval file)
+    # under DP: a record with an unusable label or feature is left out on the silo instead of
+    # refusing the whole silo (a refusal would tell the server that such a record exists)
+    drop_unusable: bool = False
     seed: int = 0
 
 
@@ -101,7 +106,9 @@ def parse_categories(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 
 def local_spec(config: RunConfig) -> LocalSpec:
-    """The LocalSpec of a run config (dataset='local'); its lists are comma-separated."""
+    """The LocalSpec of a run config (dataset='local'); its lists are comma-separated. The
+    held-out split is the silo's own (its node config: ``client_app.compute.silo_spec``), and
+    under DP a record with an unusable label or feature is left out rather than refused."""
 
     def names(text: str) -> tuple[str, ...]:
         return tuple(n for n in text.split(",") if n)
@@ -109,14 +116,18 @@ def local_spec(config: RunConfig) -> LocalSpec:
     def floats(text: str) -> tuple[float, ...]:
         return tuple(float(v) for v in text.split(",")) if text.strip() else ()
 
+    scaling = config.feature_scaling
+    if scaling == "auto":  # per-silo statistics couple every record to the others
+        scaling = "none" if config.record_dp == "on" else "silo"
     return LocalSpec(
         label_column=config.label_column, feature_columns=names(config.feature_columns),
-        categories=parse_categories(config.categories), feature_scaling=config.feature_scaling,
+        categories=parse_categories(config.categories), feature_scaling=scaling,
         feature_mean=floats(config.feature_mean), feature_std=floats(config.feature_std),
         text_column=config.text_column, text_pair_column=config.text_pair_column,
         image_column=config.image_column, image_size=config.image_size,
         image_channels=config.image_channels, label_names=names(config.label_names),
-        num_classes=config.num_classes, eval_fraction=config.eval_fraction, seed=config.seed,
+        num_classes=config.num_classes,
+        drop_unusable=config.dp_enabled or config.record_dp == "on",
     )
 
 
@@ -185,8 +196,8 @@ def detect_format(path: Path) -> str:
 
 
 def data_stamp(*paths: Path | None) -> str:
-    """A cheap digest of every file under the paths (relative name, size, mtime_ns): it changes
-    when a file is added, removed, rewritten or touched. None entries are skipped."""
+    """A cheap digest of every file under the paths (relative name, size, mtime, ctime, inode):
+    it changes when a file is added, removed, rewritten or touched. None entries are skipped."""
     digest = hashlib.sha256()
     for index, path in enumerate(paths):
         if path is None:
@@ -197,7 +208,10 @@ def data_stamp(*paths: Path | None) -> str:
             name = file.relative_to(root) if root.is_dir() else file.name
             try:
                 stat = file.stat()
-                entry = f"{index}\0{name}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                # ctime and inode too: a copy that keeps the size and the mtime (cp -p,
+                # rsync -t) still changes them
+                entry = (f"{index}\0{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0"
+                         f"{stat.st_ctime_ns}\0{stat.st_ino}\n")
             except FileNotFoundError:
                 entry = f"{index}\0{name}\0absent\n"
             digest.update(entry.encode())
@@ -224,15 +238,19 @@ class Schema:
     stamp: str
 
     def to_record(self, *, with_counts: bool, with_labels: bool = True,
-                  with_eval_count: bool = True) -> dict[str, str | int | list[str] | list[int]]:
+                  with_eval_count: bool = True,
+                  exact_types: bool = True) -> dict[str, str | int | list[str] | list[int]]:
         """Values a Flower ConfigRecord accepts: what the silo publishes of its schema. Each
         ``with_*`` False leaves a function of the records out: the training count (private
         under client-level DP or with a public size), the label set (under any DP: a rare
         label reveals its record), the held-out count (0: the silo declines evaluation). The
-        files' stamp never leaves: the silo itself checks it every round."""
+        files' stamp never leaves: the silo itself checks it every round. ``exact_types``
+        False publishes int, float and bool columns as 'number': CSV infers which from the
+        values (one 7.5 among integers makes a float column)."""
         return {
             "kind": self.kind, "columns": [c for c, _ in self.columns],
-            "column-types": [t for _, t in self.columns],
+            "column-types": [t if exact_types or t not in NUMERIC else "number"
+                             for _, t in self.columns],
             "labels": list(self.labels) if with_labels else [],
             "input-shape": list(self.input_shape),
             "eval-records": self.eval_records if with_eval_count else 0,
@@ -506,9 +524,11 @@ def _data_kind(dataset: Dataset, fmt: str, spec: LocalSpec) -> str:
     return TABULAR
 
 
-def _labels(dataset: Dataset, spec: LocalSpec, name: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """Class ids (int64), the label values the schema lists (one per record), and the label
-    column's type."""
+def _labels(dataset: Dataset, spec: LocalSpec,
+            name: str) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
+    """Class ids (int64), the label values the schema lists (one per record), the label
+    column's type, and which records have a usable label (all, unless ``drop_unusable``:
+    otherwise an unusable label refuses the silo)."""
     column = spec.label_column
     if column not in dataset.column_names:
         raise SiloDataError(f"{name} has no label column {column!r}; its columns: "
@@ -516,40 +536,57 @@ def _labels(dataset: Dataset, spec: LocalSpec, name: str) -> tuple[np.ndarray, n
     feature = dataset.features[column]
     kind = _column_type(feature)
     values = dataset.with_format("arrow")[column]
-    if values.null_count:
+    valid = ~np.asarray(values.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+
+    def refuse_unless_dropped(bad: np.ndarray, reason: str) -> None:
+        nonlocal valid
+        if bad.any() and not spec.drop_unusable:
+            raise SiloDataError(reason)
+        valid &= ~bad
+
+    if not valid.all() and not spec.drop_unusable:
         raise SiloDataError(f"label column {column!r} in {name} has missing values")
     if kind in ("class", "string"):
-        texts = (np.asarray(feature.names, dtype=object)[values.to_numpy()] if kind == "class"
-                 else np.asarray(values.to_pylist(), dtype=object))
-        present = sorted(set(texts))
+        raw = values.to_pylist() if kind == "string" else [
+            None if v is None else feature.names[v] for v in values.to_pylist()]
+        texts = np.asarray(["" if v is None else str(v) for v in raw], dtype=object)
+        present = sorted(set(texts[valid]))
         if spec.label_names:
-            if unknown := [v for v in present if v not in spec.label_names]:
-                raise SiloDataError(f"labels {_label_set(unknown)} in {name} are not among the "
-                                    f"declared label-names {_listed(spec.label_names)}")
+            known = np.asarray([v in spec.label_names for v in texts], dtype=bool)
+            unknown = [v for v in present if v not in spec.label_names]
+            refuse_unless_dropped(valid & ~known, f"labels {_label_set(unknown)} in {name} are "
+                                  "not among the declared label-names "
+                                  f"{_listed(spec.label_names)}")
             index = {n: i for i, n in enumerate(spec.label_names)}
-            ids = np.asarray([index[v] for v in texts], dtype=np.int64)
-        elif all(v.isdecimal() for v in present):
-            ids = np.asarray([int(v) for v in texts], dtype=np.int64)
+            ids = np.asarray([index.get(v, -1) for v in texts], dtype=np.int64)
         else:
-            raise SiloDataError(f"labels {_label_set(present)} in {name} are strings: declare "
-                                "label-names (position = class id)")
+            decimal = np.asarray([v.isdecimal() for v in texts], dtype=bool)
+            if not spec.drop_unusable and not decimal[valid].all():
+                raise SiloDataError(f"labels {_label_set(present)} in {name} are strings: "
+                                    "declare label-names (position = class id)")
+            valid &= decimal
+            ids = np.asarray([int(v) if d else -1 for v, d in zip(texts, decimal, strict=True)],
+                             dtype=np.int64)
     elif kind in NUMERIC:
         numbers = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
-        if not (np.isfinite(numbers).all() and (numbers == np.round(numbers)).all()
-                and (numbers >= 0).all()):
-            raise SiloDataError(f"label column {column!r} in {name} holds numbers that are not "
-                                "class ids 0, 1, 2, ...")
-        ids = numbers.astype(np.int64)
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(numbers) & (numbers == np.round(numbers)) & (numbers >= 0)
+        refuse_unless_dropped(valid & ~ok, f"label column {column!r} in {name} holds numbers "
+                              "that are not class ids 0, 1, 2, ...")
+        ids = np.where(ok, np.nan_to_num(numbers), -1).astype(np.int64)
     else:
         raise SiloDataError(f"label column {column!r} in {name} has type {kind}; expected "
                             "integer class ids or strings")
     classes = spec.num_classes or len(spec.label_names)
-    if classes and (outside := [str(i) for i in np.unique(ids[ids >= classes])]):
-        raise SiloDataError(f"labels {_label_set(outside)} in {name} are "
-                            f"outside the declared classes 0..{classes - 1}")
-    listed = (np.asarray(spec.label_names, dtype=object)[ids] if spec.label_names
-              else ids.astype(str).astype(object))
-    return ids, listed, kind
+    if classes:
+        beyond = valid & (ids >= classes)
+        outside = [str(i) for i in np.unique(ids[beyond])]
+        refuse_unless_dropped(beyond, f"labels {_label_set(outside)} in {name} are outside the "
+                              f"declared classes 0..{classes - 1}")
+    safe = np.where(valid, ids, 0)
+    listed = (np.asarray(spec.label_names, dtype=object)[safe] if spec.label_names
+              else safe.astype(str).astype(object))
+    return safe, listed, kind, valid
 
 
 def _category_text(value: Any) -> str:
@@ -560,10 +597,11 @@ def _category_text(value: Any) -> str:
     return str(value)
 
 
-def _tabular(dataset: Dataset, spec: LocalSpec,
-             name: str) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]]]:
+def _tabular(dataset: Dataset, spec: LocalSpec, name: str
+             ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, str]], np.ndarray]:
     """Raw features (float64, one-hot blocks included), which of them are numeric (scaled),
-    and the feature columns with their types."""
+    the feature columns with their types, and which records have only finite numbers (all,
+    unless ``drop_unusable``: otherwise a missing or non-finite number refuses the silo)."""
     existing = dataset.column_names
     columns = list(spec.feature_columns) or [c for c in existing if c != spec.label_column]
     if missing := [c for c in columns if c not in existing]:
@@ -578,6 +616,7 @@ def _tabular(dataset: Dataset, spec: LocalSpec,
                             f"not have; its columns: {_listed(existing)}")
     table = dataset.with_format("arrow")[:]
     blocks, numeric, described = [], [], []
+    finite = np.ones(len(dataset), dtype=bool)
     for column in columns:
         kind = _column_type(dataset.features[column])
         values = table.column(column)
@@ -597,12 +636,14 @@ def _tabular(dataset: Dataset, spec: LocalSpec,
             raise SiloDataError(f"column {column!r} in {name} is string: declare its vocabulary, "
                                 f"e.g. categories='{column}=a|b|c'")
         numbers = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float64)
-        if values.null_count or not np.isfinite(numbers).all():
+        usable = np.isfinite(numbers)
+        if not usable.all() and not spec.drop_unusable:
             raise SiloDataError(f"column {column!r} in {name} has missing or non-finite values")
-        blocks.append(numbers[:, None])
+        finite &= usable
+        blocks.append(np.where(usable, numbers, 0.0)[:, None])
         numeric.append(True)
         described.append((column, kind))
-    return np.concatenate(blocks, axis=1), np.asarray(numeric), described
+    return np.concatenate(blocks, axis=1), np.asarray(numeric), described, finite
 
 
 def _images(dataset: Dataset, spec: LocalSpec, name: str) -> np.ndarray:
@@ -690,7 +731,7 @@ def _records(path: Path, spec: LocalSpec, cache: str) -> _Records:
     if len(dataset) == 0:
         raise SiloDataError(f"{name} holds no records")
     kind = _data_kind(dataset, fmt, spec)
-    ids, listed, label_type = _labels(dataset, spec, name)
+    ids, listed, label_type, valid = _labels(dataset, spec, name)
     numeric = np.zeros(0, dtype=bool)
     if kind == TEXT:
         inputs = _texts_of(dataset, spec, name)
@@ -699,7 +740,14 @@ def _records(path: Path, spec: LocalSpec, cache: str) -> _Records:
         inputs = _images(dataset, spec, name)
         described = [(spec.image_column, "image")]
     else:
-        inputs, numeric, described = _tabular(dataset, spec, name)
+        inputs, numeric, described, finite = _tabular(dataset, spec, name)
+        valid &= finite
+    if not valid.all():  # drop_unusable: left out here, counted only in the silo's own log
+        LOG.warning("%s: %d records with an unusable label or feature left out", name,
+                    int((~valid).sum()))
+        if not valid.any():
+            raise SiloDataError(f"{name} holds no usable record")
+        inputs, ids, listed = inputs[valid], ids[valid], listed[valid]
     return _Records(kind, inputs, ids, listed,
                     (*described, (spec.label_column, label_type)), numeric, fmt)
 
@@ -769,6 +817,27 @@ def load_silo(path: str | Path, spec: LocalSpec, *, eval_path: str | Path | None
     return _load(source, held, spec, data_stamp(source, held))
 
 
+def held_out_mask(inputs: np.ndarray, ids: np.ndarray, fraction: float,
+                  seed: int) -> np.ndarray:
+    """Which records a silo holds out: each by a keyed hash of its own content (and label)
+    below ``fraction``. A record's side depends on nothing else, so adding or removing another
+    record moves no record between the held-out and the training set (a permutation of the
+    count would: under add/remove accounting the training set must change by one record), and
+    identical records fall on one side."""
+    if fraction <= 0:
+        return np.zeros(len(ids), dtype=bool)
+    key = f"plateau-silo-eval-split\0{seed}\0".encode()
+    threshold = int(fraction * 2**64)
+    held = np.empty(len(ids), dtype=bool)
+    for i, (row, label) in enumerate(zip(inputs, ids, strict=True)):
+        content = (np.ascontiguousarray(row).tobytes() if inputs.dtype != object
+                   else "\0".join(map(str, np.atleast_1d(row))).encode())
+        digest = hashlib.blake2b(content + b"\0" + str(int(label)).encode(), key=key[:64],
+                                 digest_size=8).digest()
+        held[i] = int.from_bytes(digest, "big") < threshold
+    return held
+
+
 @functools.lru_cache(maxsize=8)
 def _load(path: Path, eval_path: Path | None, spec: LocalSpec, stamp: str) -> SiloData:
     _check_spec(spec)
@@ -781,12 +850,11 @@ def _load(path: Path, eval_path: Path | None, spec: LocalSpec, stamp: str) -> Si
             kept = np.arange(count)
             held_inputs, held_ids = held.inputs, held.ids
         else:
-            held_count = max(1, round(spec.eval_fraction * count)) if spec.eval_fraction else 0
-            if held_count >= count:
+            held_mask = held_out_mask(records.inputs, records.ids, spec.eval_fraction, spec.seed)
+            if held_mask.all():
                 raise SiloDataError(f"eval-fraction={spec.eval_fraction:g} leaves {path.name} no "
                                     "training record; add records or an eval file")
-            order = stream_rng(spec.seed, "silo-eval-split").permutation(count)
-            kept, chosen = np.sort(order[held_count:]), np.sort(order[:held_count])
+            kept, chosen = np.flatnonzero(~held_mask), np.flatnonzero(held_mask)
             held_inputs, held_ids = records.inputs[chosen], records.ids[chosen]
     train_inputs = records.inputs[kept]
     if records.kind == TABULAR:

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from logging import INFO, WARNING
 
 from flwr.supercore import log
+from torch import nn
 
 from plateau.config import LOCAL_DATASET, ConfigError, ConfigValue, RunConfig
 from plateau.data import DATASETS, DataError, PartitionSpec, ensure_partitions, partition_sizes
@@ -98,20 +99,14 @@ def warn_large_record_epsilon(config: RunConfig, smallest: int) -> None:
             config.num_server_rounds, planned, SUBSTITUTION, plan.delta, LARGE_EPSILON)
 
 
-def check_per_sample(config: RunConfig, model: object) -> None:
-    """Record-level DP needs per-record gradients: Opacus' validator names the first layer
-    that mixes records (BatchNorm) or that it cannot handle, before anything trains."""
-    from opacus.validators import ModuleValidator
+def check_per_sample(config: RunConfig, model: nn.Module) -> None:
+    """Record-level DP needs per-record gradients: the first layer that mixes records
+    (BatchNorm), that Opacus cannot handle, or that keeps record statistics, refused before
+    anything trains (each silo checks again before it trains)."""
+    from plateau.privacy.record_dp import per_record_refusal
 
-    layers = [(name, module) for name, module in model.named_modules()  # type: ignore[attr-defined]
-              if not any(module.children())]
-    for name, module in [*layers, ("", model)]:
-        errors = ModuleValidator.validate(module, strict=False)
-        if errors:
-            reason = str(errors[0]).split(". ")[0][:200]
-            where = f"layer {name!r} ({type(module).__name__})" if name else "the model"
-            raise ConfigError(f"record-dp='on' with model={config.model!r}: Opacus refuses "
-                              f"{where}: {reason}")
+    if (reason := per_record_refusal(model)) is not None:
+        raise ConfigError(f"record-dp='on' with model={config.model!r}: {reason}")
 
 
 def build_strategy(config: RunConfig, clients: ClientPopulation | None = None

@@ -30,7 +30,6 @@ from .metrics import RunMetrics
 from .results import RunRecorder
 from .silos import FederatedEvaluator
 
-
 UNUSABLE_DATA = "silo-data"  # the decline of a silo whose own files cannot be used
 
 

@@ -50,10 +50,12 @@ LOCAL_OUTSIDE_EPSILON = {
                      "held-out records are not trained on, so no epsilon covers them)"],
     "prometheus": ["plateau_federated_accuracy", "plateau_silo_accuracy"],
     "summary.json": ["federated (the last federated evaluation, per silo)",
+                     "config.num-classes, where make run read it from a simulation's files",
                      "silo_schemas (column names and types, input shape, file format; label "
                      "sets only without DP; held-out counts where published; training counts "
                      "only where num-examples carries them anyway)"],
 }
+MAX_INFERRED_CLASSES = 10_000  # more, from the silos' labels alone, must be declared
 IMAGE_ONLY_MODELS = ("cnn", "resnet10", "resnet18", "vit", "tiny-vit")
 
 
@@ -90,8 +92,11 @@ def agree_on_schema(config: RunConfig, answers: Mapping[int, Mapping[str, Any]],
                           "record); make run fills it in from a simulation's files")
     try:
         classes = resolve_classes(usable, spec)
-    except SiloDataError as err:
+    except (SiloDataError, ValueError) as err:
         raise ConfigError(f"dataset='local': {err}") from None
+    if classes > MAX_INFERRED_CLASSES and not (config.num_classes or config.label_names):
+        raise ConfigError(f"dataset='local': the silos' labels imply {classes} classes; declare "
+                          "num-classes (or label-names) if that is meant")
     if (line := disagreement(usable, classes, spec.label_names)) is not None:
         raise ConfigError(f"the silos' data disagree: {line}")
     first = next(iter(usable.values()))
@@ -215,7 +220,10 @@ class FederatedEvaluator:
                 reason = str(decline.get("reason", "declined"))
                 result.declined[reason] = result.declined.get(reason, 0) + 1
                 continue
-            screened = screen_evaluation(reply, self.declared.get(partition))
+            if partition not in self.declared:  # joined after the schemas were agreed
+                result.rejected[str(partition)] = "no agreed schema (joined later)"
+                continue
+            screened = screen_evaluation(reply, self.declared[partition])
             if isinstance(screened, str):
                 log(WARNING, "silo %d's evaluation refused: %s", partition, screened)
                 result.rejected[str(partition)] = screened

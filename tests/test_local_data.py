@@ -247,8 +247,8 @@ class SiloGrid(FakeGrid):
 @pytest.mark.slow
 def test_federated_evaluation_equals_the_sums_computed_directly(tmp_path: Path) -> None:
     folder = write_silos(tmp_path / "silos", 3)
-    config = local_config(folder, eval_fraction=0.2, num_server_rounds=2)
-    contexts = {10 + i: silo_context(10 + i, i, 3) for i in range(3)}
+    config = local_config(folder, num_server_rounds=2)
+    contexts = {10 + i: silo_context(10 + i, i, 3, **{"eval-fraction": 0.2}) for i in range(3)}
     grid = SiloGrid(contexts, liar=12)
     clients = ClientPopulation(config, secret=False)
     clients.determine(grid)
@@ -335,12 +335,12 @@ def test_under_dp_a_silo_keeps_its_count_and_label_set(tmp_path: Path) -> None:
 def test_under_dp_why_a_silos_data_is_unusable_stays_on_the_silo(tmp_path: Path) -> None:
     folder = write_silos(tmp_path / "silos", 1)
     table = pd.read_parquet(folder / "silo-0.parquet")
-    table.loc[0, "label"] = 12
+    table["category"] = "c7"  # a string column without a declared vocabulary
     table.to_parquet(folder / "silo-0.parquet", index=False)
     answer = fingerprint(folder)
-    assert "12" not in answer["error"] and "SuperNode's log" in answer["error"]
-    assert "12" in compute.prepare(local_config(folder, num_classes=10),
-                                   silo_context(1, 0, 1))["error"]
+    assert "category" not in answer["error"] and "SuperNode's log" in answer["error"]
+    assert "category" in compute.prepare(local_config(folder, num_classes=10),
+                                         silo_context(1, 0, 1))["error"]
 
 
 def test_under_dp_the_run_must_declare_its_classes(tmp_path: Path) -> None:
@@ -398,6 +398,95 @@ def test_the_held_out_split_is_the_silos_not_the_servers(tmp_path: Path) -> None
     assert len(held_out(5, **{"eval-fraction": 0.2})) > 1.5 * len(held_out(5))
     with pytest.raises(Exception, match="eval-fraction"):
         held_out(0, **{"eval-fraction": "most"})
+
+
+def test_a_silo_evaluates_once_a_round_in_increasing_rounds(tmp_path: Path) -> None:
+    folder = write_silos(tmp_path / "silos", 1)
+    config = RunConfig.from_mapping({**local_config(folder).to_dict(), "input-shape": "64",
+                                     "num-classes": 10, "num-server-rounds": 3})
+    model = model_from_config(config)
+    context = silo_context(1, 0, 1)
+
+    def ask(server_round: int) -> RecordDict:
+        return compute.evaluate(RecordDict({
+            "arrays": messages.tensors_record(travelling_state(model)),
+            "config": ConfigRecord({**config.to_dict(), "server-round": server_round})}),
+            context)
+
+    assert messages.EVALUATION_KEY in ask(1)
+    for replayed in (1, 0, 4):  # again, earlier, or beyond the run's last round
+        assert ask(replayed)[messages.DECLINE_KEY]["reason"] == "evaluation-replayed"
+    assert messages.EVALUATION_KEY in ask(2)
+
+
+def test_a_run_cannot_change_how_a_silo_reads_its_data_mid_run(tmp_path: Path) -> None:
+    folder = write_silos(tmp_path / "silos", 1)
+    context = silo_context(1, 0, 1)
+    compute.silo(local_config(folder, num_classes=10), context)
+    with pytest.raises(Exception, match="differently from its first message"):
+        compute.silo(local_config(folder, num_classes=10, feature_columns="px1,px2"), context)
+
+
+def test_under_dp_unusable_records_are_left_out_not_refused(tmp_path: Path) -> None:
+    """A refusal would tell the server that a record with an undeclared label exists (and
+    the server picks the declared classes)."""
+    folder = write_silos(tmp_path / "silos", 1)
+    table = pd.read_parquet(folder / "silo-0.parquet")
+    table.loc[0, "label"] = 12
+    table.loc[1, "px3"] = np.nan
+    table.to_parquet(folder / "silo-0.parquet", index=False)
+    private = local_config(folder, num_classes=10, record_dp="on")
+    data = compute.silo(private, silo_context(1, 0, 1))
+    assert data.schema.records + data.schema.eval_records == len(table) - 2
+    with pytest.raises(Exception, match="outside the declared classes"):
+        compute.silo(local_config(folder, num_classes=10), silo_context(2, 0, 1))
+
+
+def test_adding_a_record_moves_no_other_record_between_held_out_and_training(
+        tmp_path: Path) -> None:
+    """Under add/remove accounting the training set may change by the one record only."""
+    table = digits_table()
+    table.iloc[:500].to_parquet(tmp_path / "a.parquet", index=False)
+    table.iloc[:501].to_parquet(tmp_path / "b.parquet", index=False)
+    spec = local_spec(local_config(tmp_path, feature_scaling="none"))
+    before = load_silo(tmp_path / "a.parquet", spec)
+    after = load_silo(tmp_path / "b.parquet", spec)
+    rows = {r.tobytes() for r in before.held_out.inputs}
+    assert rows <= {r.tobytes() for r in after.held_out.inputs}
+    assert len(after.train.labels) + len(after.held_out.labels) == 501
+    assert abs(len(after.train.labels) - len(before.train.labels)) <= 1
+
+
+def test_feature_scaling_by_the_silo_is_refused_under_record_dp() -> None:
+    with pytest.raises(ConfigError, match="feature-scaling='silo' with record-dp"):
+        make_config(dataset="local", model="mlp", record_dp="on", feature_scaling="silo")
+    assert local_spec(make_config(dataset="local", model="mlp", record_dp="on")
+                      ).feature_scaling == "none"
+    assert local_spec(make_config(dataset="local", model="mlp")).feature_scaling == "silo"
+
+
+def test_under_dp_column_types_are_published_as_their_class(tmp_path: Path) -> None:
+    folder = write_silos(tmp_path / "silos", 1)
+    private = fingerprint(folder)
+    assert set(private["column-types"]) == {"number"}
+    plain = compute.prepare(local_config(folder), silo_context(1, 0, 1))
+    assert "number" not in plain["column-types"]
+
+
+def test_a_silo_refuses_a_model_record_dp_cannot_train(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "silo_usermodel_bn2.py").write_text(USER_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = write_silos(tmp_path / "silos", 1)
+    config = RunConfig.from_mapping({**local_config(folder).to_dict(), "input-shape": "64",
+                                     "num-classes": 10, "record-dp": "on",
+                                     "model": "silo_usermodel_bn2:batchnorm"})
+    model = model_from_config(config)
+    content = RecordDict({"arrays": messages.tensors_record(travelling_state(model)),
+                          "config": ConfigRecord({**config.to_dict(), "server-round": 1,
+                                                  "local-rule": "sgd", "round-lr": 0.1,
+                                                  "expected-cohort": 1.0})})
+    with pytest.raises(Exception, match=r"cannot train .*BatchNorm1d"):
+        compute.train(content, silo_context(1, 0, 1))
 
 
 def test_a_node_without_data_says_how_to_name_it(tmp_path: Path) -> None:

@@ -100,7 +100,10 @@ def test_tabular_formats_give_the_same_arrays(tmp_path: Path) -> None:
         assert data.schema.input_shape == (64,)
         assert data.schema.columns == (*((p, "float") for p in PIXELS), ("label", "int"))
         assert data.train.inputs.dtype == np.float32 and data.train.labels.dtype == np.int64
-        assert (data.schema.records, data.schema.eval_records) == (240, 60)
+        # each record held out by a keyed hash of its content: about a fifth, the same
+        # records whatever the format
+        assert data.schema.records + data.schema.eval_records == 300
+        assert 40 <= data.schema.eval_records <= 80
         loaded[name] = data
     first = loaded["silo.parquet"]
     for data in loaded.values():
@@ -238,7 +241,7 @@ def test_eval_split_is_disjoint_deterministic_and_an_eval_file_replaces_it(tmp_p
 
     data = load_silo(path, spec)
     train, held = rows(data.train), rows(data.held_out)
-    assert len(held) == 30 and not train & held and train | held == set(range(RECORDS))
+    assert 15 <= len(held) <= 45 and not train & held and train | held == set(range(RECORDS))
     again = load_silo(path, LocalSpec(feature_scaling="none", eval_fraction=0.1, seed=3))
     assert rows(again.held_out) == held
     other = load_silo(path, LocalSpec(feature_scaling="none", eval_fraction=0.1, seed=4))
@@ -365,7 +368,7 @@ CASES = {
     "empty save_to_disk": (lambda p: write(bad_frame().iloc[:0], p / "x"), LocalSpec(),
                            "x holds no records"),
     "no training record": (lambda p: write(bad_frame().iloc[:1], p / "x.parquet"),
-                           LocalSpec(eval_fraction=0.5), "leaves x.parquet no training record"),
+                           LocalSpec(eval_fraction=0.999), "leaves x.parquet no training record"),
     "no label column": (lambda p: write(bad_frame(), p / "x.csv"), LocalSpec(label_column="y"),
                         r"no label column 'y'; its columns: 'age', 'weight', 'label'"),
     "missing feature": (lambda p: write(bad_frame(), p / "x.csv"),
@@ -548,8 +551,9 @@ def test_parse_categories_and_local_spec() -> None:
         label_column="y", feature_columns="a,b", categories="b=x|z", feature_scaling="given",
         feature_mean="0.5,1", feature_std="2,3", text_column="", text_pair_column="",
         image_column="image", image_size=0, image_channels=0, label_names="no,yes",
-        num_classes=0, eval_fraction=0.2, seed=7)
+        num_classes=0, dp_enabled=False, record_dp="on")
+    # the held-out split is the silo's own (node config), not the run's
     assert local_spec(config) == LocalSpec(  # type: ignore[arg-type]
         label_column="y", feature_columns=("a", "b"), categories=(("b", ("x", "z")),),
         feature_scaling="given", feature_mean=(0.5, 1.0), feature_std=(2.0, 3.0),
-        label_names=("no", "yes"), eval_fraction=0.2, seed=7)
+        label_names=("no", "yes"), drop_unusable=True)

@@ -358,6 +358,27 @@ class LedgerFile:
         return f"{os.getpid()}-{secrets.token_hex(8)}"
 
 
+def per_record_refusal(model: nn.Module) -> str | None:
+    """Why record-level DP cannot train ``model``, naming the layer, or None: a layer Opacus'
+    validator refuses (BatchNorm mixes the records of a batch), or a floating-point buffer
+    (statistics of the records that would travel unclipped and un-noised)."""
+    from opacus.validators import ModuleValidator
+
+    layers = [(name, module) for name, module in model.named_modules()
+              if not any(module.children())]
+    for name, module in [*layers, ("", model)]:
+        errors = ModuleValidator.validate(module, strict=False)
+        if errors:
+            reason = str(errors[0]).split(". ")[0][:200]
+            where = f"layer {name!r} ({type(module).__name__})" if name else "the model"
+            return f"Opacus refuses {where}: {reason}"
+    buffers = [name for name, buffer in model.named_buffers() if buffer.is_floating_point()]
+    if buffers:
+        return (f"buffer {buffers[0]!r} holds statistics of the records, which would leave "
+                "the silo without clipping or noise")
+    return None
+
+
 def per_sample_module(model: nn.Module, mode: str, clip_norm: float) -> nn.Module:
     """Opacus' per-sample machinery around ``model`` (hooks on its layers; the parameters are
     the model's own tensors)."""
