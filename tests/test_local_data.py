@@ -622,3 +622,22 @@ def test_the_users_model_trains_in_a_simulation(tmp_path: Path, monkeypatch) -> 
                                num_server_rounds=2, local_steps=5)
     assert summary["status"] == "completed" and rounds[-1]["num_clients"] == 2
     assert rounds[-1]["federated_accuracy"] is not None
+
+
+def test_the_readme_walkthrough_writes_the_silos_its_make_run_reads(tmp_path: Path) -> None:
+    """README 'Your own data', step 1 as written (step 2 is the e2e test's command)."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"# 1\. one file or folder per silo.*?\n(.*?)\n# 2\.", readme, re.S)
+    assert block is not None, "README 'Your own data' lost its walkthrough"
+    script = block[1].replace(".venv/bin/python", sys.executable, 1)
+    subprocess.run(["bash", "-c", script], cwd=tmp_path, check=True)
+    step2 = re.search(r'make run CLIENTS=3 CONFIG="(.*?)"', readme[block.end():])
+    assert step2 is not None and "data-dir='silos'" in step2[1]
+    from server_app.launcher import parse_overrides
+
+    config = {**parse_overrides(step2[1]), "data-dir": str(tmp_path / "silos")}
+    assert check_data_dir(RunConfig.from_mapping(config), 3).input_shape == "64"
