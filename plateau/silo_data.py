@@ -646,9 +646,11 @@ def _tabular(dataset: Dataset, spec: LocalSpec, name: str
     return np.concatenate(blocks, axis=1), np.asarray(numeric), described, finite
 
 
-def _images(dataset: Dataset, spec: LocalSpec, name: str) -> np.ndarray:
+def _images(dataset: Dataset, spec: LocalSpec, name: str) -> tuple[np.ndarray, np.ndarray]:
     """uint8 NHWC images, converted to the declared channels and size; without them, every
-    image must share one mode and one size."""
+    image must share one mode and one size. With ``drop_unusable`` (DP) an image that is
+    missing, cannot be decoded or differs from the most common size and mode is left out
+    instead (the second value says which records are kept)."""
     from datasets import Image as ImageFeature
     from PIL import Image
 
@@ -659,17 +661,18 @@ def _images(dataset: Dataset, spec: LocalSpec, name: str) -> np.ndarray:
     if _column_type(dataset.features[column]) != "image":
         dataset = dataset.cast_column(column, ImageFeature())
     target = {1: "L", 3: "RGB"}.get(spec.image_channels)
-    arrays: list[np.ndarray] = []
-    modes: set[str] = set()
+    arrays: list[np.ndarray | None] = []
     try:
         for image in dataset.with_format(None)[column]:
             if image is None:
-                raise SiloDataError(f"image column {column!r} in {name} has missing images")
+                if not spec.drop_unusable:
+                    raise SiloDataError(f"image column {column!r} in {name} has missing images")
+                arrays.append(None)
+                continue
             mode = target or MODE_AS.get(image.mode, image.mode)
             if mode not in MODE_CHANNELS:
                 raise SiloDataError(f"images in {name} have mode {image.mode!r}, not 8-bit: set "
                                     "image-channels to 1 or 3 to convert them")
-            modes.add(mode)
             image = image.convert(mode) if image.mode != mode else image
             if spec.image_size and image.size != (spec.image_size, spec.image_size):
                 image = image.resize((spec.image_size, spec.image_size),
@@ -681,15 +684,21 @@ def _images(dataset: Dataset, spec: LocalSpec, name: str) -> np.ndarray:
     except Exception as err:  # noqa: BLE001 - any decoder's failure gets the same line
         raise SiloDataError(f"an image in {name} cannot be decoded ({type(err).__name__})"
                             ) from None
-    if len(modes) > 1:
-        shown = " and ".join(sorted(modes))
-        raise SiloDataError(f"images in {name} of mixed colour modes ({shown}): set "
-                            "image-channels to 1 or 3 to convert them")
-    if len(sizes := sorted({a.shape[:2] for a in arrays})) > 1:
-        shown = " and ".join(f"{h}x{w}" for h, w in sizes[:2])
+    shapes = [a.shape for a in arrays if a is not None]
+    if not shapes:
+        raise SiloDataError(f"{name} holds no usable image")
+    if len(set(shapes)) > 1 and not spec.drop_unusable:
+        if len(channels := {s[2] for s in shapes}) > 1:
+            names = {count: mode for mode, count in MODE_CHANNELS.items()}
+            shown = " and ".join(sorted(names[c] for c in channels))
+            raise SiloDataError(f"images in {name} of mixed colour modes ({shown}): set "
+                                "image-channels to 1 or 3 to convert them")
+        shown = " and ".join(f"{h}x{w}" for h, w, _ in sorted(set(shapes))[:2])
         raise SiloDataError(f"images in {name} of mixed sizes ({shown}): set image-size to "
                             "resize them")
-    return np.stack(arrays)
+    common = max(set(shapes), key=lambda shape: (shapes.count(shape), shape))
+    kept = np.asarray([a is not None and a.shape == common for a in arrays], dtype=bool)
+    return np.stack([a for a, keep in zip(arrays, kept, strict=True) if keep]), kept
 
 
 def _texts_of(dataset: Dataset, spec: LocalSpec, name: str) -> np.ndarray:
@@ -737,7 +746,8 @@ def _records(path: Path, spec: LocalSpec, cache: str) -> _Records:
         inputs = _texts_of(dataset, spec, name)
         described = [(c, "string") for c in (spec.text_column, spec.text_pair_column) if c]
     elif kind == IMAGE:
-        inputs = _images(dataset, spec, name)
+        inputs, usable = _images(dataset, spec, name)
+        ids, listed, valid = ids[usable], listed[usable], valid[usable]
         described = [(spec.image_column, "image")]
     else:
         inputs, numeric, described, finite = _tabular(dataset, spec, name)

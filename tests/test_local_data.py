@@ -641,3 +641,23 @@ def test_the_readme_walkthrough_writes_the_silos_its_make_run_reads(tmp_path: Pa
 
     config = {**parse_overrides(step2[1]), "data-dir": str(tmp_path / "silos")}
     assert check_data_dir(RunConfig.from_mapping(config), 3).input_shape == "64"
+
+
+def test_under_dp_images_of_another_size_are_left_out_not_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for label in (0, 1):
+        folder = tmp_path / "silo-0" / str(label)
+        folder.mkdir(parents=True)
+        for j in range(8):
+            size = 12 if (label, j) == (1, 7) else 8  # one record of another size
+            Image.fromarray(np.full((size, size), 30 * j, np.uint8), mode="L").save(
+                folder / f"{j}.png")
+    private = make_config(dataset="local", data_dir=str(tmp_path), model="cnn", num_classes=2,
+                          record_dp="on")
+    data = compute.silo(private, silo_context(1, 0, 1))
+    assert data.schema.input_shape == (1, 8, 8)
+    assert data.schema.records + data.schema.eval_records == 15
+    with pytest.raises(Exception, match="mixed sizes"):
+        compute.silo(make_config(dataset="local", data_dir=str(tmp_path), model="cnn"),
+                     silo_context(2, 0, 1))
