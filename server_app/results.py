@@ -17,8 +17,16 @@ from plateau.config import RunConfig
 # summary.json's privacy.outside_epsilon are operator telemetry that no epsilon covers.
 ROUND_KEYS: dict[str, str] = {
     "round": "the server round (1-based)",
-    "test_accuracy": "central accuracy of the new global model on the held-out split",
-    "test_loss": "central loss on the same examples",
+    "test_accuracy": "accuracy of the new global model: central, on the held-out split; with "
+                     "dataset='local' the federated one (null in rounds without it)",
+    "test_loss": "the loss on the same examples",
+    "federated_accuracy": "dataset='local', every evaluate-every rounds and after the last: "
+                          "accuracy on the silos' held-out records, weighted by their examples",
+    "federated_loss": "the mean loss on the same records",
+    "federated_examples": "the held-out records the accepted evaluations covered",
+    "federated_silos": "each silo's accuracy, loss and examples",
+    "federated_declined": "the silos that declined the evaluation, by reason",
+    "federated_rejected": "the silos whose evaluation screening refused, with the reason",
     "train_loss": "mean over the replying clients of their local-step losses (null under DP "
                   "outside central placement, and under record-level DP)",
     "num_clients": "replies aggregated",
@@ -75,6 +83,10 @@ SUMMARY_KEYS: dict[str, str] = {
     "record_privacy": "record-dp: the unit, adjacency, each silo's budget status and the "
                       "numbers the silos published",
     "audit": "audit-canaries: the in-run audit's bound, estimate, confidence and flags",
+    "evaluation": "where test_accuracy comes from: 'central' or 'federated'",
+    "federated": "dataset='local': the last federated evaluation (round, accuracy, loss, "
+                 "examples, per silo, declines, refusals)",
+    "silo_schemas": "dataset='local': each silo's schema fingerprint as it sent it",
     "config": "the resolved run config (with the calibrated noise multiplier)",
 }
 

@@ -580,6 +580,9 @@ def test_parquet_silos_train_with_record_dp_and_federated_evaluation(tmp_path: P
     assert max(summary["record_privacy"]["epsilon_per_silo"].values()) <= 8.0 + 1e-6
     assert "federated_accuracy" in summary["privacy"]["outside_epsilon"]["rounds.jsonl"]
     assert set(summary["silo_schemas"]) == {"0", "1", "2"}
+    from server_app.results import ROUND_KEYS, SUMMARY_KEYS
+
+    assert set().union(*rounds) <= set(ROUND_KEYS) and set(summary) <= set(SUMMARY_KEYS)
     assert summary["federated"]["federated_silos"] == rounds[-1]["federated_silos"]
 
 
