@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from record_study import simulated_run  # benchmarks/ is the script's folder, first on sys.path
+
 SILOS = 5
 DEFAULT_DATA = Path(tempfile.gettempdir()) / "plateau-fmnist-silos"
 MANIFEST = "manifest.json"
@@ -129,25 +131,7 @@ def cell_config(args: argparse.Namespace, algorithm: str, epsilon: float) -> dic
 
 
 def run_cell(config: dict[str, Any], silos: int) -> dict[str, Any]:
-    from flwr.simulation import run_simulation
-
-    from client_app.app import app as client_app
-    from server_app.app import build_server_app
-
-    with tempfile.TemporaryDirectory() as folder:
-        started = time.monotonic()
-        run_simulation(
-            server_app=build_server_app({**config, "results-dir": folder, "run-name": "cell",
-                                         "checkpoint": False}),
-            client_app=client_app, num_supernodes=silos,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                            "init_args": {"num_cpus": 2}})
-        wall = time.monotonic() - started
-        run = Path(folder) / "cell"
-        if not (run / "summary.json").is_file():
-            raise SystemExit(f"the simulation wrote no summary.json (config {config})")
-        summary = json.loads((run / "summary.json").read_text())
-        rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    summary, rounds, wall = simulated_run(config, silos)
     record = summary.get("record_privacy") or {}
     per_silo = record.get("epsilon_per_silo") or {}
     times = [r.get("wall_s") for r in rounds]

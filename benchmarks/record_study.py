@@ -35,7 +35,10 @@ def cell_config(algorithm: str, epsilon: float, rounds: int) -> dict[str, Any]:
     return config
 
 
-def run_cell(config: dict[str, Any], silos: int) -> dict[str, Any]:
+def simulated_run(config: dict[str, Any], clients: int
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]], float]:
+    """One in-process simulation of ``config``: its summary.json, rounds.jsonl and wall time
+    (shared with benchmarks/local_silos.py)."""
     from flwr.simulation import run_simulation
 
     from client_app.app import app as client_app
@@ -46,13 +49,20 @@ def run_cell(config: dict[str, Any], silos: int) -> dict[str, Any]:
         run_simulation(
             server_app=build_server_app({**config, "results-dir": folder, "run-name": "cell",
                                          "checkpoint": False}),
-            client_app=client_app, num_supernodes=silos,
+            client_app=client_app, num_supernodes=clients,
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                             "init_args": {"num_cpus": 2}})
         wall = time.monotonic() - started
-        summary = json.loads((Path(folder) / "cell" / "summary.json").read_text())
-        rounds = [json.loads(x) for x in
-                  (Path(folder) / "cell" / "rounds.jsonl").read_text().splitlines()]
+        run = Path(folder) / "cell"
+        if not (run / "summary.json").is_file():
+            raise SystemExit(f"the simulation wrote no summary.json (config {config})")
+        summary = json.loads((run / "summary.json").read_text())
+        rounds = [json.loads(x) for x in (run / "rounds.jsonl").read_text().splitlines()]
+    return summary, rounds, wall
+
+
+def run_cell(config: dict[str, Any], silos: int) -> dict[str, Any]:
+    summary, rounds, wall = simulated_run(config, silos)
     record = summary.get("record_privacy") or {}
     return {"final_accuracy": summary["final_accuracy"], "best_accuracy": summary["best_accuracy"],
             "accuracy_by_round": [r["test_accuracy"] for r in rounds],
