@@ -37,6 +37,7 @@ from plateau.models import (
     input_spec,
     load_travelling,
     model_from_config,
+    score,
 )
 from plateau.privacy.mechanism import (
     Tensors,
@@ -395,15 +396,7 @@ def evaluate(content: RecordDict, context: Context) -> RecordDict:
     context.state[EVALUATED_KEY] = ConfigRecord({"run": context.run_id, "round": server_round})
     model, _ = _model(cfg, device)
     load_travelling(model, content[messages.MODEL_KEY].to_torch_state_dict())
-    was_training = model.training
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    for start in range(0, len(data), 1024):
-        x, y = data.x[start:start + 1024], data.y[start:start + 1024]
-        logits = model(x)
-        loss_sum += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    model.train(was_training)
+    correct, loss_sum = score(model, data.x, data.y)
     return messages.evaluation_reply(len(data), correct, loss_sum)
 
 

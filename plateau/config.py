@@ -108,7 +108,8 @@ TEXT_MODELS = ("minilm", "tiny-bert", "roberta-base", "distilbert-base-uncased",
 MODELS = IMAGE_MODELS + TEXT_MODELS
 TRANSFORMER_MODELS = ("vit", "tiny-vit", *TEXT_MODELS)
 DP_MODES = ("off", "central", "distributed", "local")
-EVALUATION_MODES = ("auto", "central", "federated")
+EVALUATION_MODES = ("auto", "central", "federated", "both")
+KEEP_BEST = ("last", "central", "federated")
 USER_MODEL = r"[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*"  # 'package.module:function'
 
 
@@ -179,11 +180,26 @@ class RunConfig:
                            "server resolves it before round 1).",
                            pattern=r"(\d+(x\d+x\d+)?)?")
     evaluate: str = key("auto", "Where the global model is evaluated: on the server's held-out "
-                        "split ('central', bundled datasets), or by each silo on its own "
-                        "held-out records ('federated', dataset='local'); 'auto' picks the one "
-                        "the dataset allows.", choices=EVALUATION_MODES)
+                        "data ('central': a bundled dataset's test split, or with "
+                        "dataset='local' the server's own test-data file), by each silo on its "
+                        "own held-out records ('federated', dataset='local'), or 'both'; "
+                        "'auto' = what the data allows (dataset='local': 'both' with test-data, "
+                        "else 'federated').", choices=EVALUATION_MODES)
     evaluate_every: int = key(1, "Federated evaluation every this many rounds (and always "
                               "after the last).", min=1)
+    test_data: str = key("", "dataset='local': a file or folder of labelled records that only "
+                         "the ServerApp reads (the silos' schema), for central evaluation; "
+                         "relative to the ServerApp's working directory.", pattern=r".*")
+    keep_best: str = key("last", "Which round's model results/<run>/model/ holds: the last, or "
+                         "the best by the 'central' or 'federated' evaluation (federated "
+                         "accuracy is computed on the silos' private records: under DP the "
+                         "selection is then not covered by epsilon, and model.json says so).",
+                         choices=KEEP_BEST)
+    export_lora: str = key("merged", "trainable='lora': the exported model has the adapters "
+                           "merged into its weights ('merged', a plain transformers model) or "
+                           "keeps them apart ('adapters': the adapters and head, applied to "
+                           "the base model rebuilt from its source).",
+                           choices=("merged", "adapters"))
     partitioner: str = key("dirichlet", "How the training split is divided among clients.",
                            choices=PARTITIONERS)
     dirichlet_alpha: float = key(
@@ -414,10 +430,23 @@ class RunConfig:
                               "normalisation layers; allowed: 'group', 'batch'")
         if self.dataset == LOCAL_DATASET:
             self._check_local()
-        elif self.evaluate == "federated":
-            raise ConfigError(f"evaluate='federated' with dataset={self.dataset!r}: the clients "
-                              "of a bundled dataset hold no held-out records of their own; "
-                              "allowed: 'central' or 'auto' (or dataset='local')")
+        elif self.evaluate in ("federated", "both"):
+            raise ConfigError(f"evaluate={self.evaluate!r} with dataset={self.dataset!r}: the "
+                              "clients of a bundled dataset hold no held-out records of their "
+                              "own; allowed: 'central' or 'auto' (or dataset='local')")
+        elif self.test_data:
+            raise ConfigError(f"test-data with dataset={self.dataset!r}: a bundled dataset is "
+                              "evaluated on its own test split; allowed: test-data='' (or "
+                              "dataset='local')")
+        if self.keep_best == "central" and not self.central_evaluation:
+            raise ConfigError("keep-best='central' without central evaluation: with "
+                              "dataset='local' the server needs test-data=<file>; allowed: "
+                              "'last' or 'federated'")
+        if self.keep_best == "federated" and not self.federated_evaluation:
+            raise ConfigError(f"keep-best='federated' with evaluate={self.evaluate!r} and "
+                              f"dataset={self.dataset!r}: no federated evaluation runs; "
+                              "allowed: 'last'" + (" or 'central'" if self.central_evaluation
+                                                   else ""))
         text_model, text_data = self.model in TEXT_MODELS, self.dataset in TEXT_DATASETS
         if self.dataset == LOCAL_DATASET:
             text_data = bool(self.text_column)
@@ -492,8 +521,9 @@ class RunConfig:
 
     def _check_local(self) -> None:
         """What dataset='local' needs that one key alone cannot say."""
-        if self.evaluate == "central":
-            raise ConfigError("evaluate='central' with dataset='local': the server holds no data "
+        if self.evaluate in ("central", "both") and not self.test_data:
+            raise ConfigError(f"evaluate={self.evaluate!r} with dataset='local' needs "
+                              "test-data=<file or folder>: otherwise the server holds no data "
                               "to evaluate on; allowed: 'federated' or 'auto'")
         if self.sharpness_every:
             raise ConfigError("sharpness-every with dataset='local': the flatness probes need "
@@ -538,13 +568,16 @@ class RunConfig:
 
     @property
     def central_evaluation(self) -> bool:
-        """Whether the server evaluates on its own held-out split (bundled datasets)."""
-        return self.dataset != LOCAL_DATASET
+        """Whether the server evaluates on data of its own: a bundled dataset's held-out split,
+        or with dataset='local' its test-data file."""
+        if self.dataset != LOCAL_DATASET:
+            return True
+        return bool(self.test_data) and self.evaluate in ("auto", "central", "both")
 
     @property
     def federated_evaluation(self) -> bool:
         """Whether the silos evaluate the global model on their own held-out records."""
-        return self.dataset == LOCAL_DATASET
+        return self.dataset == LOCAL_DATASET and self.evaluate != "central"
 
     def _check_record_dp(self) -> None:
         if self.norm == "batch":

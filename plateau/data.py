@@ -112,12 +112,15 @@ def dataset_info(config: RunConfig) -> DatasetInfo:
         return DATASETS[config.dataset]
     names = tuple(n for n in config.label_names.split(",") if n)
     classes = config.num_classes or len(names)
+    if not classes:
+        raise DataError("dataset='local': num-classes is resolved from the silos' schema "
+                        "before round 1 (or set num-classes or label-names in the run config)")
     if config.text_column:
         columns = (config.text_column, *((config.text_pair_column,)
                                          if config.text_pair_column else ()))
         return DatasetInfo(LOCAL_DATASET, classes, kind="text", text_columns=columns,
                            label_column=config.label_column)
-    if not config.input_shape or not classes:
+    if not config.input_shape:
         raise DataError("dataset='local': input-shape and num-classes are resolved from the "
                         "silos' schema before round 1 (or set them in the run config)")
     dims = [int(v) for v in config.input_shape.split("x")]

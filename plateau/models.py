@@ -266,3 +266,22 @@ def frozen_digest(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+          batch_size: int = 1024) -> tuple[int, float]:
+    """Correct predictions and summed cross-entropy of a model in eval mode (BatchNorm uses
+    its running statistics, no dropout), in fixed batches: the server's central evaluation,
+    a silo's and ``plateau.predict`` compute it alike, so the same weights give the same
+    accuracy everywhere."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start:start + batch_size])
+        labels = y[start:start + batch_size]
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+    model.train(was_training)
+    return correct, loss_sum

@@ -14,6 +14,7 @@ was rewritten with its old mtime (``cp -p``, ``rsync -t``, ``tar``) from its old
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -730,7 +731,9 @@ class _Records:
     fmt: str
 
 
-def _records(path: Path, spec: LocalSpec, cache: str) -> _Records:
+def _records(path: Path, spec: LocalSpec, cache: str, *, labelled: bool = True) -> _Records:
+    """One file's records; with ``labelled`` False a file without the label column is read
+    too (its ids are -1 and its columns end without a label)."""
     fmt = detect_format(path)
     dataset = _read(path, fmt, cache)
     name = path.name
@@ -740,7 +743,12 @@ def _records(path: Path, spec: LocalSpec, cache: str) -> _Records:
     if len(dataset) == 0:
         raise SiloDataError(f"{name} holds no records")
     kind = _data_kind(dataset, fmt, spec)
-    ids, listed, label_type, valid = _labels(dataset, spec, name)
+    if labelled or spec.label_column in dataset.column_names:
+        ids, listed, label_type, valid = _labels(dataset, spec, name)
+    else:
+        ids = np.full(len(dataset), -1, dtype=np.int64)
+        listed, label_type = ids.astype(str).astype(object), ""
+        valid = np.ones(len(dataset), dtype=bool)
     numeric = np.zeros(0, dtype=bool)
     if kind == TEXT:
         inputs = _texts_of(dataset, spec, name)
@@ -758,8 +766,8 @@ def _records(path: Path, spec: LocalSpec, cache: str) -> _Records:
         if not valid.any():
             raise SiloDataError(f"{name} holds no usable record")
         inputs, ids, listed = inputs[valid], ids[valid], listed[valid]
-    return _Records(kind, inputs, ids, listed,
-                    (*described, (spec.label_column, label_type)), numeric, fmt)
+    label = ((spec.label_column, label_type),) if label_type else ()
+    return _Records(kind, inputs, ids, listed, (*described, *label), numeric, fmt)
 
 
 def _input_shape(records: _Records) -> tuple[int, ...]:
@@ -872,3 +880,36 @@ def _load(path: Path, eval_path: Path | None, spec: LocalSpec, stamp: str) -> Si
     schema = Schema(records.kind, records.columns, _sorted_labels(records.listed[kept]),
                     _input_shape(records), len(kept), len(held_ids), records.fmt, stamp)
     return SiloData(Split(train_inputs, records.ids[kept]), Split(held_inputs, held_ids), schema)
+
+
+@dataclass(frozen=True)
+class FileRecords:
+    """Every record of one file, in file order, preprocessed as a silo preprocesses its own
+    (``feature-scaling='silo'``: with the file's own statistics): the server's test-data and
+    the files ``plateau.predict`` reads. ``labelled`` False: the file has no label column and
+    the labels are -1."""
+
+    split: Split
+    kind: str
+    columns: tuple[tuple[str, str], ...]
+    input_shape: tuple[int, ...]
+    labelled: bool
+
+
+def read_records(path: str | Path, spec: LocalSpec, *, labelled: bool = True) -> FileRecords:
+    """All of a file's records (none held out, none left out: a record that cannot be read
+    refuses the file with one line). ``labelled`` False also reads a file without labels."""
+    source = Path(path).expanduser().resolve()
+    if not source.exists():
+        raise SiloDataError(f"{source} does not exist")
+    source = _resolve(source)
+    spec = dataclasses.replace(spec, eval_fraction=0.0, drop_unusable=False)
+    _check_spec(spec)
+    with tempfile.TemporaryDirectory(prefix="plateau-file-") as cache:
+        records = _records(source, spec, cache, labelled=labelled)
+    inputs = records.inputs
+    if records.kind == TABULAR:
+        inputs, _ = _scaled(inputs, inputs[:0], records.numeric, spec)
+    return FileRecords(Split(inputs, records.ids), records.kind, records.columns,
+                       _input_shape(records), bool(records.columns[-1][0] == spec.label_column
+                                                   and (records.ids >= 0).all()))

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, ClassVar
 
 from flwr.app import Message
 from flwr.supercore import log
@@ -135,6 +135,41 @@ class Evaluation(RoundCallback):
             if self.central is None:
                 record |= {"test_accuracy": federated.accuracy, "test_loss": federated.loss}
         record["wall_s"] = round(time.monotonic() - outcome.started, 4)
+
+
+class ModelChoice(RoundCallback):
+    """Which round's model the run exports (keep-best): the last round's, or the best so far
+    by the central or federated accuracy. Holds that round's model (a reference to the
+    strategy's state, which every round replaces and never changes in place; a copy for a best
+    round, carried across a resume)."""
+
+    METRIC: ClassVar[dict[str, str]] = {"central": "test_accuracy",
+                                        "federated": "federated_accuracy"}
+
+    def __init__(self, config: RunConfig, strategy: PlateauStrategy) -> None:
+        self.keep, self.strategy = config.keep_best, strategy
+        self.round: int | None = None
+        self.value: float | None = None
+        self.state: dict[str, Any] | None = None
+
+    def after_round(self, outcome: RoundOutcome) -> None:
+        if self.keep == "last":
+            self.round, self.state = outcome.server_round, self.strategy.current
+            return
+        value = outcome.record.get(self.METRIC[self.keep])
+        if value is not None and (self.value is None or value > self.value):
+            self.round, self.value = outcome.server_round, float(value)
+            self.state = {k: v.detach().cpu().clone() for k, v in self.strategy.current.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.keep == "last" or self.round is None:
+            return {}
+        return {"round": self.round, "value": self.value, "model": self.state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            self.round, self.value = int(state["round"]), float(state["value"])
+            self.state = dict(state["model"])
 
 
 class FlatnessProbes(RoundCallback):

@@ -158,6 +158,10 @@ def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue],
             check_resume(config)
     if config.dataset == LOCAL_DATASET:
         resolved = check_data_dir(config, clients)
+        if resolved.central_evaluation:  # the server's own file, read before Flower starts
+            from server_app.evaluation import server_test_tensors
+
+            server_test_tensors(resolved)
         declared = config.num_classes or config.label_names
         return {} if declared else {"num-classes": resolved.num_classes}
     prepare_partitions(config, clients)
@@ -338,9 +342,10 @@ def launch(app_dir: Path, clients: int, config: str, timeout_s: float,
     try:
         overrides = parse_overrides(config)
         resolved = dict(overrides)
-        if isinstance(folder := overrides.get("data-dir"), str) and folder:
-            # the simulation's processes start elsewhere: the folder as the user meant it
-            resolved["data-dir"] = str(Path(folder).expanduser().resolve())
+        for name in ("data-dir", "test-data"):
+            if isinstance(where := overrides.get(name), str) and where:
+                # the simulation's processes start elsewhere: the path as the user meant it
+                resolved[name] = str(Path(where).expanduser().resolve())
         resolved |= check_config(app_dir, resolved, clients)
         if resolved != overrides:
             config = " ".join(f"{k}={toml_value(v)}" for k, v in resolved.items())

@@ -38,6 +38,7 @@ from .callbacks import (
     Evaluation,
     FailurePolicy,
     FlatnessProbes,
+    ModelChoice,
     PrivacyRecord,
     Prometheus,
     Recorder,
@@ -51,6 +52,7 @@ from .flatness import FlatnessProbe
 from .lineage import CopiedRun, RunLineage, run_ledger_folder
 from .metrics import RunMetrics
 from .privacy_plan import PrivacyLedger, plan_privacy
+from .release import export_model
 from .results import RunRecorder, default_run_name
 from .silos import LOCAL_OUTSIDE_EPSILON, FederatedEvaluator, agree_on_schema
 from .stop_request import stop_requested
@@ -314,6 +316,7 @@ class RunLoop:
         self.callbacks: dict[str, RoundCallback] = {
             "failure-policy": FailurePolicy(self.config),
             "evaluation": Evaluation(self.evaluator, self.federated, self.strategy),
+            "model-choice": ModelChoice(self.config, self.strategy),
             "flatness": FlatnessProbes(self.probe, self.strategy),
             "privacy-record": PrivacyRecord(
                 self.config, self.strategy, void_reason=lambda: self.void_reason,
@@ -384,7 +387,9 @@ class RunLoop:
                     outcome["epsilon_void_reason"] = self.void_reason
             if config.record_dp == "on":
                 outcome["record_privacy"] = self.record_privacy()
-            outcome["evaluation"] = "federated" if config.federated_evaluation else "central"
+            outcome["evaluation"] = ("both" if config.central_evaluation
+                                     and config.federated_evaluation else "federated"
+                                     if config.federated_evaluation else "central")
             last = next((r for r in reversed(self.recorder.records)
                          if r.get("federated_silos") is not None), None)
             if last is not None:  # the last federated evaluation, per silo
@@ -398,15 +403,41 @@ class RunLoop:
             if (audit := self.audit()) is not None:
                 outcome["audit"] = audit
                 self.metrics.observe_audit(audit)
-            summary = self.recorder.write_summary(
-                status, privacy=privacy_statement(config, self.ledger, self.void_reason,
-                                                  self.epsilon_against_server()), **outcome)
+            privacy = privacy_statement(config, self.ledger, self.void_reason,
+                                        self.epsilon_against_server())
+            if (model := self.export(privacy, outcome.get("record_privacy"))) is not None:
+                outcome["model"] = model
+            summary = self.recorder.write_summary(status, privacy=privacy, **outcome)
             self.metrics.close()
         log(INFO, "finished (%s): final accuracy %s, best %s (round %s)%s%s, rounds %.1f s "
             "(set-up %.1f s)", status, fmt(summary["final_accuracy"]),
             fmt(summary["best_accuracy"]), summary["best_round"], self.epsilon_phrase(),
             self.record_phrase(), summary["round_loop_s"], summary["setup_s"] or 0.0)
         return summary
+
+    def export(self, privacy: Mapping[str, Any],
+               record_privacy: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        """Write <run>/model (the round keep-best chose) once the run ends; summary.json's
+        "model", or None when no round completed."""
+        choice = self.callbacks["model-choice"]
+        assert isinstance(choice, ModelChoice)
+        server_round, state = choice.round, choice.state
+        records = self.recorder.records
+        if state is None and records and self.config.keep_best == "last":
+            server_round, state = int(records[-1]["round"]), self.strategy.current
+        if state is None or server_round is None:
+            return None
+        agreed = next(iter(self.schemas.values()), None)
+        columns = (tuple(c for c, _ in agreed.columns[:-1])
+                   if agreed is not None and agreed.kind == "tabular" else ())
+        model = export_model(self.recorder.directory, self.config, state, server_round,
+                             choice.value, privacy, record_privacy, columns)
+        record = next((r for r in records if r.get("round") == server_round), {})
+        if model is not None:
+            model["central_accuracy"] = (record.get("test_accuracy")
+                                         if self.config.central_evaluation else None)
+            model["federated_accuracy"] = record.get("federated_accuracy")
+        return model
 
     def record_phrase(self) -> str:
         """'; record-level: ...' for the console: each silo's budget status, and the largest

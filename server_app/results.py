@@ -17,8 +17,9 @@ from plateau.config import RunConfig
 # summary.json's privacy.outside_epsilon are operator telemetry that no epsilon covers.
 ROUND_KEYS: dict[str, str] = {
     "round": "the server round (1-based)",
-    "test_accuracy": "accuracy of the new global model: central, on the held-out split; with "
-                     "dataset='local' the federated one (null in rounds without it)",
+    "test_accuracy": "accuracy of the new global model: central, on the held-out split (with "
+                     "dataset='local', the server's test-data file); else the federated one "
+                     "(null in rounds without it)",
     "test_loss": "the loss on the same examples",
     "federated_accuracy": "dataset='local', every evaluate-every rounds and after the last: "
                           "accuracy on the silos' held-out records, weighted by their examples",
@@ -83,7 +84,11 @@ SUMMARY_KEYS: dict[str, str] = {
     "record_privacy": "record-dp: the unit, adjacency, each silo's budget status and the "
                       "numbers the silos published",
     "audit": "audit-canaries: the in-run audit's bound, estimate, confidence and flags",
-    "evaluation": "where test_accuracy comes from: 'central' or 'federated'",
+    "evaluation": "where the model is evaluated: 'central', 'federated' or 'both' "
+                  "(test_accuracy is the central one where there is one)",
+    "model": "the exported model (<run>/model): its folder, round, how the round was chosen "
+             "(keep-best, the metric and its value), whether a formal guarantee covers it, "
+             "and that round's central and federated accuracy",
     "federated": "dataset='local': the last federated evaluation (round, accuracy, loss, "
                  "examples, per silo, declines, refusals)",
     "silo_schemas": "dataset='local': each silo's schema fingerprint as it sent it",

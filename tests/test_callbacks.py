@@ -65,9 +65,9 @@ def test_the_checkpoint_carries_every_callbacks_state(tmp_path: Path) -> None:
               "local-steps": 1, "num-server-rounds": 2, "max-test-examples": 100}
     output = run_local(config, 2, tmp_path / "run")
     saved = torch.load(tmp_path / "run" / "checkpoint" / CHECKPOINT, weights_only=False)
-    assert list(saved["callbacks"]) == ["failure-policy", "evaluation", "flatness",
-                                        "privacy-record", "recorder", "prometheus", "console",
-                                        "checkpoint"]
+    assert list(saved["callbacks"]) == ["failure-policy", "evaluation", "model-choice",
+                                        "flatness", "privacy-record", "recorder", "prometheus",
+                                        "console", "checkpoint"]
     assert saved["callbacks"]["failure-policy"] == {"failed_in_a_row": 0}
     record = output.rounds[-1]
     for key in ("test_accuracy", "test_loss", "wall_s", "sharpness", "train_loss", "epsilon"):

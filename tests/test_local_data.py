@@ -4,7 +4,8 @@ The silo files are written by the tests from real offline data (scikit-learn's d
 loader's formats and bad-data cases are in test_silo_data.py, this file covers the run: the
 config keys, the schema every silo must share (refused before round 1), federated evaluation
 against a direct computation and against a lying silo, the user's own model, and whole
-simulations on Parquet, CSV and image-folder silos with record-level DP.
+simulations on Parquet and CSV silos with record-level DP (image folders and the user's model:
+test_export.py, which runs them with the server's test file).
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ def test_evaluation_defaults_to_central_for_bundled_and_federated_for_local() ->
     bundled, local = make_config(), make_config(dataset="local", model="mlp")
     assert (bundled.central_evaluation, bundled.federated_evaluation) == (True, False)
     assert (local.central_evaluation, local.federated_evaluation) == (False, True)
+    # the server's own test file: both, unless told one
+    served = make_config(dataset="local", model="mlp", test_data="test.parquet")
+    assert (served.central_evaluation, served.federated_evaluation) == (True, True)
+    central = make_config(dataset="local", model="mlp", test_data="t.csv", evaluate="central")
+    assert (central.central_evaluation, central.federated_evaluation) == (True, False)
 
 
 # ----- the schema every silo shares -------------------------------------------------------
@@ -600,35 +606,6 @@ def test_csv_silos_with_one_bad_silo_go_on_without_it(tmp_path: Path) -> None:
     assert rounds[-1]["declined"] == {"silo-data": 1}
     assert rounds[-1]["federated_accuracy"] > 0.5  # no DP: seeded, the same every run
     assert sorted(rounds[-1]["federated_silos"]) == ["0", "1"]
-
-
-@pytest.mark.simulation
-def test_image_folder_silos_train_a_cnn(tmp_path: Path) -> None:
-    folder = write_image_silos(tmp_path / "silos", 2)
-    summary, rounds = simulate(tmp_path, 2, dataset="local", data_dir=str(folder), model="cnn",
-                               model_width=8, sample_rate=1.0, num_server_rounds=2,
-                               local_steps=5)
-    assert summary["status"] == "completed"
-    assert summary["config"]["input-shape"] == "1x8x8"
-    assert rounds[-1]["federated_accuracy"] is not None
-
-
-@pytest.mark.simulation
-def test_the_users_model_trains_in_a_simulation(tmp_path: Path, monkeypatch) -> None:
-    """The simulation's workers import the user's module as a deployment's would: from the
-    environment (here PYTHONPATH), not from the test's sys.path."""
-    import os
-
-    (tmp_path / "silo_usermodel_sim.py").write_text(USER_MODEL)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    folder = write_silos(tmp_path / "silos", 2)
-    summary, rounds = simulate(tmp_path, 2, dataset="local", data_dir=str(folder),
-                               model="silo_usermodel_sim:build", sample_rate=1.0,
-                               num_server_rounds=2, local_steps=5)
-    assert summary["status"] == "completed" and rounds[-1]["num_clients"] == 2
-    assert rounds[-1]["federated_accuracy"] is not None
 
 
 def test_the_readme_walkthrough_writes_the_silos_its_make_run_reads(tmp_path: Path) -> None:
