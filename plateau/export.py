@@ -46,6 +46,34 @@ BUILD_KEYS = ("dataset", "model", "mlp-widths", "norm", "model-width", "trainabl
               "feature-std", "text-column", "text-pair-column", "image-column", "image-size",
               "image-channels", "image-mean", "image-std", "export-lora")
 LAYOUTS = ("torch", "transformers", "adapters")
+# every key of model.json and what it means (docs/outputs.md is made from these; a test checks
+# an export has exactly these)
+DESCRIPTOR_KEYS: dict[str, str] = {
+    "format_version": f"the export format ({FORMAT_VERSION}); predict refuses a newer one",
+    "created": "when it was written (UTC)",
+    "run_name": "the run it comes from",
+    "round": "the round whose model it is",
+    "architecture": "model name, layout ('torch': model.safetensors holds the state dict; "
+                    "'transformers': a save_pretrained folder, LoRA merged; 'adapters': the "
+                    "adapters and head, with the base model's digest), class, parameter count, "
+                    "widths or the user's import path, LoRA settings",
+    "input": "what one example is: kind, shape, label column, feature columns and categories, "
+             "image column, size, channels, mean and std, or text columns and max-length",
+    "num_classes": "the number of classes",
+    "label_names": "class names by id (null: integer labels)",
+    "preprocessing": "tabular feature scaling: 'none', 'given' (with its constants) or 'silo' "
+                     "(each silo's own statistics; predict uses the file's own)",
+    "selection": "how the round was chosen: keep-best, the metric and its value, and whether "
+                 "choosing it is post-processing of what epsilon covers",
+    "privacy": "the release's guarantee as summary.json states it: client_level (epsilon, "
+               "delta, placement, adjacency, ...), record_level (each silo's epsilon and "
+               "delta, adjacency), each null with the reason in why_not; formally_dp",
+    "versions": "Plateau, Flower, torch and transformers versions that wrote it",
+    "config_digest": "SHA-256 of the run's resolved config",
+    "build": "the run-config keys predict rebuilds the model and reads files with",
+    "files": "SHA-256 of every other file in the folder (a truncated or altered one is "
+             "refused)",
+}
 
 
 class ExportError(DataError):
@@ -228,6 +256,8 @@ def write_export(folder: Path, config: RunConfig, state: Mapping[str, torch.Tens
         "files": {path.name: _sha256(path) for path in sorted(staging.iterdir())},
     }
     (staging / DESCRIPTOR).write_text(json.dumps(descriptor, indent=2) + "\n")
+    for path in staging.iterdir():  # safetensors writes 0600: an export is for sharing
+        path.chmod(0o644)
     old = folder.with_name(folder.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():

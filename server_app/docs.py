@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from plateau.config import RunConfig, readme_table
+from plateau.export import DESCRIPTOR_KEYS
 
 from .metrics import RunMetrics
 from .results import ROUND_KEYS, SUMMARY_KEYS
@@ -37,6 +38,9 @@ def outputs_doc() -> str:
     lines += ["", "## summary.json\n", "Written when the run ends, however it ends.\n",
               "| key | meaning |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in SUMMARY_KEYS.items()]
+    lines += ["", "## model/model.json\n", "The exported model's description (README, \"The "
+              "model you take home\"), beside its weights.\n", "| key | meaning |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in DESCRIPTOR_KEYS.items()]
     return "\n".join(lines) + "\n"
 
 

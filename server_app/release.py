@@ -61,7 +61,8 @@ def release_privacy(privacy: Mapping[str, Any], record_privacy: Mapping[str, Any
         reasons["record_level"] = str(record_privacy["void"])
     else:
         record = {key: record_privacy.get(key) for key in (
-            "unit", "adjacency", "delta", "epsilon_per_silo", "epsilon_max", "silo_status")}
+            "unit", "adjacency", "delta", "epsilon_per_silo", "epsilon_max", "silo_status",
+            "silos")}
     holds = (client is not None or record is not None) and bool(chosen["post_processing"])
     if (client is not None or record is not None) and not chosen["post_processing"]:
         reasons["selection"] = chosen["note"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -187,3 +189,14 @@ def test_make_run_trains_on_parquet_silos_with_record_level_dp(
     assert summary["config"]["data-dir"] == str(tmp_path / "silos")
     assert max(summary["record_privacy"]["epsilon_per_silo"].values()) <= 8.0 + 1e-6
     assert leftover_processes(home) == []
+    # README 'Your own data', step 3 as written: the exported model on a silo's file
+    readme = (ROOT / "README.md").read_text()
+    step3 = re.search(r"# 3\. the model it exported.*?\n(.*?)\n```", readme, re.S)
+    assert step3 is not None, "README 'Your own data' lost its step 3"
+    command = step3[1].replace(".venv/bin/python", sys.executable, 1).replace(
+        "results/*/model", "*/model")
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert re.match(r"accuracy 0\.\d{6} \(\d+ of \d+ records", done.stdout), done.stdout
+    assert summary["model"]["round"] == 3 and summary["model"]["formally_dp"] is True

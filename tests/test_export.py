@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from plateau.config import ConfigError, RunConfig
-from plateau.export import FORMAT_VERSION, load_export, write_export
+from plateau.export import DESCRIPTOR_KEYS, FORMAT_VERSION, load_export, write_export
 from plateau.models import model_from_config, travelling_state
 from plateau.predict import main as predict_main
 from plateau.predict import predict
@@ -65,6 +65,7 @@ def assert_reproduced(tmp_path: Path, summary: dict, rounds: list[dict], test_da
     assert math.isclose(result.loss, recorded["test_loss"], rel_tol=loss_tolerance,
                         abs_tol=0.0 if loss_tolerance == 0 else 1e-7)
     assert export.descriptor["round"] == model["round"]
+    assert set(export.descriptor) == set(DESCRIPTOR_KEYS)  # docs/outputs.md lists them
     assert export.descriptor["config_digest"]
 
 
@@ -358,3 +359,29 @@ def test_evaluation_and_export_mistakes_are_one_line_errors(overrides: dict,
                                                             message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_mapping(overrides)
+
+
+def test_a_bundled_datasets_model_predicts_files_with_its_columns(tmp_path: Path) -> None:
+    """digits' export reads an image folder of 8x8 digits as the run's held-out split is read
+    (pixels / 255, digits' mean and std)."""
+    from plateau.data import DATASETS, Split, to_tensors
+    from plateau.models import score
+
+    from .test_local_data import write_image_silos
+
+    config = RunConfig.from_mapping({"dataset": "digits", "model": "linear"})
+    model = model_from_config(config)
+    with torch.no_grad():
+        model.fc.weight.normal_()
+    write_export(tmp_path / "model", config, travelling_state(model), server_round=1,
+                 run_name="r", selection=selection(config, 1, None),
+                 privacy={"formally_dp": False})
+    folder = write_image_silos(tmp_path / "images", 1) / "silo-0"
+    export = load_export(tmp_path / "model")
+    result = predict(export, folder)
+    from plateau.silo_data import read_records
+
+    records = read_records(folder, export.spec)
+    tensors = to_tensors(Split(records.split.inputs, records.split.labels), DATASETS["digits"])
+    correct, _ = score(model, tensors.x, tensors.y)
+    assert result.accuracy == correct / len(tensors) and len(tensors) == 1797
