@@ -321,16 +321,16 @@ def _load_transformer(folder: Path, config: RunConfig, info: DatasetInfo) -> nn.
         from transformers import ViTForImageClassification
 
         return ImageTransformer(ViTForImageClassification.from_pretrained(folder))
+    types = "token_type_ids" in load_tokenizer(str(folder)).model_input_names
     if (folder / CLASSIFIER).is_file():
         from transformers import AutoModel
 
         pooled = MeanPoolClassifier(AutoModel.from_pretrained(folder), info.num_classes)
         pooled.classifier.load_state_dict(load_file(str(folder / CLASSIFIER)))
-        return pooled
+        return SequenceClassifier(pooled, token_types=types)
     from transformers import AutoModelForSequenceClassification
 
     net = AutoModelForSequenceClassification.from_pretrained(folder)
-    types = "token_type_ids" in load_tokenizer(str(folder)).model_input_names
     return SequenceClassifier(net, token_types=types)
 
 

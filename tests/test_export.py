@@ -385,3 +385,36 @@ def test_a_bundled_datasets_model_predicts_files_with_its_columns(tmp_path: Path
     tensors = to_tensors(Split(records.split.inputs, records.split.labels), DATASETS["digits"])
     correct, _ = score(model, tensors.x, tensors.y)
     assert result.accuracy == correct / len(tensors) and len(tensors) == 1797
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("build", "data"), [
+    ({"dataset": "digits", "model": "tiny-vit", "lora-targets": "q_proj,v_proj"}, "image"),
+    ({"dataset": "rotten-tomatoes", "model": "minilm"}, "text"),  # a mean-pooled encoder
+])
+def test_merged_lora_exports_compute_what_the_trained_model_computes(
+        tmp_path: Path, build: dict, data: str) -> None:
+    """LoRA merged into a ViT, and into MiniLM under its own mean-pooling head (saved beside the
+    encoder): the loaded export's logits are the adapted model's, to float rounding."""
+    config = RunConfig.from_mapping({**build, "trainable": "lora"})
+    model = model_from_config(config)
+    state = travelling_state(model)
+    with torch.no_grad():  # trained adapters: B is zero at initialisation
+        state = {k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}
+    from plateau.models import load_travelling
+
+    load_travelling(model, state)
+    write_export(tmp_path / "model", config, state, server_round=1, run_name="r",
+                 selection=selection(config, 1, None), privacy={"formally_dp": False})
+    export = load_export(tmp_path / "model")
+    if data == "image":
+        x = torch.rand(4, 1, 8, 8)
+    else:
+        from plateau.data import Split, tokenise
+
+        x = tokenise(Split(np.array(["a fine film", "dull and long"], dtype=object),
+                           np.zeros(2)), export.inputs.tokenizer, config.max_length).x
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(export.model(x), model(x), rtol=1e-4, atol=1e-5)
+    assert not any("lora" in name for name in export.model.state_dict())
