@@ -60,9 +60,16 @@ def release_privacy(privacy: Mapping[str, Any], record_privacy: Mapping[str, Any
     elif record_privacy.get("void"):
         reasons["record_level"] = str(record_privacy["void"])
     else:
-        record = {key: record_privacy.get(key) for key in (
-            "unit", "adjacency", "delta", "epsilon_per_silo", "epsilon_max", "silo_status",
-            "silos")}
+        # each silo's epsilon and delta as the silos published them (no counts, steps or
+        # budget status: telemetry for the operator, not for whoever receives the model)
+        record = {key: record_privacy.get(key) for key in ("unit", "adjacency", "delta",
+                                                           "epsilon_max")}
+        record["silos"] = {partition: {key: report.get(key) for key in
+                                       ("epsilon", "delta", "adjacency")}
+                           for partition, report in (record_privacy.get("silos") or {}).items()}
+        record["note"] = ("the figures each silo chose to publish (publish-record-epsilon, or "
+                          "a run without client-level DP); a silo that publishes none is "
+                          "within its own budget and accountant")
     holds = (client is not None or record is not None) and bool(chosen["post_processing"])
     if (client is not None or record is not None) and not chosen["post_processing"]:
         reasons["selection"] = chosen["note"]

@@ -86,7 +86,12 @@ def test_an_mlp_on_parquet_silos_under_record_dp_keeps_its_best_central_round(
     descriptor = json.loads((tmp_path / "sim" / "model" / "model.json").read_text())
     # the release's record-level guarantee is summary.json's, silo by silo
     record_level = descriptor["privacy"]["record_level"]
-    assert record_level["epsilon_per_silo"] == summary["record_privacy"]["epsilon_per_silo"]
+    assert {p: silo["epsilon"] for p, silo in record_level["silos"].items()} == \
+        summary["record_privacy"]["epsilon_per_silo"]
+    assert {p: silo["delta"] for p, silo in record_level["silos"].items()} == {
+        p: report["delta"] for p, report in summary["record_privacy"]["silos"].items()}
+    # the silos' counts are the operator's telemetry: they do not travel with the model
+    assert "records" not in json.dumps(record_level)
     assert record_level["adjacency"] == summary["record_privacy"]["adjacency"]
     assert descriptor["privacy"]["formally_dp"] is True
     assert descriptor["privacy"]["client_level"] is None
