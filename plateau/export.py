@@ -297,6 +297,7 @@ def read_descriptor(folder: Path) -> dict[str, Any]:
     if found > FORMAT_VERSION:
         raise ExportError(f"{path} is export format {found}, newer than this Plateau "
                           f"({__version__}) reads (up to {FORMAT_VERSION}): upgrade Plateau")
+    _check_shape(descriptor, path)
     files = descriptor.get("files")
     if not isinstance(files, dict) or not files:
         raise ExportError(f"{path} lists no files")
@@ -308,6 +309,30 @@ def read_descriptor(folder: Path) -> dict[str, Any]:
             raise ExportError(f"{file} is truncated or altered: its SHA-256 differs from the "
                               f"one in {DESCRIPTOR}")
     return descriptor
+
+
+def _check_shape(descriptor: dict[str, Any], path: Path) -> None:
+    """The keys predict reads, of the types it reads them as (model.json is a text file
+    anyone may edit: what it says is checked, not trusted)."""
+    def bad(key: str, expected: str) -> ExportError:
+        return ExportError(f"{path}: {key!r} is missing or not {expected}")
+
+    for key in ("input", "architecture", "build", "files"):
+        if not isinstance(descriptor.get(key), dict):
+            raise bad(key, "an object")
+    for key in ("round", "num_classes"):
+        value = descriptor.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise bad(key, "a non-negative integer")
+    if not isinstance(descriptor["input"].get("kind"), str) or not isinstance(
+            descriptor["input"].get("shape"), list):
+        raise bad("input", "an object with a kind and a shape")
+    names = descriptor.get("label_names")
+    if names is not None and (not isinstance(names, list) or len(names) != descriptor[
+            "num_classes"] or not all(isinstance(n, str) for n in names)):
+        raise bad("label_names", "null or one name per class")
+    if not isinstance(descriptor.get("preprocessing"), dict):
+        raise bad("preprocessing", "an object")
 
 
 def _load_transformer(folder: Path, config: RunConfig, info: DatasetInfo) -> nn.Module:

@@ -55,11 +55,22 @@ def check_schema(export: Export, columns: tuple[tuple[str, str], ...], kind: str
                         "columns and the model's input in model.json)")
 
 
+def per_file_scaling(export: Export) -> bool:
+    """Whether the model standardises each file with that file's own statistics (as each silo
+    did its own): a record's input then depends on the other records of its file."""
+    return export.descriptor["preprocessing"].get("feature_scaling") == "silo"
+
+
 @torch.no_grad()
 def predict(export: Export, data: str | Path) -> Prediction:
     """The model's predictions for every record of a file or folder."""
     records = read_records(data, export.spec, labelled=False)
     check_schema(export, records.columns, records.kind, records.input_shape, Path(data).name)
+    if per_file_scaling(export) and len(records.split.labels) < 2:
+        raise DataError(f"{Path(data).name} holds one record, and this model standardises "
+                        "each file with its own mean and std (feature-scaling='silo'): a single "
+                        "record cannot be; serve single records with a model trained with "
+                        "feature-scaling='given' or 'none'")
     tensors = prepare(records.split, export.info, export.inputs)
     probabilities, classes = [], []
     for start in range(0, len(tensors), BATCH):
@@ -106,7 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path,
                         help="write the predictions here (.parquet, or .csv)")
     args = parser.parse_args(argv)
+    import datasets
+
+    datasets.logging.set_verbosity_error()  # a file it cannot read: our one line, not its log
     try:
+        if args.output is not None and args.output.suffix not in (".parquet", ".csv"):
+            raise DataError(f"--output {args.output.name}: write .parquet or .csv")
         started = time.perf_counter()
         export = load_export(args.model)
         loaded = time.perf_counter() - started
@@ -117,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
                             "predictions")
         if args.output is not None:
             write_predictions(prediction, export, args.output)
+        if per_file_scaling(export):
+            print("plateau.predict: note: this model standardises each file with the file's "
+                  "own mean and std (feature-scaling='silo'), so a record's prediction depends "
+                  "on the other records of its file", file=sys.stderr)
     except (DataError, OSError) as err:
         print(f"plateau.predict: {err}", file=sys.stderr)
         return 2

@@ -318,6 +318,22 @@ def _type_key(column_type: str, label: bool) -> str:
     return "number" if column_type in NUMERIC else column_type
 
 
+def layout_difference(agreed: Schema, columns: tuple[tuple[str, str], ...], kind: str,
+                      name: str) -> str | None:
+    """Why a file's columns differ from the agreed schema's (names, order, type classes,
+    kind), or None: a file read for the run's model must be read as the silos' were."""
+    expected = [c for c, _ in agreed.columns]
+    if kind != agreed.kind or [c for c, _ in columns] != expected:
+        return (f"{name} ({kind}: {_listed([c for c, _ in columns])}) does not match the "
+                f"silos' schema ({agreed.kind}: {_listed(expected)})")
+    for position, ((column, mine), (_, theirs)) in enumerate(zip(columns, agreed.columns,
+                                                                 strict=True)):
+        label = position == len(expected) - 1
+        if _type_key(mine, label) != _type_key(theirs, label):
+            return f"column {column!r} is {mine} in {name}, {theirs} in the silos' data"
+    return None
+
+
 def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(map(str, shape))
 

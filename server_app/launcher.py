@@ -157,11 +157,7 @@ def check_config(app_dir: Path, overrides: Mapping[str, ConfigValue],
         with contextlib.chdir(app_dir):  # results-dir is relative to where the run starts
             check_resume(config)
     if config.dataset == LOCAL_DATASET:
-        resolved = check_data_dir(config, clients)
-        if resolved.central_evaluation:  # the server's own file, read before Flower starts
-            from server_app.evaluation import server_test_tensors
-
-            server_test_tensors(resolved)
+        resolved = check_data_dir(config, clients)  # test-data too
         declared = config.num_classes or config.label_names
         return {} if declared else {"num-classes": resolved.num_classes}
     prepare_partitions(config, clients)

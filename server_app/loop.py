@@ -54,7 +54,12 @@ from .metrics import RunMetrics
 from .privacy_plan import PrivacyLedger, plan_privacy
 from .release import export_model
 from .results import RunRecorder, default_run_name
-from .silos import LOCAL_OUTSIDE_EPSILON, FederatedEvaluator, agree_on_schema
+from .silos import (
+    FEDERATED_OUTSIDE_EPSILON,
+    LOCAL_OUTSIDE_EPSILON,
+    FederatedEvaluator,
+    agree_on_schema,
+)
 from .stop_request import stop_requested
 
 ADJACENCY = ("zero-out: one client's data replaced by a null client that releases a zero "
@@ -134,8 +139,10 @@ def outside_epsilon(config: RunConfig) -> dict[str, list[str]]:
     parts = [OUTSIDE_EPSILON]
     if config.record_dp == "on":
         parts.append(RECORD_OUTSIDE_EPSILON)
-    if config.federated_evaluation:
+    if config.dataset == LOCAL_DATASET:
         parts.append(LOCAL_OUTSIDE_EPSILON)
+    if config.federated_evaluation:
+        parts.append(FEDERATED_OUTSIDE_EPSILON)
     places = dict.fromkeys(place for part in parts for place in part)
     return {place: [item for part in parts for item in part.get(place, [])]
             for place in places}
@@ -245,8 +252,9 @@ class RunLoop:
                 clients.identified_partition_counts(grid)
                 config, self.schemas = agree_on_schema(config, clients.schemas)
             self.strategy: PlateauStrategy = build_strategy(config, clients=clients)
-            self.evaluator = (CentralEvaluator(config, self.strategy.device)
-                              if config.central_evaluation else None)
+            self.evaluator = (CentralEvaluator(
+                config, self.strategy.device, agreed=next(iter(self.schemas.values()), None))
+                if config.central_evaluation else None)
             self.federated = (FederatedEvaluator(config, clients, grid, self.schemas)
                               if config.federated_evaluation else None)
             self.probe = (FlatnessProbe(config, self.strategy.device)
@@ -332,6 +340,11 @@ class RunLoop:
                 raise ConfigError(f"resume refused: the checkpoint holds state of a round-loop "
                                   f"feature this version does not have ({name!r})")
             self.callbacks[name].load_state_dict(state)
+        choice = self.callbacks["model-choice"]
+        assert isinstance(choice, ModelChoice)
+        if self.start_round > 1 and choice.round is None and config.keep_best == "last":
+            # until a resumed round completes, the model to export is the checkpoint's
+            choice.round, choice.state = self.start_round - 1, self.strategy.current
 
     def run_lineage(self, config: RunConfig, saved: Mapping[str, Any] | None
                     ) -> RunLineage | None:
@@ -423,8 +436,6 @@ class RunLoop:
         assert isinstance(choice, ModelChoice)
         server_round, state = choice.round, choice.state
         records = self.recorder.records
-        if state is None and records and self.config.keep_best == "last":
-            server_round, state = int(records[-1]["round"]), self.strategy.current
         if state is None or server_round is None:
             return None
         agreed = next(iter(self.schemas.values()), None)

@@ -16,6 +16,9 @@ from plateau.errors import DataError
 from plateau.export import write_export
 
 MODEL_FOLDER = "model"
+# a silo's default record-level delta is min(this, 0.01 / its records): a bound above every
+# default, stated instead of each silo's own delta
+DEFAULT_RECORD_DELTA = 1e-5
 
 
 def selection(config: RunConfig, server_round: int, value: float | None) -> dict[str, Any]:
@@ -62,14 +65,19 @@ def release_privacy(privacy: Mapping[str, Any], record_privacy: Mapping[str, Any
     else:
         # each silo's epsilon and delta as the silos published them (no counts, steps or
         # budget status: telemetry for the operator, not for whoever receives the model)
-        record = {key: record_privacy.get(key) for key in ("unit", "adjacency", "delta",
-                                                           "epsilon_max")}
-        record["silos"] = {partition: {key: report.get(key) for key in
-                                       ("epsilon", "delta", "adjacency")}
-                           for partition, report in (record_privacy.get("silos") or {}).items()}
+        # each silo's epsilon as the silos published it, at one common delta bound (a silo's
+        # default delta, min(1e-5, 0.01/n), would tell its count n); no counts, steps or
+        # budget status: telemetry for the operator, not for whoever receives the model
+        reports = record_privacy.get("silos") or {}
+        record = {key: record_privacy.get(key) for key in ("unit", "adjacency", "epsilon_max")}
+        record["delta_at_most"] = max([DEFAULT_RECORD_DELTA, *(
+            float(r["delta"]) for r in reports.values() if r.get("delta") is not None)])
+        record["silos"] = {partition: {"epsilon": report.get("epsilon"),
+                                       "adjacency": report.get("adjacency")}
+                           for partition, report in reports.items()}
         record["note"] = ("the figures each silo chose to publish (publish-record-epsilon, or "
-                          "a run without client-level DP); a silo that publishes none is "
-                          "within its own budget and accountant")
+                          "a run without client-level DP), each holding at delta_at_most; a "
+                          "silo that publishes none is within its own budget and accountant")
     holds = (client is not None or record is not None) and bool(chosen["post_processing"])
     if (client is not None or record is not None) and not chosen["post_processing"]:
         reasons["selection"] = chosen["note"]

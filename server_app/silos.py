@@ -43,17 +43,21 @@ from strategies.population import ClientPopulation
 # what dataset='local' publishes beyond the model: listed in privacy.outside_epsilon (the label
 # sets only without DP; the held-out counts only where the training count is public, or the
 # held-out records are a file of their own, or the silo's operator allowed it)
-LOCAL_OUTSIDE_EPSILON = {
+LOCAL_OUTSIDE_EPSILON = {  # any run on the silos' own files
+    "summary.json": ["config.num-classes, where make run read it from a simulation's files",
+                     "silo_schemas (column names and types, input shape, file format; label "
+                     "sets only without DP; held-out counts where published; training counts "
+                     "only where num-examples carries them anyway)"],
+}
+FEDERATED_OUTSIDE_EPSILON = {  # the silos' evaluations (evaluate 'federated', 'both', 'auto')
     "rounds.jsonl": ["federated_accuracy", "federated_loss", "federated_examples",
                      "federated_silos", "federated_declined", "federated_rejected",
                      "test_accuracy and test_loss when evaluate='federated' (the silos' "
                      "held-out records are not trained on, so no epsilon covers them)"],
     "prometheus": ["plateau_federated_accuracy", "plateau_silo_accuracy"],
     "summary.json": ["federated (the last federated evaluation, per silo)",
-                     "config.num-classes, where make run read it from a simulation's files",
-                     "silo_schemas (column names and types, input shape, file format; label "
-                     "sets only without DP; held-out counts where published; training counts "
-                     "only where num-examples carries them anyway)"],
+                     "model.selection and the model itself, where keep-best='federated' chose "
+                     "the round"],
 }
 MAX_INFERRED_CLASSES = 10_000  # more, from the silos' labels alone, must be declared
 IMAGE_ONLY_MODELS = ("cnn", "resnet10", "resnet18", "vit", "tiny-vit")
@@ -138,7 +142,11 @@ def check_data_dir(config: RunConfig, clients: int) -> RunConfig:
             answers[partition] = schema.to_record(with_counts=True)
         except SiloDataError as err:
             answers[partition] = {"error": str(err)}
-    resolved, _ = agree_on_schema(config, answers, own_files=True)
+    resolved, schemas = agree_on_schema(config, answers, own_files=True)
+    if resolved.central_evaluation:  # the server's own file, before Flower starts
+        from .evaluation import server_test_tensors
+
+        server_test_tensors(resolved, next(iter(schemas.values())))
     return resolved
 
 

@@ -608,6 +608,7 @@ def test_csv_silos_with_one_bad_silo_go_on_without_it(tmp_path: Path) -> None:
     assert sorted(rounds[-1]["federated_silos"]) == ["0", "1"]
 
 
+@pytest.mark.slow
 def test_the_readme_walkthrough_writes_the_silos_its_make_run_reads(tmp_path: Path) -> None:
     """README 'Your own data', step 1 as written (step 2 is the e2e test's command)."""
     import re

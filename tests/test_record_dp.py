@@ -410,6 +410,7 @@ def test_an_abandoned_round_releases_its_reservation(tmp_path: Path) -> None:
 
 # ----- a second reviewer's attacks on the first version of the above --------------------------
 
+@pytest.mark.slow
 def test_error_texts_carry_nothing_computed_from_the_record_count(tmp_path: Path) -> None:
     """The calibration's failure named q = batch / n (the server can force it with a tiny
     record-target-epsilon), and the noise floor's error the calibrated sigma (a function of

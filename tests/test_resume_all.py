@@ -51,7 +51,9 @@ def straight_and_resumed(folder: Path, algorithm: str) -> tuple:
     return straight, resumed
 
 
-@pytest.mark.parametrize("algorithm", list(STRATEGIES))
+# FedAvg in the quick tier (make test-fast), every other algorithm in make test
+@pytest.mark.parametrize("algorithm", [
+    a if a == "fedavg" else pytest.param(a, marks=pytest.mark.slow) for a in STRATEGIES])
 def test_resume_continues_exactly(tmp_path: Path, algorithm: str,
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "node-state"))

@@ -239,7 +239,8 @@ def test_only_trainable_tensors_appear_in_the_messages(trainable: str) -> None:
 
 
 @needs_text
-@pytest.mark.parametrize("algorithm", sorted(STRATEGIES))
+@pytest.mark.parametrize("algorithm", [
+    a if a == "fedavg" else pytest.param(a, marks=pytest.mark.slow) for a in sorted(STRATEGIES)])
 def test_every_algorithm_trains_only_the_adapters(algorithm: str) -> None:
     config = make_config(algorithm=algorithm, dataset="rotten-tomatoes", model="tiny-bert",
                          trainable="lora", sample_rate=1.0, local_steps=2, lr=0.5,
