@@ -53,11 +53,11 @@ def test_app_image_builds_from_any_base_pins_torch_and_runs_unprivileged() -> No
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
-    """Both overlays rendered with freshly generated certificates and keys."""
+    """Every overlay rendered with freshly generated certificates and keys."""
     workdir = tmp_path_factory.mktemp("k8s")
     shutil.copytree(ROOT / "deploy" / "k8s", workdir / "k8s")
     subprocess.run(["bash", str(DOCKER / "generate-certs.sh"), str(workdir / "k8s/base/certs")],
-                   env={**os.environ, "NODES": "2"}, check=True, capture_output=True)
+                   env={**os.environ, "NODES": "3"}, check=True, capture_output=True)
     out = {}
     for overlay in ("cpu", "gpu", "local"):
         target = workdir / "k8s" / "overlays" / overlay
@@ -109,6 +109,34 @@ def test_gpu_overlay_requests_gpus_and_the_cuda_image(rendered: dict) -> None:
     assert cpu["containers"][2]["image"].endswith(":0.1.0")
 
 
+def test_each_silo_mounts_only_its_own_data_read_only_and_keeps_its_ledger(
+        rendered: dict) -> None:
+    for overlay, docs in rendered.items():
+        nodes = by_kind(docs, "StatefulSet", "supernode")
+        spec = nodes["spec"]["template"]["spec"]
+        supernode, _, trainer = spec["containers"]
+        policy = supernode["args"][0]
+        for key in ("data='$SILO_DATA'", "require-record-dp=true", "max-record-epsilon=",
+                    "allow-evaluation=true", "publish-record-epsilon=true",
+                    "record-ledger='/var/lib/flwr/record-ledger.json'"):
+            assert key in policy, (overlay, key)
+        mounts = {m["name"]: m for m in trainer["volumeMounts"]}
+        assert mounts["silos"] == {"name": "silos", "mountPath": "/srv/silo", "readOnly": True,
+                                   "subPathExpr": "silo-$(SILO)"}
+        assert mounts["ledger"]["mountPath"] == "/var/lib/flwr"
+        assert {"name": "SILO", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}} in trainer["env"]
+        assert [c["metadata"]["name"] for c in nodes["spec"]["volumeClaimTemplates"]] == ["ledger"]
+        assert all("silos" not in str(c.get("volumeMounts")) for c in spec["containers"][:2])
+        federation = by_kind(docs, "ConfigMap", "plateau-federation")["data"]
+        silo_data = "/srv/silo/train" + ("" if overlay == "local" else ".parquet")
+        assert federation == {"NUM_PARTITIONS": "3", "SILO_DATA": silo_data}, overlay
+        assert nodes["spec"]["replicas"] == 3
+        server = by_kind(docs, "Deployment", "superexec-serverapp")["spec"]["template"]["spec"]
+        assert {"name": "silos", "mountPath": "/srv/server", "subPath": "server",
+                "readOnly": True} in server["containers"][0]["volumeMounts"]
+
+
 def test_metrics_service_is_annotated_for_prometheus(rendered: dict) -> None:
     service = by_kind(rendered["cpu"], "Service", "plateau-metrics")
     assert service["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
@@ -129,7 +157,9 @@ def test_compose_files_are_consistent(compose: Path) -> None:
             assert dependency in services, (name, dependency)
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            if source.startswith("."):
+            if volume.startswith("${SILOS:-./silos}/"):  # made by deploy/make-silos.py
+                assert volume.endswith(":ro"), (name, volume)  # a silo's data is read-only
+            elif source.startswith("."):
                 path = compose.parent / source
                 generated = "certs/" in source  # made by docker/generate-certs.sh
                 assert generated or path.exists(), (name, source)
@@ -175,3 +205,52 @@ def test_certificates_verify_and_keys_are_openssh_ecdsa(tmp_path: Path) -> None:
                             "-ext", "subjectAltName"], capture_output=True, text=True, check=True)
     assert "DNS:superlink" in names.stdout and "IP Address:10.0.0.1" in names.stdout
     assert (tmp_path / "keys" / "supernode-1.pub").read_text().startswith("ecdsa-sha2-nistp384")
+
+
+def test_make_silos_writes_disjoint_deterministic_silos_and_a_held_back_test_set(
+        tmp_path: Path) -> None:
+    """deploy/make-silos.py, which the walkthroughs of deploy/README.md start with: every digit
+    in exactly one silo or the server's test set, the same bytes on every run, image folders
+    holding the same records as the Parquet files."""
+    import pandas as pd
+    from PIL import Image
+
+    def make(out: Path, *args: str) -> None:
+        subprocess.run([sys.executable, str(ROOT / "deploy" / "make-silos.py"), "--out", str(out),
+                        "--silos", "3", *args], check=True, capture_output=True)
+
+    make(tmp_path / "a", "--server-test")
+    make(tmp_path / "b", "--server-test")
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.parquet"))
+    assert [str(p) for p in files] == ["server/test.parquet", "silo-0/train.parquet",
+                                       "silo-1/train.parquet", "silo-2/train.parquet"]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    tables = {str(p.parent): pd.read_parquet(tmp_path / "a" / p) for p in files}
+    assert list(tables["silo-0"].columns) == [f"px{i}" for i in range(64)] + ["label"]
+    assert {k: len(t) for k, t in tables.items()} == {"server": 359, "silo-0": 480,
+                                                      "silo-1": 479, "silo-2": 479}
+    rows = pd.concat(tables.values())
+    pixels = rows.drop(columns="label")
+    assert pixels.min().min() == 0 and pixels.max().max() == 1
+    assert sorted(rows["label"].unique()) == list(range(10))
+    # no record in two places (digits has a few duplicate images; the split is by record, so
+    # the count of distinct rows must match the dataset's own)
+    from sklearn.datasets import load_digits
+
+    digits = pd.DataFrame(load_digits().data / 16).assign(label=load_digits().target)
+    assert len(rows.drop_duplicates()) == len(digits.drop_duplicates()) and len(rows) == 1797
+
+    make(tmp_path / "images", "--format", "imagefolder", "--server-test")
+    pngs = sorted((tmp_path / "images" / "silo-1" / "train").glob("*/*.png"))
+    assert len(pngs) == 479 and len(list((tmp_path / "images").rglob("*.png"))) == 1797
+    silo = tables["silo-1"]
+    for png in pngs[::50]:  # file <n> of class <label> is the silo's record n, as pixels
+        image = Image.open(png)
+        assert image.mode == "L" and image.size == (8, 8)
+        record = silo.iloc[int(png.stem)]
+        assert record["label"] == int(png.parent.name)
+        pixels = [b / 255 for b in image.tobytes()]
+        assert max(abs(a - b) for a, b in zip(pixels, record.iloc[:64], strict=True)) < 0.003
+    assert subprocess.run([sys.executable, str(ROOT / "deploy" / "make-silos.py"), "--out",
+                           str(tmp_path / "a")], capture_output=True).returncode == 2  # not empty

@@ -14,7 +14,8 @@ Everything else in the manifests is substituted, and each substitution is printe
                selector matches (the cluster DNS stand-in). `--publish SERVICE=IP:PORT` maps the
                Service's first port on the host, like `kubectl port-forward svc/SERVICE`.
   StatefulSet  one Pod per replica, named NAME-i with hostname NAME-i (the pod identity the
-               SuperNodes read their partition from); each volumeClaimTemplate becomes the
+               SuperNodes read their partition from) and the label apps.kubernetes.io/pod-index=i
+               (as Kubernetes 1.28+ sets it); each volumeClaimTemplate becomes the
                PersistentVolumeClaim CLAIM-NAME-i, as Kubernetes names it, kept by `down` unless
                --volumes, and reused by the next `up`.
   Secret       podman 4.3 mounts secret volumes with the values still base64-encoded and the
@@ -22,6 +23,11 @@ Everything else in the manifests is substituted, and each substitution is printe
                defaultMode and the pod's fsGroup as group, mounted as hostPath volumes.
   emptyDir     a fresh folder DIR/emptydirs/POD/VOLUME (group fsGroup, mode 2770) mounted as a
                hostPath volume, removed by `down`: the same for every podman version.
+  fieldRef     an env value from the pod's metadata.name, metadata.namespace or a label or
+               annotation (metadata.labels['KEY']) is written in as the value Kubernetes gives.
+  subPath      a hostPath volume mounted with subPath or subPathExpr ($(VAR) from the container's
+               env) becomes a hostPath volume of PATH/SUBPATH: the same folder, and the same
+               check that it exists (type Directory).
   probes       removed: podman 4.3 turns an httpGet liveness probe into a curl healthcheck that
                needs systemd timers; readiness and startup probes it ignores. Wait on the real
                endpoints instead (the SuperLink's /health, `flwr supernode list`).
@@ -38,6 +44,7 @@ import base64
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -89,7 +96,8 @@ class Converter:
                 return files
         raise SystemExit(f"Secret {name!r} is referenced but not in the manifests")
 
-    def pod_spec(self, pod_name: str, spec: dict) -> dict:
+    def pod_spec(self, pod_name: str, spec: dict, labels: dict,
+                 annotations: dict | None = None) -> dict:
         spec = copy.deepcopy(spec)
         group = (spec.get("securityContext") or {}).get("fsGroup", 0)
         for volume in spec.get("volumes", []):
@@ -123,7 +131,61 @@ class Converter:
             removed = [p for p in PROBES if container.pop(p, None) is not None]
             if removed:
                 self.note(f"{pod_name}/{container['name']}: removed {', '.join(removed)}")
+            self.resolve_field_refs(pod_name, container, labels, annotations or {})
+            self.resolve_sub_paths(pod_name, container, spec)
+        mounted = {m["name"] for c in spec.get("containers", []) for m in c.get("volumeMounts", [])}
+        if "volumes" in spec:  # a hostPath only ever mounted with subPaths: no longer used
+            spec["volumes"] = [v for v in spec["volumes"] if v["name"] in mounted
+                               or not v.get("subPathsOnly")]
+            for volume in spec["volumes"]:
+                volume.pop("subPathsOnly", None)
         return spec
+
+    def resolve_field_refs(self, pod_name: str, container: dict, labels: dict,
+                           annotations: dict) -> None:
+        """Write in the values of env fieldRefs to the pod's metadata."""
+        for env in container.get("env", []):
+            field = ((env.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath")
+            if field is None:
+                continue
+            found = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", field)
+            if field == "metadata.name":
+                value = pod_name
+            elif field == "metadata.namespace":
+                value = "default"
+            elif found and found[2] in (labels if found[1] == "labels" else annotations):
+                value = (labels if found[1] == "labels" else annotations)[found[2]]
+            else:
+                raise SystemExit(f"{pod_name}/{container['name']}: env {env['name']} from "
+                                 f"fieldRef {field!r}: not something this pod has")
+            env.pop("valueFrom")
+            env["value"] = str(value)
+            self.note(f"{pod_name}/{container['name']}: env {env['name']} from {field} -> "
+                      f"{value!r}")
+
+    def resolve_sub_paths(self, pod_name: str, container: dict, spec: dict) -> None:
+        """A hostPath volume mounted with subPath(Expr) -> a hostPath volume of the sub-folder."""
+        env = {e["name"]: str(e["value"]) for e in container.get("env", []) if "value" in e}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for mount in container.get("volumeMounts", []):
+            if "subPath" not in mount and "subPathExpr" not in mount:
+                continue
+            sub = mount.pop("subPath", None) or re.sub(
+                r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), mount.pop("subPathExpr"))
+            volume = volumes.get(mount["name"], {})
+            if "hostPath" not in volume or "$(" in sub or ".." in Path(sub).parts:
+                raise SystemExit(f"{pod_name}/{container['name']}: mount of {mount['name']} "
+                                 f"with subPath {sub!r}: only a hostPath volume and a sub-folder "
+                                 "of it are supported")
+            name = f"{mount['name']}-{re.sub(r'[^a-z0-9-]', '-', sub.lower())}"[:63]
+            path = str(Path(volume["hostPath"]["path"]) / sub)
+            if name not in volumes:
+                volumes[name] = {"name": name, "hostPath": {**volume["hostPath"], "path": path}}
+                spec["volumes"].append(volumes[name])
+            mount["name"] = name
+            volume["subPathsOnly"] = True
+            self.note(f"{pod_name}/{container['name']}: {volume['hostPath']['path']} with "
+                      f"subPath {sub} -> hostPath {path}")
 
     @staticmethod
     def unpublish(pod_name: str, spec: dict, notes: list[str]) -> None:
@@ -184,7 +246,8 @@ class Converter:
                 template = doc["spec"]["template"] if kind == "Deployment" else doc
                 labels = template["metadata"].get("labels", {})
                 pod_name = meta["name"]
-                template["spec"] = self.pod_spec(pod_name, template["spec"])
+                template["spec"] = self.pod_spec(pod_name, template["spec"], labels,
+                                                 template["metadata"].get("annotations"))
                 self.publish_ports(pod_name, labels, template["spec"])
                 self.unpublish(pod_name, template["spec"], self.notes)
                 plays.append({"name": pod_name, "docs": [*configmaps, doc],
@@ -200,8 +263,10 @@ class Converter:
         name = f"{sts['metadata']['name']}-{i}"
         template = copy.deepcopy(sts["spec"]["template"])
         labels = {**template["metadata"].get("labels", {}),
-                  "statefulset.kubernetes.io/pod-name": name}
-        spec = self.pod_spec(name, template["spec"])
+                  "statefulset.kubernetes.io/pod-name": name,
+                  "apps.kubernetes.io/pod-index": str(i)}
+        spec = self.pod_spec(name, template["spec"], labels,
+                             template["metadata"].get("annotations"))
         spec["hostname"] = name
         spec.setdefault("restartPolicy", "Always")
         claims = []
