@@ -98,10 +98,18 @@ def test_server_only_checks() -> None:
         load_config({"partitioner": "pathological", "classes-per-client": 11})
 
 
-def test_batchnorm_with_dp_only_when_opted_in() -> None:
+def test_batchnorm_with_dp_only_when_opted_in_and_then_without_a_claim() -> None:
+    from server_app.loop import privacy_statement
+    from server_app.privacy_plan import plan_privacy
+
+    with pytest.raises(ConfigError, match="dp-allow-batchnorm=true"):
+        RunConfig.from_mapping({"dp": "central", "model": "resnet10", "norm": "batch"})
     config = RunConfig.from_mapping(
         {"dp": "central", "model": "resnet10", "norm": "batch", "dp-allow-batchnorm": True})
-    assert config.norm == "batch"
+    _, ledger = plan_privacy(config, 20)
+    statement = privacy_statement(config, ledger)
+    assert ledger is None and statement["formally_dp"] is False and statement["units"] == []
+    assert "BatchNorm statistics were released without protection" in statement["note"]
 
 
 def test_bad_config_stops_the_server_before_any_message(tmp_path: Path) -> None:

@@ -277,10 +277,24 @@ def test_a_client_with_different_frozen_weights_refuses_to_train() -> None:
 
 @needs_text
 def test_evaluation_has_dropout_off() -> None:
+    """tiny-bert has dropout (two passes in training mode differ), and the evaluation is the
+    eval-mode computation, every time."""
     config = tiny_bert(**{"max-test-examples": 64})
     evaluator = CentralEvaluator(config, torch.device("cpu"))
     state = travelling_state(model_from_config(config))
-    assert evaluator(state) == evaluator(state)
+    x, y = evaluator.data.x, evaluator.data.y
+    model = evaluator.model
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # dropout on: the check below can fail
+    result = evaluator(state)
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    assert result.accuracy == float((logits.argmax(1) == y).float().mean())
+    assert result.loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)),
+                                        rel=1e-6)
+    assert evaluator(state) == result
 
 
 def test_tiny_vit_reads_images_and_has_no_buffers() -> None:
