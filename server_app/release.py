@@ -32,12 +32,15 @@ def selection(config: RunConfig, server_round: int, value: float | None) -> dict
                           if config.test_data else "central accuracy on the held-out split"),
               "federated": "federated accuracy on the silos' held-out records"}[keep]
     private = keep == "federated" and (config.dp_enabled or config.record_dp == "on")
+    note = ("the selection used the silos' held-out records, which no epsilon covers: the "
+            "released model is not covered by the run's epsilon as a whole" if private else
+            "choosing this round uses nothing the epsilon does not cover")
+    if keep == "central" and not config.test_data and not config.validation_fraction:
+        note += ("; it was chosen on the test split its accuracy is measured on, so that "
+                 "accuracy is optimistic (validation-fraction > 0 selects on a validation "
+                 "split instead)")
     return {"keep_best": keep, "round": server_round, "metric": metric, "value": value,
-            "post_processing": not private,
-            "note": ("the selection used the silos' held-out records, which no epsilon covers: "
-                     "the released model is not covered by the run's epsilon as a whole"
-                     if private else "choosing this round uses nothing the epsilon does not "
-                     "cover")}
+            "post_processing": not private, "note": note}
 
 
 def release_privacy(privacy: Mapping[str, Any], record_privacy: Mapping[str, Any] | None,

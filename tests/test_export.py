@@ -337,6 +337,10 @@ def test_choosing_the_round_by_federated_accuracy_under_dp_is_not_post_processin
     assert released["client_level"]["epsilon"] == 2.5  # the training's guarantee, still shown
     central = RunConfig.from_mapping({"dp": "central", "keep-best": "central"})
     assert selection(central, 4, 0.8)["post_processing"] is True
+    # chosen on the split it is scored on: said to be optimistic, unless a validation split
+    assert "optimistic" in selection(central, 4, 0.8)["note"]
+    validated = RunConfig.from_mapping({"keep-best": "central", "validation-fraction": 0.1})
+    assert "optimistic" not in selection(validated, 4, 0.8)["note"]
 
 
 def test_the_best_round_and_its_model_survive_a_resume() -> None:
