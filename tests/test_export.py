@@ -259,20 +259,16 @@ def test_a_file_of_another_schema_is_refused(exported: Path, tmp_path: Path,
     assert "no feature column 'px0'" in error
 
 
-def test_a_missing_column_is_refused(exported: Path, tmp_path: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
-    missing = tmp_path / "missing.parquet"
-    digits_table().drop(columns="px7").to_parquet(missing)
-    assert "'px7'" in refused(capsys, "--model", str(exported / "model"), "--data",
-                              str(missing))
-
-
-def test_unlabelled_data_without_output_is_refused(exported: Path, tmp_path: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    unlabelled = tmp_path / "unlabelled.parquet"
-    digits_table().drop(columns="label").to_parquet(unlabelled)
-    assert "give --output" in refused(capsys, "--model", str(exported / "model"), "--data",
-                                      str(unlabelled))
+@pytest.mark.parametrize(("dropped", "message"), [
+    ("px7", "'px7'"),  # a missing feature column
+    ("label", "give --output"),  # unlabelled data, and nowhere to write the predictions
+])
+def test_a_file_without_a_column_it_needs_is_refused(
+        exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], dropped: str,
+        message: str) -> None:
+    data = tmp_path / "data.parquet"
+    digits_table().drop(columns=dropped).to_parquet(data)
+    assert message in refused(capsys, "--model", str(exported / "model"), "--data", str(data))
 
 
 def test_an_export_of_a_newer_format_is_refused(exported: Path, tmp_path: Path,
