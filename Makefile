@@ -85,7 +85,7 @@ SCALE ?= default
 JOBS ?= $(shell nproc)
 REPORT_DIR ?=
 study: install
-	$(BIN)/python -m plateau.study studies/$(STUDY).toml --scale $(SCALE) --jobs $(JOBS) \
+	$(BIN)/python -m study studies/$(STUDY).toml --scale $(SCALE) --jobs $(JOBS) \
 		$(if $(REPORT_DIR),--report-dir $(REPORT_DIR))
 
 algorithms: install

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client_app.compute import client_round
 from plateau.config import RunConfig
 from plateau.data import DATASETS, client_partition
+from plateau.flower_compat import local_grid_names
 from plateau.messages import tensors_record
 from plateau.models import build_model
 from plateau.seeds import stream_generator
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--config", default="")
     args = parser.parse_args()
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    local_grid_names().set_task_identity(1, 0, 1)
     base = {**app_defaults(ROOT), **parse_overrides(args.config)}
     nodes = Nodes(args.clients)
     runs = []

@@ -5,7 +5,7 @@ be cheap: it imports Flower (already loaded by ``flwr-clientapp``) and the confi
 torch. It checks what the node's operator demands (the partition, the privacy floors) and then
 does the work, either itself (``client_app.compute``, imported on first use) or, when the node
 config names a ``trainer-socket``, by handing it to the node's warm trainer
-(``python -m client_app.trainer``), which keeps torch, the model and the data loaded.
+(``python -m node.trainer``), which keeps torch, the model and the data loaded.
 """
 
 from __future__ import annotations

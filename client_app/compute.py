@@ -1,7 +1,7 @@
 """The ClientApp's work: K local steps from the global model, then the clipped, noised release.
 
 It runs in whichever process does the training: the ClientApp process Flower starts (no
-``trainer-socket`` in the node config), or the node's warm trainer (``client_app.trainer``), which
+``trainer-socket`` in the node config), or the node's warm trainer (``node.trainer``), which
 keeps torch, the models and the partitions loaded between rounds. Either way the node policy has
 already been enforced by the ClientApp process (``client_app.app``) before anything reaches here,
 and the noise is drawn here, per release, from :func:`plateau.privacy.noise.secure_source`.
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
-from flwr.supercore import log
+from flwr.common import log
 from torch import nn
 
 from plateau import messages

@@ -3,7 +3,7 @@
 Flower starts a fresh ClientApp process for every message. With ``trainer-socket=<path>`` in
 the node config, that process enforces the node policy, then sends the message's content and
 the node's Context (Flower's protobuf serialisation) over the Unix socket to
-``python -m client_app.trainer``, which keeps torch, the model and the partition warm, and gets
+``python -m node.trainer``, which keeps torch, the model and the partition warm, and gets
 back the reply's content and the node's updated state. Nothing is written back unless a whole,
 well-formed reply arrived: a dead, hung or confused trainer costs the round, never the state.
 """
@@ -14,9 +14,8 @@ import os
 from collections.abc import Mapping
 
 from flwr.app import Context, RecordDict
-from flwr.common.serde import context_to_proto, recorddict_from_proto, recorddict_to_proto
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-from google.protobuf.message import DecodeError
+
+from plateau.flower_compat import serde
 
 from . import wire
 from .wire import TrainerError
@@ -25,9 +24,10 @@ SOCKET_KEY = "trainer-socket"  # node config: where this node's trainer listens
 
 
 def trainer_socket(node_config: Mapping[str, object]) -> str | None:
-    """The node's ``trainer-socket``, or None when this node trains in the ClientApp process."""
+    """The node's ``trainer-socket``, or None when this node trains in the ClientApp process
+    (none set, or a Flower whose serialisation the trainer cannot rely on: one warning)."""
     value = node_config.get(SOCKET_KEY)
-    if not value:
+    if not value or serde() is None:
         return None
     if not os.path.isabs(str(value)):
         raise TrainerError(f"trainer-socket={value} must be an absolute path: the ClientApp "
@@ -46,8 +46,7 @@ def hand_off(path: str, kind: str, content: RecordDict, context: Context,
     """
     request = [wire.encode_header({"protocol": wire.PROTOCOL, "app": wire.app_digest(),
                                    "kind": kind}),
-               recorddict_to_proto(content).SerializeToString(),
-               context_to_proto(context).SerializeToString()]
+               serde().recorddict_to_bytes(content), serde().context_to_bytes(context)]
     header, reply, state = wire.exchange(path, request, timeout)
     if not header.get("ok"):
         raise TrainerError(f"the trainer at {path} refused the {kind} message: "
@@ -57,7 +56,7 @@ def hand_off(path: str, kind: str, content: RecordDict, context: Context,
 
 def _records(path: str, raw: bytes) -> RecordDict:
     try:
-        return recorddict_from_proto(ProtoRecordDict.FromString(raw))
-    except (DecodeError, ValueError, TypeError) as err:
+        return serde().recorddict_from_bytes(raw)
+    except (*serde().decode_errors, ValueError, TypeError) as err:
         raise TrainerError(f"malformed reply from the trainer at {path}: {err}") from None
 

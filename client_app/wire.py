@@ -69,7 +69,7 @@ def exchange(path: str, request: list[bytes], timeout: float
             send_parts(sock, request, time.monotonic() + CONNECT_TIMEOUT_S)
         except (ConnectionRefusedError, FileNotFoundError):
             raise TrainerError(f"nothing listens on trainer-socket={path}: the node's trainer "
-                               "is not running (start `python -m client_app.trainer --socket "
+                               "is not running (start `python -m node.trainer --socket "
                                f"{path}` next to the SuperNode)") from None
         except OSError as err:
             raise TrainerError(f"cannot hand the message to the trainer at {path}: "
@@ -96,7 +96,7 @@ def check_socket(path: str) -> None:
         info = os.stat(path)
     except FileNotFoundError:
         raise TrainerError(f"trainer-socket={path} does not exist: the node's trainer is not "
-                           f"running (start `python -m client_app.trainer --socket {path}` next "
+                           f"running (start `python -m node.trainer --socket {path}` next "
                            "to the SuperNode)") from None
     if not stat.S_ISSOCK(info.st_mode):
         raise TrainerError(f"trainer-socket={path} is not a socket")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from logging import INFO, WARNING
 
-from flwr.supercore import log
+from flwr.common import log
 from torch import nn
 
 from plateau.config import LOCAL_DATASET, ConfigError, ConfigValue, RunConfig

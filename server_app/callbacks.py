@@ -17,7 +17,7 @@ from logging import INFO, WARNING
 from typing import Any, ClassVar
 
 from flwr.app import Message
-from flwr.supercore import log
+from flwr.common import log
 
 from plateau.config import RunConfig
 from plateau.messages import short_reason

@@ -16,11 +16,12 @@ from logging import ERROR, INFO, WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from plateau.config import LOCAL_DATASET, ConfigError, ConfigValue, RunConfig
 from plateau.data import DataError
+from plateau.flower_compat import pace_serverapp_pulls
 from plateau.messages import exchange, tensors_record
 from plateau.privacy.accounting import PrivacyAccountant
 from plateau.privacy.canaries import audit_flags
@@ -586,35 +587,8 @@ class RunLoop:
         })
 
 
-def pace_reply_pulls(interval: float) -> bool:
-    """Make a deployed ServerApp fetch the pieces of a reply it is told about after
-    ``interval`` s, at most every ``4 * interval`` s, instead of Flower's 1 s doubling to 10 s
-    (about a second of every deployed round). Flower's private module, so feature-detected:
-    where this Flower has no such pull, False and one warning, and Flower's own pace."""
-    from client_app.supernode import paced_pulls
-
-    try:
-        from flwr.superlink.grid import http_grid
-    except ImportError as error:
-        log(WARNING, "reply pieces are pulled at Flower's own pace (up to 10 s a round): this "
-            "Flower has no flwr.superlink.grid.http_grid (%s)", error)
-        return False
-    pull = getattr(http_grid, "pull_objects", None)
-    if not callable(pull):
-        log(WARNING, "reply pieces are pulled at Flower's own pace (up to 10 s a round): this "
-            "Flower's http_grid has no pull_objects function")
-        return False
-    if getattr(pull, "paced_interval", None) is not None:
-        return True
-    paced = paced_pulls(pull, interval)
-    if paced is None:
-        return False
-    http_grid.pull_objects = paced
-    return True
-
-
 def run(grid: Grid, raw_config: Mapping[str, ConfigValue]) -> dict[str, Any]:
     """Train for ``num-server-rounds`` rounds; returns the summary written to summary.json."""
     # before the loop's first exchange (the partition query in RunLoop's set-up)
-    pace_reply_pulls(RunConfig.from_mapping(raw_config).reply_poll_interval)
+    pace_serverapp_pulls(RunConfig.from_mapping(raw_config).reply_poll_interval)
     return RunLoop(grid, raw_config).run()

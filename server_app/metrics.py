@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.supercore import log
+from flwr.common import log
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway
 from prometheus_client.exposition import start_http_server
 

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from logging import INFO, WARNING
 
-from flwr.supercore import log
+from flwr.common import log
 
 from plateau.config import RunConfig
 from plateau.privacy.accounting import (

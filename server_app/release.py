@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.supercore import log
+from flwr.common import log
 
 from plateau.config import RunConfig
 from plateau.errors import DataError

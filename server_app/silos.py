@@ -17,8 +17,8 @@ from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from plateau.config import ConfigError, RunConfig
 from plateau.messages import (

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore import log
 
 from plateau.config import ConfigError, RunConfig
 from plateau.messages import CONFIG_KEY, MODEL_KEY, array_bytes, tensors_record

@@ -7,17 +7,17 @@ partition order, which is what makes a seeded run repeat exactly whatever ids Fl
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.common import log
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from plateau.config import RunConfig
+from plateau.flower_compat import is_simulation_grid
 from plateau.messages import CONFIG_KEY, IDENTITY_KEY, SCHEMA_KEY, exchange, short_reason
 from plateau.privacy.sampling import ClientSampler, Cohort
 
@@ -26,10 +26,8 @@ SIMULATION_SETTLE_S = 0.1  # the simulation engine registers every node in one l
 
 
 def simulated(grid: Grid) -> bool:
-    """Whether the grid is the simulation engine's (whose module, which pulls in the SuperLink's
-    whole stack, is only looked up if the simulation has already loaded it)."""
-    engine = sys.modules.get("flwr.superlink.grid")
-    return engine is not None and isinstance(grid, engine.InMemoryGrid)
+    """Whether the grid is the simulation engine's."""
+    return is_simulation_grid(grid)
 
 
 class ClientPopulation:

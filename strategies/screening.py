@@ -14,7 +14,7 @@ from logging import WARNING
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
-from flwr.supercore import log
+from flwr.common import log
 
 from plateau.config import RunConfig
 from plateau.messages import (

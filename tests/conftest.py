@@ -6,7 +6,8 @@ import os
 import tempfile
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
+
+from plateau.flower_compat import local_grid_names
 
 # the server's run ledger (server_app.lineage) defaults to $XDG_STATE_HOME: keep the tests' runs
 # out of the user's own, in every process the tests start
@@ -16,7 +17,7 @@ os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="plateau-test-state-")
 @pytest.fixture(autouse=True)
 def task_identity() -> None:
     """Messages can only be built inside a task; unit tests pretend to be one."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    local_grid_names().set_task_identity(1, 0, 1)
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plateau.study.grid import run_local
+from study.grid import run_local
 from server_app.callbacks import FailurePolicy, Recorder, RoundOutcome, RunFailed
 from server_app.checkpoint import CHECKPOINT
 from strategies.screening import RoundStats

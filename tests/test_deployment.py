@@ -7,10 +7,10 @@ Each silo trains on its own Parquet file, named by its node config (``data=<path
 user's own model (``model='package.module:function'``, importable where the ServerApp and the
 trainers run), and evaluates the global model on its own held-out records after each round.
 
-Each SuperNode has a warm trainer (``python -m client_app.trainer``) beside it: the ClientApp
+Each SuperNode has a warm trainer (``python -m node.trainer``) beside it: the ClientApp
 process Flower starts for every message imports no torch, enforces the node policy and hands
 the work over the node's ``trainer-socket``; the trainers must have done every round's work.
-The ClientApp SuperExecs are ``python -m client_app.superexec``: each ClientApp process is a
+The ClientApp SuperExecs are ``python -m node.superexec``: each ClientApp process is a
 fork of a zygote that imported Flower's ClientApp command; no task may start cold, and the
 zygotes must be gone, like every other process, once the federation is stopped.
 
@@ -142,9 +142,9 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         # one torch thread per trainer: two nodes share this machine's cores (as each simulated
         # client gets one CPU), and the SuperExecs look for new work every 0.1 s, not 1 s
         for i, path in zip((1, 2), sockets, strict=True):
-            fed.start(f"trainer-{i}", sys.executable, "-m", "client_app.trainer",
+            fed.start(f"trainer-{i}", sys.executable, "-m", "node.trainer",
                       f"--socket={path}", "--threads=1", **user_path)
-            fed.start(f"supernode-{i}", sys.executable, "-m", "client_app.supernode",
+            fed.start(f"supernode-{i}", sys.executable, "-m", "node.supernode",
                       "--poll-interval=0.1",
                       f"--root-certificates={certs / 'ca.crt'}",
                       f"--superlink=127.0.0.1:{link_port}",
@@ -156,7 +156,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                       # out a file of its own, node 2's operator allows it explicitly
                       + (f"eval-data='{silos / 'silo-2.parquet'}'" if i == 1
                          else "allow-evaluation=true"))
-            fed.start(f"superexec-clientapp-{i}", sys.executable, "-m", "client_app.superexec",
+            fed.start(f"superexec-clientapp-{i}", sys.executable, "-m", "node.superexec",
                       "--insecure",
                       f"--runtime-api-address=127.0.0.1:{node_ports[i - 1]}",
                       FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from server_app.launcher import TASK_POLL_S, TASK_POLL_VARIABLE, _alive, flwr_env, launch
+from server_app.launcher import _alive, launch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -144,16 +144,6 @@ def test_a_signal_to_make_run_stops_everything_it_started(tmp_path: Path, signum
         with contextlib.suppress(ProcessLookupError):
             os.killpg(make.pid, signal.SIGKILL)
 
-
-def test_the_local_superexec_looks_for_a_submitted_run_every_tenth_of_a_second(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Flower's own reading of the launch environment (its default is one second)."""
-    from flwr.supercore.superexec.run_superexec import _get_task_poll_interval
-
-    env = flwr_env(tmp_path, 1)
-    monkeypatch.setenv(TASK_POLL_VARIABLE, env[TASK_POLL_VARIABLE])
-    assert _get_task_poll_interval() == TASK_POLL_S == 0.1
 
 
 def test_a_closed_terminal_stops_a_run_like_ctrl_c() -> None:

@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 
+import flwr.simulation  # noqa: F401 - loads the simulation engine, whose Grid is looked up
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
-from flwr.superlink.grid import InMemoryGrid
 
 from plateau import messages
+from plateau.flower_compat import simulation_grid_class
 from plateau.messages import DECLINE_KEY
 from plateau.privacy.mechanism import GaussianClientDP
 from strategies.fedavg import FedAvg
@@ -168,7 +169,7 @@ class ArrivingNodes:
         return list(range(100, 100 + arrived))
 
 
-class SimulatedArrivals(ArrivingNodes, InMemoryGrid):
+class SimulatedArrivals(ArrivingNodes, simulation_grid_class()):
     """The simulation engine's grid: it registers every node in one quick loop."""
 
 

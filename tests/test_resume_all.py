@@ -17,7 +17,7 @@ import torch
 
 from client_app.node_state import STATE_DIR_ENV, clear, load_before, save_after
 from plateau.config import ConfigError
-from plateau.study.grid import run_local
+from study.grid import run_local
 from server_app.build import build_strategy, load_config
 from server_app.checkpoint import CHECKPOINT
 from strategies import STRATEGIES

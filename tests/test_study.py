@@ -13,9 +13,9 @@ import pytest
 
 from plateau.config import RunConfig
 from plateau.privacy.accounting import PrivacyAccountant
-from plateau.study import SpecError, load_spec
-from plateau.study.__main__ import main
-from plateau.study.runner import Calibrator, equal_epsilon
+from study import SpecError, load_spec
+from study.__main__ import main
+from study.runner import Calibrator, equal_epsilon
 from server_app.privacy_plan import event_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def test_equal_epsilon_gives_every_arm_the_same_sigma_and_a_cap(tmp_path: Path) 
 def test_the_local_grid_runs_the_same_simulation_as_flowers_engine(tmp_path: Path) -> None:
     """A study cell (in-process grid) and Flower's Ray simulation of the same config produce
     the same rounds: same sampling, same data, same updates."""
-    from plateau.study.grid import run_local
+    from study.grid import run_local
     from tests.helpers import simulate
 
     config = {"dataset": "digits", "model": "linear", "num-server-rounds": 2, "seed": 4,
@@ -272,7 +272,7 @@ name = "B"
 config = { algorithm = "fedsam" }
 """)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "plateau.study", str(spec), "--out", str(out), "--jobs", "2"]
+    command = [sys.executable, "-m", "study", str(spec), "--out", str(out), "--jobs", "2"]
     study = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     deadline = time.monotonic() + 120
@@ -329,7 +329,7 @@ def test_min_partition_size_zero_makes_heavy_skew_possible() -> None:
 def test_only_this_draws_trials_choose_the_values(tmp_path: Path) -> None:
     """A study folder may hold trials of an earlier draw (a changed spec): they must not give
     an arm more than its budget, even when one of them scored best."""
-    from plateau.study.runner import final_cells, tuning_cells
+    from study.runner import final_cells, tuning_cells
 
     study = load_spec(write_spec(tmp_path, """
 [tuning]
@@ -371,7 +371,7 @@ name = "A"
 config = { algorithm = "fedavg" }
 """)
     out = tmp_path / "out"
-    study = subprocess.Popen([sys.executable, "-m", "plateau.study", str(spec), "--out",
+    study = subprocess.Popen([sys.executable, "-m", "study", str(spec), "--out",
                               str(out), "--jobs", "1"], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     try:

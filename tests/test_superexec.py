@@ -1,4 +1,4 @@
-"""client_app.superexec: every launch is a fresh process forked from the zygote, with the
+"""node.superexec: every launch is a fresh process forked from the zygote, with the
 argv, environment, working directory and output Flower's SubprocessExecutor would give it;
 exit codes come back; stopping the SuperExec (or its death) leaves no zygote and no task."""
 
@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from client_app import superexec
-from client_app.superexec import ForkServer, ZygoteUnavailable
+from node import superexec
+from node.superexec import ForkServer, ZygoteUnavailable
+from plateau.flower_compat import superexec_internals
 from server_app.launcher import _alive
+
+FLOWER = superexec_internals()  # the SuperExec's internals, reached through the compat module
 
 PROBE = textwrap.dedent('''
     import json, os, signal, sys, time
@@ -101,7 +104,7 @@ def test_exit_codes_come_back_as_popen_returncodes(server: ForkServer, tmp_path:
 def test_output_is_the_superexecs_or_devnull(server: ForkServer, tmp_path: Path) -> None:
     script = textwrap.dedent('''
         import os
-        from client_app.superexec import ForkServer
+        from node.superexec import ForkServer
         server = ForkServer(preload="json", entry="probe:main")
         assert server.wait_ready(30)
         for word, devnull in (("loud", False), ("quiet", True)):
@@ -157,17 +160,17 @@ def test_zygote_sigterm_stops_its_tasks(server: ForkServer, tmp_path: Path) -> N
 
 
 def test_the_launcher_runs_the_command_flowers_executor_runs() -> None:
-    assert superexec.mirrors_flower() is None
-    for spec in superexec._sample_specs():
-        ((args,), kwargs), = superexec.flower_launches(spec)
-        assert args == superexec.flower_args(spec)
+    flower = superexec.mirrors_flower()
+    assert flower == FLOWER
+    for spec in superexec.sample_specs(flower):
+        ((args,), kwargs), = superexec.flower_launches(spec, flower)
+        assert args == superexec.flower_args(spec, flower)
         assert kwargs == ({"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
                           if spec.suppress_output else {})
 
 
 def test_another_flower_executor_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.superexec import run_superexec
-    from flwr.supercore.superexec.executor import subprocess_executor
+    run_superexec, subprocess_executor = FLOWER.run_superexec, FLOWER.subprocess_executor
 
     def launch(self, spec):  # a Flower that starts the task differently
         subprocess_executor.subprocess.Popen(["flwr-clientapp", "--other"])
@@ -191,9 +194,7 @@ def test_clientapp_script_is_this_pythons(tmp_path: Path) -> None:
 
 
 def test_other_task_types_are_launched_by_flower(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import ExecutionSpec, subprocess_executor
-
+    task_type, subprocess_executor = FLOWER.constant.TaskType, FLOWER.subprocess_executor
     calls = []
 
     class Recorder:
@@ -206,14 +207,14 @@ def test_other_task_types_are_launched_by_flower(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(subprocess_executor, "subprocess", Recorder)
     monkeypatch.setenv("PATH", str(Path(superexec.sys.executable).parent) + os.pathsep
                        + os.environ["PATH"])
-    executor = superexec.make_executor_class(None)()
+    executor = superexec.make_executor_class(FLOWER, None)()
     try:
-        spec = ExecutionSpec(task_type=TaskType.SERVER_APP, runtime_api_address="127.0.0.1:1",
-                             token="t", insecure=True, root_certificates_path=None,
-                             runtime_dependency_install=False, parent_pid=None,
-                             suppress_output=False, task_id=1)
+        spec = FLOWER.executor.ExecutionSpec(
+            task_type=task_type.SERVER_APP, runtime_api_address="127.0.0.1:1", token="t",
+            insecure=True, root_certificates_path=None, runtime_dependency_install=False,
+            parent_pid=None, suppress_output=False, task_id=1)
         assert executor.launch(spec).status == "accepted"
-        assert calls == [(superexec.flower_args(spec),)]
+        assert calls == [(superexec.flower_args(spec, FLOWER),)]
         zygote = executor.server.pid
     finally:
         executor.close()
@@ -224,13 +225,3 @@ def test_pull_interval_is_split_off() -> None:
     assert superexec.split_pull_interval(["--insecure"]) == (0.1, ["--insecure"])
     assert superexec.split_pull_interval(["--pull-interval", "0.3", "--insecure"]) == (
         0.3, ["--insecure"])
-
-
-def test_the_zygote_paces_the_clientapps_message_pull(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supernode.runtime import run_clientapp
-
-    flowers = run_clientapp.pull_and_inflate_object_from_tree
-    monkeypatch.setattr(run_clientapp, "pull_and_inflate_object_from_tree", flowers)
-    assert superexec.pace_clientapp_pulls(0.1) is None
-    assert run_clientapp.pull_and_inflate_object_from_tree.__wrapped__ is flowers
-    assert run_clientapp.pull_and_inflate_object_from_tree.paced_interval == 0.1

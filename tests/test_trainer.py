@@ -1,4 +1,4 @@
-"""The node's warm trainer (client_app.trainer) and the ClientApp handing it work: the same
+"""The node's warm trainer (node.trainer) and the ClientApp handing it work: the same
 release as training in the ClientApp process, the node policy enforced before anything reaches
 the trainer, clear errors and an untouched Context.state for dead, hung, confused or
 out-of-date trainers, one message at a time, a private socket, and nothing left behind."""
@@ -31,7 +31,7 @@ from client_app.wire import exchange
 from tests.test_client import released, train_message
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINER = [sys.executable, "-m", "client_app.trainer"]
+TRAINER = [sys.executable, "-m", "node.trainer"]
 
 
 def node(socket_path: Path | str | None = None, partition: int = 0, **policy: object
@@ -89,7 +89,7 @@ def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.mark.parametrize(
     ("module", "absent"),
     [("client_app.app", ("torch", "client_app.compute")),  # a ClientApp process per message
-     ("client_app.trainer", ("torch", "flwr"))],  # --ping, a probe run every few seconds
+     ("node.trainer", ("torch", "flwr"))],  # --ping, a probe run every few seconds
 )
 def test_what_runs_often_imports_little(module: str, absent: tuple[str, ...]) -> None:
     code = f"import sys, {module}; print(sorted(m for m in {absent!r} if m in sys.modules))"
@@ -179,10 +179,9 @@ def stateful_node(path: Path | str) -> Context:
 
 
 def metrics_only() -> bytes:
-    from flwr.common.serde import recorddict_to_proto
+    from plateau.flower_compat import serde
 
-    return recorddict_to_proto(RecordDict({"metrics": ConfigRecord({"x": 1})})
-                               ).SerializeToString()
+    return serde().recorddict_to_bytes(RecordDict({"metrics": ConfigRecord({"x": 1})}))
 
 
 @pytest.mark.parametrize(

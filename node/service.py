@@ -1,5 +1,5 @@
 """The warm trainer's server: one thread per connection reads a request from a ClientApp
-process and writes the reply; the work runs under one lock (see :mod:`client_app.trainer` for
+process and writes the reply; the work runs under one lock (see :mod:`node.trainer` for
 what the trainer is for and how it is run)."""
 
 from __future__ import annotations
@@ -12,14 +12,11 @@ import threading
 import time
 
 from flwr.app import ConfigRecord, RecordDict
-from flwr.common.serde import context_from_proto, recorddict_from_proto, recorddict_to_proto
-from flwr.proto.message_pb2 import Context as ProtoContext
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from client_app import compute, wire
 from plateau.config import RunConfig
+from plateau.flower_compat import Serde, serde
 from plateau.messages import SCHEMA_KEY
-
-from . import compute, wire
 
 IO_TIMEOUT_S = 60.0  # to read a request, or to write a reply, after which the peer is dropped
 MAX_REASON_CHARS = 4000
@@ -33,6 +30,11 @@ class TrainerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
     def __init__(self, path: str) -> None:
+        found = serde()
+        if found is None:
+            raise SystemExit("this Flower's RecordDict/Context serialisation is not the one the "
+                             "trainer speaks: run the node without trainer-socket")
+        self.serde: Serde = found
         self.digest = wire.app_digest()
         self.work_lock = threading.Lock()
         self.served = {kind: 0 for kind in wire.KINDS}
@@ -67,8 +69,8 @@ class TrainerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         started = time.monotonic()
         with self.work_lock:
             try:
-                records = recorddict_from_proto(ProtoRecordDict.FromString(content))
-                node_context = context_from_proto(ProtoContext.FromString(context))
+                records = self.serde.recorddict_from_bytes(content)
+                node_context = self.serde.context_from_bytes(context)
                 if kind == "query":
                     schema = compute.prepare(RunConfig.from_record(records["config"]),
                                              node_context)
@@ -78,8 +80,8 @@ class TrainerServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                     reply = compute.evaluate(records, node_context)
                 else:
                     reply = compute.train(records, node_context)
-                answer = ({"ok": True}, recorddict_to_proto(reply).SerializeToString(),
-                          recorddict_to_proto(node_context.state).SerializeToString())
+                answer = ({"ok": True}, self.serde.recorddict_to_bytes(reply),
+                          self.serde.recorddict_to_bytes(node_context.state))
             except Exception as err:  # any failure of the work goes back as the reason
                 LOG.exception("%s failed", kind)
                 self.failed += 1

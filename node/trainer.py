@@ -4,7 +4,7 @@ On a real SuperNode Flower starts a new ClientApp process for every message; on 
 process would import torch, build the model and load the partition every round. The operator
 starts this process once next to the SuperNode instead and names its socket in the node config::
 
-    python -m client_app.trainer --socket /run/plateau/trainer.sock
+    python -m node.trainer --socket /run/plateau/trainer.sock
     flower-supernode ... --node-config "partition-id=0 num-partitions=2
                                         trainer-socket='/run/plateau/trainer.sock'"
 
@@ -23,7 +23,7 @@ writing a reply time out, so a stalled peer holds only its own connection.
 
 ``--ping`` asks a running trainer whether it serves this app version (exit status 0) and prints
 what it has served: a readiness probe, cheap enough to run every few seconds (this module
-imports only the standard library; the server, :mod:`client_app.service`, loads torch).
+imports only the standard library; the server, :mod:`node.service`, loads torch).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from . import wire
+from client_app import wire
 
 LOG = logging.getLogger("plateau.trainer")
 
@@ -116,7 +116,7 @@ def ping(path: str, timeout: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client_app.trainer",
+    parser = argparse.ArgumentParser(prog="python -m node.trainer",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--socket", required=True, type=Path,
                         help="the Unix socket to listen on (the node's trainer-socket)")

@@ -1,4 +1,4 @@
-"""``python -m plateau.study SPEC``: run a study (resuming it) and write its report."""
+"""``python -m study SPEC``: run a study (resuming it) and write its report."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m plateau.study",
+    parser = argparse.ArgumentParser(prog="python -m study",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("spec", type=Path, help="a study spec (studies/*.toml)")
     parser.add_argument("--scale", default="default",
@@ -74,7 +74,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
     out = args.out or Path("results/studies") / (
         study.name if study.scale == "default" else f"{study.name}-{study.scale}")
-    rerun = f"python -m plateau.study {args.spec}" + (
+    rerun = f"python -m study {args.spec}" + (
         f" --scale {study.scale}" if study.scale != "default" else "")
     if args.cell:
         calibrator = Calibrator(out / "calibration.json")

@@ -1,10 +1,10 @@
-"""``python -m client_app.superexec [--pull-interval S] <flower-superexec arguments>``.
+"""``python -m node.superexec [--pull-interval S] <flower-superexec arguments>``.
 
 Flower's SuperExec, except that each task's ``flwr-clientapp`` process is a fork of a warm
 *zygote* instead of a fresh interpreter. Flower 1.42's ``SubprocessExecutor`` starts
 ``flwr-clientapp ...`` with ``subprocess.Popen`` for every message a SuperNode receives, and
-~2 s of each start is ``import flwr.supernode.cli``. The zygote (``python -m
-client_app.superexec --zygote``, a child of the SuperExec) imports that module once and nothing
+~2 s of each start is importing Flower's ClientApp runtime. The zygote (``python -m
+node.superexec --zygote``, a child of the SuperExec) imports that module once and nothing
 else: no application code, no threads of its own, no gRPC channel. For each task it forks, and
 the fork runs the ``flwr-clientapp`` console script's own code with the argv Flower built, the
 SuperExec's environment and working directory at launch time, its stdin/stdout/stderr (or
@@ -17,9 +17,11 @@ asks again after 1 s, 2 s, 4 s... The zygote paces that retry (``--pull-interval
 
 Where this launcher is not sure to run what Flower would, it lets Flower launch:
 - any task type but the ClientApp;
-- if Flower's ``SubprocessExecutor.launch`` does not build the command this module builds (a
-  self-check at start with Flower's own code), or the SuperExec's internals are not the
-  expected ones (another Flower version): the whole SuperExec runs unchanged, with a warning;
+- on any Flower but the exact version it was written against
+  (``plateau.flower_compat.FORK_SERVER_FLOWER``, through which it reaches the SuperExec's
+  internals), or if Flower's ``SubprocessExecutor.launch`` does not build the command this
+  module builds (a self-check at start with Flower's own code): the whole SuperExec runs
+  unchanged, with a warning;
 - if ``flwr-clientapp`` on the SuperExec's PATH is not the console script of this
   interpreter's Flower, or the zygote is not (yet) ready or has died;
 - if the SuperExec's environment changed since the zygote started (modules read it at import):
@@ -34,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
-import inspect
 import json
 import os
 import select
@@ -49,8 +50,17 @@ from logging import DEBUG, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
-PRELOAD = "flwr.supernode.cli"
-ENTRY = "flwr.supernode.cli:flwr_clientapp"
+from flwr.common import log
+
+from node.supernode import split_poll_interval
+from plateau.flower_compat import (
+    SuperExecInternals,
+    console_script,
+    pace_clientapp_pulls,
+    run_console_script,
+    superexec_internals,
+)
+
 COMMAND = "flwr-clientapp"
 GRACE_S = 3.0
 READY_TIMEOUT_S = 10.0
@@ -71,9 +81,8 @@ class ForkServer:
     ``launch`` returns the new process's PID; ``poll`` collects the exit codes the zygote
     reports (``Popen.returncode`` style: negative for a signal) into ``exits``."""
 
-    def __init__(self, preload: str = PRELOAD, entry: str = ENTRY,
-                 env: dict[str, str] | None = None, pull_interval: float | None = None
-                 ) -> None:
+    def __init__(self, preload: str, entry: str, env: dict[str, str] | None = None,
+                 pull_interval: float | None = None) -> None:
         self.env = dict(os.environ if env is None else env)
         self.exits: dict[int, int] = {}
         self.children: set[int] = set()
@@ -84,7 +93,7 @@ class ForkServer:
         self.sock, theirs = socket.socketpair()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "client_app.superexec", "--zygote",
+                [sys.executable, "-m", "node.superexec", "--zygote",
                  f"--fd={theirs.fileno()}", f"--preload={preload}", f"--entry={entry}",
                  *([] if pull_interval is None else [f"--pull-interval={pull_interval}"])],
                 pass_fds=[theirs.fileno()], env=self.env)
@@ -266,27 +275,6 @@ def _serve(sock: socket.socket, stop: list[bool], unpaced: str | None = None
     return None
 
 
-def pace_clientapp_pulls(interval: float) -> str | None:
-    """In the zygote: the ClientApp asks its SuperNode again for a message's objects that are
-    not there yet (the SuperNode is still pulling them from the SuperLink) after ``interval``
-    s, at most every ``4 * interval`` s, instead of after 1 s, then 2, 4... s. A ClientApp
-    that starts in a few ms, not 2 s, asks before they are there. None if done, else why not."""
-    from client_app.supernode import paced_pulls
-
-    try:
-        from flwr.supernode.runtime import run_clientapp
-    except ImportError as err:
-        return f"no flwr.supernode.runtime.run_clientapp ({err})"
-    pull = getattr(run_clientapp, "pull_and_inflate_object_from_tree", None)
-    paced = paced_pulls(pull, interval) if callable(pull) else None
-    task_input = getattr(run_clientapp, "pull_task_input", None)
-    if paced is None or task_input is None or "pull_and_inflate_object_from_tree(" not in (
-            inspect.getsource(task_input)):
-        return "this Flower's ClientApp pulls messages another way"
-    run_clientapp.pull_and_inflate_object_from_tree = paced
-    return None
-
-
 def zygote_main(fd: int, preload: str, entry: str, pull_interval: float | None = None) -> None:
     stop = [False]
 
@@ -313,13 +301,12 @@ def zygote_main(fd: int, preload: str, entry: str, pull_interval: float | None =
 # ------------------------------------------------------------------------ Flower's SuperExec
 
 
-def flower_args(spec: Any) -> list[str]:
+def flower_args(spec: Any, flower: SuperExecInternals) -> list[str]:
     """The command ``SubprocessExecutor.launch`` (Flower 1.42) runs for ``spec``."""
-    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND
-
-    args = [TASK_TYPE_TO_COMMAND[spec.task_type],
-            TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type], spec.runtime_api_address,
-            "--token", spec.token]
+    constant = flower.constant
+    args = [constant.TASK_TYPE_TO_COMMAND[spec.task_type],
+            constant.TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+            spec.runtime_api_address, "--token", spec.token]
     if spec.insecure:
         args.append("--insecure")
     elif spec.root_certificates_path is not None:
@@ -331,23 +318,21 @@ def flower_args(spec: Any) -> list[str]:
     return args
 
 
-def _sample_specs() -> list[Any]:
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import ExecutionSpec
-
-    return [ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:1",
-                          token="t", insecure=insecure, root_certificates_path=certs,
-                          runtime_dependency_install=deps, parent_pid=parent,
-                          suppress_output=quiet, task_id=1)
+def sample_specs(flower: SuperExecInternals) -> list[Any]:
+    """ClientApp launches with each option on and off, for the self-check."""
+    return [flower.executor.ExecutionSpec(
+                task_type=flower.constant.TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:1",
+                token="t", insecure=insecure, root_certificates_path=certs,
+                runtime_dependency_install=deps, parent_pid=parent, suppress_output=quiet,
+                task_id=1)
             for insecure, certs, deps, parent, quiet in (
                 (True, None, False, None, False), (False, "/ca.crt", True, 7, True),
                 (False, None, False, 9, False))]
 
 
-def flower_launches(spec: Any) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+def flower_launches(spec: Any, flower: SuperExecInternals
+                    ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
     """What Flower's own ``SubprocessExecutor.launch(spec)`` passes to ``Popen`` (not run)."""
-    from flwr.supercore.superexec.executor import subprocess_executor
-
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     class Recorder:
@@ -357,38 +342,41 @@ def flower_launches(spec: Any) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
         def Popen(*args: Any, **kwargs: Any) -> None:
             calls.append((args, kwargs))
 
-    real = subprocess_executor.subprocess
-    subprocess_executor.subprocess = Recorder  # type: ignore[assignment]
+    module = flower.subprocess_executor
+    real = module.subprocess
+    module.subprocess = Recorder
     try:
-        subprocess_executor.SubprocessExecutor().launch(spec)
+        module.SubprocessExecutor().launch(spec)
     finally:
-        subprocess_executor.subprocess = real
+        module.subprocess = real
     return calls
 
 
-def mirrors_flower() -> str | None:
-    """None if this module launches what Flower's executor would; else why not."""
+def mirrors_flower() -> SuperExecInternals | str:
+    """Flower's SuperExec internals if this module launches what Flower's executor would
+    (exactly the Flower version it was written against); else why not."""
+    flower = superexec_internals()
+    if isinstance(flower, str):
+        return flower
     try:
-        from flwr.supercore.superexec import run_superexec
-        from flwr.supercore.superexec.executor import subprocess_executor  # noqa: F401
-        if not callable(getattr(run_superexec, "get_executor", None)):
-            return "flwr.supercore.superexec.run_superexec.get_executor is not there"
-        for spec in _sample_specs():
-            expected = (((flower_args(spec),), {"stdout": subprocess.DEVNULL,
-                                                 "stderr": subprocess.DEVNULL})
-                        if spec.suppress_output else ((flower_args(spec),), {}))
-            if flower_launches(spec) != [expected]:
+        if not callable(getattr(flower.run_superexec, "get_executor", None)):
+            return "this Flower's SuperExec has no get_executor"
+        for spec in sample_specs(flower):
+            expected = (((flower_args(spec, flower),), {"stdout": subprocess.DEVNULL,
+                                                         "stderr": subprocess.DEVNULL})
+                        if spec.suppress_output else ((flower_args(spec, flower),), {}))
+            if flower_launches(spec, flower) != [expected]:
                 return "Flower's SubprocessExecutor.launch starts another command"
-    except (ImportError, AttributeError, TypeError, KeyError) as err:
+    except (AttributeError, TypeError, KeyError) as err:
         return f"this Flower's SuperExec is not the expected one ({err!r})"
-    return None
+    return flower
 
 
 def clientapp_script(path: str | None) -> str | None:
-    """``flwr-clientapp`` on ``path`` if it is this interpreter's console script for
-    ``flwr.supernode.cli:flwr_clientapp``, else None."""
-    found = shutil.which(COMMAND, path=path)
-    if found is None:
+    """``flwr-clientapp`` on ``path`` if it is this interpreter's console script for the
+    function this interpreter's Flower names for it, else None."""
+    found, entry = shutil.which(COMMAND, path=path), console_script(COMMAND)
+    if found is None or entry is None:
         return None
     try:
         lines = Path(found).read_text().splitlines()
@@ -399,18 +387,19 @@ def clientapp_script(path: str | None) -> str | None:
     interpreter = lines[0][2:].strip()
     same = (os.path.exists(interpreter)
             and os.path.samefile(interpreter, sys.executable))
-    module, _, name = ENTRY.partition(":")
+    module, name = entry
     calls = (f"from {module} import {name}" in lines
              and f"    sys.exit({name}())" in lines)
     return found if same and calls else None
 
 
-def make_executor_class(pull_interval: float | None = DEFAULT_PULL_INTERVAL) -> type:
-    from flwr.supercore import log
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.superexec.executor import LaunchResult, SubprocessExecutor
+def make_executor_class(flower: SuperExecInternals,
+                        pull_interval: float | None = DEFAULT_PULL_INTERVAL) -> type:
+    task_types, launch_result = flower.constant.TaskType, flower.executor.LaunchResult
+    entry = console_script(COMMAND)
+    preload = flower.clientapp_runtime
 
-    class ForkServerExecutor(SubprocessExecutor):  # type: ignore[misc, valid-type]
+    class ForkServerExecutor(flower.executor.SubprocessExecutor):  # type: ignore[misc, valid-type]
         """Flower's ``SubprocessExecutor``; ClientApp processes are forks of a zygote."""
 
         def __init__(self) -> None:
@@ -425,9 +414,9 @@ def make_executor_class(pull_interval: float | None = DEFAULT_PULL_INTERVAL) -> 
                 log(WARNING, "%s on PATH is not this Python's Flower console script: "
                     "ClientApp processes start cold", COMMAND)
                 return
-            self.server = ForkServer(pull_interval=pull_interval)
+            self.server = ForkServer(preload, ":".join(entry), pull_interval=pull_interval)
             log(INFO, "ClientApp processes are forks of a warm zygote (pid %d) that "
-                "imported %s", self.server.pid, PRELOAD)
+                "imported %s", self.server.pid, preload)
             self._told = False
 
         def _cold(self, spec: Any, why: str) -> Any:
@@ -435,7 +424,7 @@ def make_executor_class(pull_interval: float | None = DEFAULT_PULL_INTERVAL) -> 
             return super().launch(spec)
 
         def launch(self, spec: Any) -> Any:
-            if spec.task_type != TaskType.CLIENT_APP:
+            if spec.task_type != task_types.CLIENT_APP:
                 return super().launch(spec)
             if self.server is None:
                 return super().launch(spec)
@@ -455,14 +444,14 @@ def make_executor_class(pull_interval: float | None = DEFAULT_PULL_INTERVAL) -> 
                     log(INFO, "ClientApp processes ask for their message's objects every "
                         "%g s", pull_interval)
             try:
-                pid = self.server.launch(flower_args(spec), env=env, cwd=os.getcwd(),
+                pid = self.server.launch(flower_args(spec, flower), env=env, cwd=os.getcwd(),
                                          devnull=spec.suppress_output)
             except ZygoteUnavailable as err:
                 self.server.close()
                 self._start()
                 return self._cold(spec, f"the zygote failed ({err})")
             log(DEBUG, "task %d: flwr-clientapp is process %d (forked)", spec.task_id, pid)
-            return LaunchResult.accepted()
+            return launch_result.accepted()
 
         def reconcile(self) -> None:
             super().reconcile()
@@ -485,28 +474,23 @@ def make_executor_class(pull_interval: float | None = DEFAULT_PULL_INTERVAL) -> 
 
 def split_pull_interval(argv: list[str]) -> tuple[float, list[str]]:
     """``--pull-interval`` (``--pull-interval=S`` or ``--pull-interval S``) and the rest."""
-    from client_app.supernode import split_poll_interval
-
     return split_poll_interval(argv, "--pull-interval", DEFAULT_PULL_INTERVAL)
 
 
 def install(pull_interval: float = DEFAULT_PULL_INTERVAL) -> bool:
     """Make Flower's SuperExec use the zygote for the subprocess executor; False (and a
     warning) if this Flower's SuperExec is not the one this was written for."""
-    from flwr.supercore import log
-
-    why = mirrors_flower()
-    if why is not None:
-        log(WARNING, "%s: the SuperExec launches ClientApp processes Flower's way", why)
+    flower = mirrors_flower()
+    if isinstance(flower, str):
+        log(WARNING, "%s: the SuperExec launches ClientApp processes Flower's way", flower)
         return False
-    from flwr.supercore.constant import ExecutorType
-    from flwr.supercore.superexec import run_superexec
-
+    run_superexec = flower.run_superexec
     flower_get_executor = run_superexec.get_executor
-    executor_class = make_executor_class(pull_interval)
+    executor_class = make_executor_class(flower, pull_interval)
+    subprocess_type = flower.constant.ExecutorType.SUBPROCESS
 
     def get_executor(executor_type: Any, executor_config: Any = None, **kwargs: Any) -> Any:
-        if executor_type == ExecutorType.SUBPROCESS:
+        if executor_type == subprocess_type:
             return executor_class()
         return flower_get_executor(executor_type, executor_config, **kwargs)
 
@@ -524,10 +508,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     interval, args = split_pull_interval(args)
     install(interval)
-    from flwr.supercore.cli import flower_superexec
-
-    sys.argv = ["flower-superexec", *args]
-    flower_superexec()
+    run_console_script("flower-superexec", args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Run a study: tune every arm with the same budget, then run the chosen values for every point
-of the grid and every seed. Each cell is an in-process simulation (``plateau.study.grid``) whose
+of the grid and every seed. Each cell is an in-process simulation (``study.grid``) whose
 result is stored as ``cells/<id>.json`` next to its run folder; a cell whose file exists is
 never rerun, so an interrupted study resumes where it stopped.
 """

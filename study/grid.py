@@ -18,10 +18,9 @@ from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+from plateau.flower_compat import LocalGridNames, local_grid_names
 
 RUN_ID = 1
 
@@ -32,6 +31,11 @@ class LocalGrid(Grid):
 
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: Mapping[str, Any]
                  ) -> None:
+        names = local_grid_names()
+        if names is None:
+            raise RuntimeError("this Flower's run and message identities are not the ones the "
+                               "in-process grid sets; run_local uses Flower's simulation")
+        self.flower: LocalGridNames = names
         self.client_app = client_app
         self.contexts = {
             node_id: Context(run_id=RUN_ID, node_id=node_id,
@@ -43,9 +47,9 @@ class LocalGrid(Grid):
         self.sent = 0
 
     @property
-    def run(self) -> Run:
+    def run(self) -> Any:
         """The grid's one run (id 1, the id its nodes' contexts carry)."""
-        return Run.create_empty(RUN_ID)
+        return self.flower.empty_run(RUN_ID)
 
     def set_run(self, run_id: int) -> None:
         """Nothing to attach to: the grid is its own federation."""
@@ -62,8 +66,7 @@ class LocalGrid(Grid):
         for message in messages:
             self.sent += 1
             message_id = f"local-{self.sent}"
-            message.metadata.__dict__["_message_id"] = message_id
-            message.metadata.__dict__["_run_id"] = RUN_ID
+            self.flower.stamp(message, message_id, RUN_ID)
             self.replies[message_id] = self._handle(message)
             ids.append(message_id)
         return ids
@@ -71,15 +74,15 @@ class LocalGrid(Grid):
     def _handle(self, message: Message) -> Message:
         context = self.contexts.get(message.metadata.dst_node_id)
         if context is None:
-            return Message(Error(code=ErrorCode.UNKNOWN, reason="no such node"),
+            return Message(Error(code=self.flower.unknown_error, reason="no such node"),
                            reply_to=message)
         try:
             reply = self.client_app(message=message, context=context)
         except Exception as err:  # noqa: BLE001 - Flower turns any ClientApp error into a reply
             reason = f"{type(err)}:<'{err}'>"
-            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+            reply = Message(Error(code=self.flower.client_app_raised, reason=reason),
                             reply_to=message)
-        reply.metadata.__dict__["_message_id"] = f"reply-{message.metadata.message_id}"
+        self.flower.stamp(reply, f"reply-{message.metadata.message_id}")
         return reply
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -88,6 +91,17 @@ class LocalGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def simulate(config: Mapping[str, Any], num_nodes: int, client_app: ClientApp) -> None:
+    """The same run on Flower's simulation engine (one CPU per node)."""
+    from flwr.simulation import run_simulation
+
+    from server_app.app import build_server_app
+
+    run_simulation(server_app=build_server_app(dict(config)), client_app=client_app,
+                   num_supernodes=num_nodes,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,9 @@ def run_local(config: Mapping[str, Any], num_nodes: int, folder: Path,
               grid: LocalGrid | None = None) -> RunOutput:
     """Run Plateau's ServerApp loop with ``config`` over ``num_nodes`` in-process ClientApps
     (or over ``grid``, whose nodes keep their state from an earlier run); results go to
-    ``folder`` (``results-dir``/``run-name`` are set here)."""
+    ``folder`` (``results-dir``/``run-name`` are set here). Where this Flower lacks what the
+    in-process grid needs (``plateau.flower_compat.local_grid_names``), the same run goes
+    through Flower's own simulation engine instead (slower; nodes start fresh)."""
     from client_app.app import app as client_app
     from server_app.build import load_config, prepare_partitions
     from server_app.loop import run
@@ -111,11 +127,16 @@ def run_local(config: Mapping[str, Any], num_nodes: int, folder: Path,
     # every node is there from the start: no waiting for simulated SuperNodes to register
     config = {"population-size": num_nodes, **config, "results-dir": str(folder.parent),
               "run-name": folder.name}
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SUPERLINK_NODE_ID, 1
     # as the launcher does before Flower starts: a split that cannot be made is one error here
     prepare_partitions(load_config(config), num_nodes)
+    names = local_grid_names()
     started = time.monotonic()
-    run(grid or LocalGrid(client_app, num_nodes, config), config)
+    if names is None and grid is None:
+        simulate(config, num_nodes, client_app)
+    else:
+        if names is not None:
+            names.set_task_identity(RUN_ID, names.superlink_node_id, 1)
+        run(grid or LocalGrid(client_app, num_nodes, config), config)
     wall = time.monotonic() - started
     summary = json.loads((folder / "summary.json").read_text())
     rounds = [json.loads(line) for line in (folder / "rounds.jsonl").read_text().splitlines()]
