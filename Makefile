@@ -91,9 +91,11 @@ study: install
 algorithms: install
 	$(BIN)/python -m server_app.algorithms
 
-# regenerate what is derived from the code: pyproject.toml's run-config table, docs/config.md,
+# regenerate what is derived from the code: the run config's copy of the algorithms' keys
+# (plateau/algorithm_keys.py), pyproject.toml's run-config table, docs/config.md,
 # docs/outputs.md, docs/metrics.md and the README's algorithms table (tests/test_config.py checks)
 docs: install
+	$(BIN)/python -m server_app.docs --write-keys .
 	$(BIN)/python -m plateau.config --write .
 	$(BIN)/python -m server_app.docs --write .
 	$(BIN)/python -m server_app.algorithms --write README.md

@@ -70,8 +70,8 @@ from plateau.silo_data import (
 )
 from strategies import LOCAL_RULES
 
-from .app import NodeConfigError, count_public, evaluation_published, partition_of
 from .node_state import clear, load_before, save_after, state_folder
+from .policy import NodeConfigError, count_public, evaluation_published, partition_of
 
 STATE_ROUNDS = "rounds"  # how many rounds this node's algorithm state has accumulated
 STATE_RUN_KEY = "node-state"  # the Flower run whose algorithm state this node's files hold

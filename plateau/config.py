@@ -3,7 +3,7 @@
 Every knob of a run is a key of ``[tool.flwr.app.config]`` in ``pyproject.toml`` and can be
 overridden with ``flwr run . --run-config "k=v ..."``. This module declares the keys every run
 has (type, default, allowed values, meaning); each algorithm declares its own hyper-parameters
-as a ``Params`` dataclass in its module (``plateau.registry``), and they join the schema from
+as a ``Params`` dataclass in its module (``strategies.registry``), and they join the schema from
 there. ``python -m plateau.config --write .`` regenerates ``pyproject.toml``'s table and
 ``python -m server_app.docs --write .`` docs/config.md from the schema; ``tests/test_config.py``
 fails when they are stale.
@@ -14,6 +14,7 @@ fails when they are stale.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -94,6 +95,30 @@ class Params:
 
 
 P = TypeVar("P", bound=Params)
+
+
+@functools.cache
+def algorithm_fields() -> dict[str, dataclasses.Field[Any]]:
+    """Every algorithm's run-config keys (key -> field), from the table ``make docs`` generates
+    from their ``Params`` groups (``plateau/algorithm_keys.py``): the run config validates them
+    without importing the algorithms, which sit a floor above it."""
+    from plateau.algorithm_keys import KEYS
+
+    return {name: key(default, doc, **check) for name, (default, doc, check) in KEYS.items()}
+
+
+def algorithm_key_table(fields: Mapping[str, dataclasses.Field[Any]]) -> str:
+    """The source of ``plateau/algorithm_keys.py`` for ``fields`` (the registry's keys)."""
+    lines = ['"""The algorithms\' run-config keys: (default, meaning, what is allowed) by key.',
+             "",
+             "Made by `make docs` from each algorithm's ``Params`` groups (strategies/*), so that",
+             "the run config validates them without importing the algorithms: do not edit.",
+             '"""', "", "KEYS = {"]
+    for name, f in fields.items():
+        check = {k: v for k, v in dataclasses.asdict(f.metadata["check"]).items()
+                 if v != Check.__dataclass_fields__[k].default}
+        lines.append(f"    {name!r}: ({f.default!r}, {f.metadata['doc']!r}, {check!r}),")
+    return "\n".join([*lines, "}", ""])
 
 
 IMAGE_DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100")
@@ -389,9 +414,7 @@ class RunConfig:
     def from_mapping(cls, raw: Mapping[str, ConfigValue]) -> RunConfig:
         """Validate a flat key -> value mapping (missing keys take their defaults), every
         algorithm's hyper-parameters included."""
-        from plateau.registry import param_keys
-
-        fields, options = cls.key_fields(), param_keys()
+        fields, options = cls.key_fields(), algorithm_fields()
         unknown = sorted(set(raw) - set(fields) - set(options))
         if unknown:
             import difflib
@@ -404,7 +427,7 @@ class RunConfig:
         values = cls._core_values(raw)
         values["algorithm_options"] = tuple(
             (name, _coerce(name, raw.get(name, f.default), type(f.default), f.metadata["check"]))
-            for name, (_, f) in options.items()
+            for name, f in options.items()
         )
         config = cls(**values)
         config._check_combinations()
@@ -593,9 +616,7 @@ class RunConfig:
     @classmethod
     def keys(cls) -> frozenset[str]:
         """Every run-config key, the algorithms' included."""
-        from plateau.registry import param_keys
-
-        return frozenset(cls.key_fields()) | frozenset(param_keys())
+        return frozenset(cls.key_fields()) | frozenset(algorithm_fields())
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], *, algorithm_keys: bool = True) -> RunConfig:
@@ -659,11 +680,8 @@ def _coerce(name: str, value: Any, kind: type, check: Check) -> ConfigValue:
 def describe_keys() -> list[tuple[str, ConfigValue, str, str]]:
     """(key, default, allowed, meaning) for every key: the run's own in declaration order, then
     the algorithms' by key: the README table."""
-    from plateau.registry import param_keys
-
-    algorithm_fields = sorted((name, f) for name, (_, f) in param_keys().items())
     rows = []
-    for name, f in [*RunConfig.key_fields().items(), *algorithm_fields]:
+    for name, f in [*RunConfig.key_fields().items(), *sorted(algorithm_fields().items())]:
         check: Check = f.metadata["check"]
         allowed = "true / false" if isinstance(f.default, bool) else check.describe()
         rows.append((name, f.default, allowed, f.metadata["doc"]))

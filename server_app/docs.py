@@ -3,9 +3,11 @@ the tests fail when they are stale.
 
 * ``docs/config.md``: every run-config key (``plateau.config``'s schema);
 * ``docs/outputs.md``: every key of rounds.jsonl and summary.json (``server_app.results``);
-* ``docs/metrics.md``: every Prometheus series the ServerApp exports (``server_app.metrics``).
+* ``docs/metrics.md``: every Prometheus series the ServerApp exports (``server_app.metrics``);
+* ``plateau/algorithm_keys.py``: the algorithms' run-config keys, which the run config reads
+  without importing the algorithms (``--write-keys``).
 
-    python -m server_app.docs [--write ROOT]
+    python -m server_app.docs [--write ROOT | --write-keys ROOT]
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from plateau.config import RunConfig, readme_table
+from plateau.config import RunConfig, algorithm_key_table, readme_table
 from plateau.export import DESCRIPTOR_KEYS
 
 from .metrics import RunMetrics
@@ -82,8 +84,19 @@ def write(root: Path) -> None:
         (folder / name).write_text(make())
 
 
+def write_key_table(root: Path) -> None:
+    """Rewrite ``plateau/algorithm_keys.py``, the run config's import-free copy of every
+    algorithm's keys (run before the tables that read it, in a process of its own)."""
+    from strategies.registry import param_keys
+
+    fields = {name: spec for name, (_, spec) in param_keys().items()}
+    (root / "plateau" / "algorithm_keys.py").write_text(algorithm_key_table(fields))
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--write"]:
+    if sys.argv[1:2] == ["--write-keys"]:
+        write_key_table(Path(sys.argv[2] if len(sys.argv) > 2 else "."))
+    elif sys.argv[1:2] == ["--write"]:
         write(Path(sys.argv[2] if len(sys.argv) > 2 else "."))
     else:
         for make in DOCS.values():

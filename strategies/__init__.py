@@ -1,9 +1,9 @@
 """Every algorithm, one module each: its server rule, its client rule(s) and its typed
-hyper-parameters, registered once (``plateau.registry``). The tables below are derived."""
+hyper-parameters, registered once (``strategies.registry``). The tables below are derived."""
 
 from __future__ import annotations
 
-from plateau.registry import algorithms, local_rules
+from strategies.registry import algorithms, local_rules
 
 from .base import PlateauStrategy
 

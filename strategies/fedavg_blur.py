@@ -9,7 +9,7 @@ import torch
 from plateau.config import Params, key
 from plateau.local import Grads, LocalTask, combine, run_steps
 from plateau.privacy.mechanism import Tensors, flat_norm
-from plateau.registry import Algorithm, LocalRule, register
+from strategies.registry import Algorithm, LocalRule, register
 
 from .fedavg import FedAvg
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from plateau.privacy.mechanism import Tensors
-from plateau.registry import Algorithm, register
+from strategies.registry import Algorithm, register
 
 from .aggregation import Aggregate
 from .base import PlateauStrategy

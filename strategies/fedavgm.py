@@ -7,7 +7,7 @@ from typing import Any
 
 from plateau.config import Params, RunConfig, key
 from plateau.privacy.mechanism import Tensors
-from plateau.registry import Algorithm, register
+from strategies.registry import Algorithm, register
 
 from .aggregation import Aggregate
 from .base import PlateauStrategy

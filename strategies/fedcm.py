@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord
 from plateau.config import Params, RunConfig, key
 from plateau.local import LocalTask, combine, run_steps
 from plateau.privacy.mechanism import Tensors
-from plateau.registry import Algorithm, LocalRule, register
+from strategies.registry import Algorithm, LocalRule, register
 
 from .aggregation import Aggregate
 from .base import PlateauStrategy

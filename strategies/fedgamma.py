@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from plateau.local import LocalTask, sam_gradient
 from plateau.privacy.mechanism import Tensors
-from plateau.registry import Algorithm, LocalRule, register
+from strategies.registry import Algorithm, LocalRule, register
 
 from .fedsam import SAMParams
 from .scaffold import Scaffold, controlled

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from plateau.local import LocalTask, run_steps, unit
 from plateau.privacy.mechanism import Tensors
-from plateau.registry import Algorithm, LocalRule, register
+from strategies.registry import Algorithm, LocalRule, register
 
 from .fedcm import FedCM
 from .fedsam import SAMParams

@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord
 from plateau.config import Params, RunConfig, key
 from plateau.local import Grads, LocalTask, combine, run_steps, unit
 from plateau.privacy.mechanism import Tensors
-from plateau.registry import Algorithm, LocalRule, register
+from strategies.registry import Algorithm, LocalRule, register
 
 from .aggregation import Aggregate
 from .base import PlateauStrategy

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from plateau.config import Params, key
 from plateau.local import LocalTask, run_steps, sam_gradient
 from plateau.privacy.mechanism import Tensors
-from plateau.registry import Algorithm, LocalRule, register
+from strategies.registry import Algorithm, LocalRule, register
 
 from .fedavg import FedAvg
 

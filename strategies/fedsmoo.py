@@ -11,7 +11,7 @@ from plateau.config import RunConfig
 from plateau.local import Grads, LocalTask, combine, run_steps
 from plateau.privacy.mechanism import Tensors, flat_norm
 from plateau.privacy.release import DUAL_PREFIX
-from plateau.registry import Algorithm, LocalRule, register
+from strategies.registry import Algorithm, LocalRule, register
 
 from .aggregation import Aggregate
 from .base import PlateauStrategy

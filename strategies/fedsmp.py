@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from plateau.config import Params, key
 from plateau.privacy.mechanism import Tensors, random_support
-from plateau.registry import Algorithm, register
 from plateau.seeds import stream_seed
+from strategies.registry import Algorithm, register
 
 from .aggregation import Aggregate
 from .base import PlateauStrategy

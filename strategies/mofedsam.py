@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from plateau.local import LocalTask, combine, run_steps, sam_gradient
 from plateau.privacy.mechanism import Tensors
-from plateau.registry import Algorithm, LocalRule, register
+from strategies.registry import Algorithm, LocalRule, register
 
 from .fedcm import CMParams, FedCM
 from .fedsam import SAMParams

@@ -12,7 +12,7 @@ from plateau.config import RunConfig
 from plateau.local import Grads, LocalTask, combine, run_steps
 from plateau.privacy.mechanism import Tensors
 from plateau.privacy.release import CONTROL_PREFIX
-from plateau.registry import Algorithm, LocalRule, register
+from strategies.registry import Algorithm, LocalRule, register
 
 from .aggregation import Aggregate
 from .base import PlateauStrategy

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from study.grid import run_local
 from server_app.callbacks import FailurePolicy, Recorder, RoundOutcome, RunFailed
 from server_app.checkpoint import CHECKPOINT
 from strategies.screening import RoundStats
+from study.grid import run_local
 from tests.helpers import make_config
 
 

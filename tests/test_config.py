@@ -39,6 +39,17 @@ def test_the_reference_docs_are_the_code(name: str) -> None:
     assert [row[0] for row in describe_keys()] == list(pyproject_config())
 
 
+def test_the_run_configs_copy_of_the_algorithm_keys_is_the_registry() -> None:
+    """plateau/algorithm_keys.py (what the run config validates against, without importing the
+    algorithms) is exactly what `make docs` makes from the registered Params groups."""
+    from plateau.config import algorithm_key_table
+    from strategies.registry import param_keys
+
+    fields = {name: spec for name, (_, spec) in param_keys().items()}
+    assert (ROOT / "plateau" / "algorithm_keys.py").read_text() == algorithm_key_table(fields), (
+        "plateau/algorithm_keys.py is stale: make docs")
+
+
 def test_readme_algorithms_table_is_the_code() -> None:
     readme = (ROOT / "README.md").read_text()
     assert algorithms_table() in readme

@@ -195,7 +195,7 @@ def test_the_population_is_every_node_that_registers_before_the_count_settles(
 def test_the_strategies_do_not_import_the_superlink_stack() -> None:
     """`flwr.superlink.grid` pulls in the SuperLink's whole stack (0.8 s here): the launcher's
     config check and every process that builds a strategy would pay it on each start."""
-    probe = ("import sys, server_app.build, plateau.registry; "
+    probe = ("import sys, server_app.build, strategies.registry; "
              "print('flwr.superlink' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, timeout=120).stdout.strip()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from plateau.registry import Algorithm, RegistryError, algorithms, check_rules, local_rules
 from strategies.fedavg import FedAvg
+from strategies.registry import Algorithm, RegistryError, algorithms, check_rules, local_rules
 
 
 class NamesAMissingRule(FedAvg):

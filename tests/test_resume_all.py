@@ -17,10 +17,10 @@ import torch
 
 from client_app.node_state import STATE_DIR_ENV, clear, load_before, save_after
 from plateau.config import ConfigError
-from study.grid import run_local
 from server_app.build import build_strategy, load_config
 from server_app.checkpoint import CHECKPOINT
 from strategies import STRATEGIES
+from study.grid import run_local
 
 CONFIG = {"dataset": "digits", "model": "linear", "partitioner": "iid", "sample-rate": 1.0,
           "local-steps": 2, "seed": 3, "max-test-examples": 200}

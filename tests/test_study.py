@@ -13,10 +13,10 @@ import pytest
 
 from plateau.config import RunConfig
 from plateau.privacy.accounting import PrivacyAccountant
+from server_app.privacy_plan import event_for
 from study import SpecError, load_spec
 from study.__main__ import main
 from study.runner import Calibrator, equal_epsilon
-from server_app.privacy_plan import event_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "studies").glob("*.toml"))

@@ -134,3 +134,4 @@ def param_keys() -> dict[str, tuple[type[Params], dataclasses.Field[Any]]]:
     """Run-config key -> (hyper-parameter group, its field), in registration order."""
     load()
     return dict(_KEYS)
+
