@@ -15,7 +15,7 @@ GPUS_PER_CLIENT ?= 0
 CONFIG ?=
 TIMEOUT ?= 3600
 
-.PHONY: install data run test test-fast test-containers audit audit-study record-study study bench algorithms docs clean
+.PHONY: install data run test test-fast test-nightly test-containers audit audit-study record-study study bench algorithms docs clean
 
 # the stamp names the torch build, so asking for another one reinstalls torch
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)-$(notdir $(TORCH_INDEX))
@@ -53,6 +53,25 @@ test: install data
 test-fast: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -x -m "not simulation and not e2e and not audit and not containers and not slow"
+
+# Flower's next release (opt-in): flwr-nightly from PyPI in an environment of its own, then the
+# compat module and house rules, the simulations, the TLS deployment and real `flwr run`
+NIGHTLY_VENV ?= .venv-nightly
+NIGHTLY_TESTS ?= tests/test_flower_compat.py tests/test_layers.py tests/test_superexec.py \
+	tests/test_simulation.py tests/test_deployment.py tests/test_e2e.py
+test-nightly: data
+	test -x $(NIGHTLY_VENV)/bin/python || $(PYTHON) -m venv $(NIGHTLY_VENV)
+	$(NIGHTLY_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(NIGHTLY_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" --index-url $(TORCH_INDEX)
+	# every dependency but Flower's release, then the nightly in its place, then the app
+	$(NIGHTLY_VENV)/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+		print('\n'.join(d for d in p['dependencies'] + p['optional-dependencies']['test'] \
+		if not d.startswith('flwr[')))" > $(NIGHTLY_VENV)/requirements.txt
+	$(NIGHTLY_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" -r $(NIGHTLY_VENV)/requirements.txt
+	$(NIGHTLY_VENV)/bin/python -m pip install --quiet --pre "$(TORCH_SPEC)" "flwr-nightly[simulation]"
+	$(NIGHTLY_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(NIGHTLY_VENV)/bin/python -c "import flwr; print('Flower', flwr.__version__)"
+	$(NIGHTLY_VENV)/bin/python -m pytest -q -p no:cacheprovider $(NIGHTLY_TESTS) -k "not signal"
 
 # the container tier: images built and the Compose and Kubernetes deployments run with podman,
 # as root (tests/test_containers.py; .ci/run installs podman, runc, debootstrap and the rest)

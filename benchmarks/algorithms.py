@@ -45,6 +45,8 @@ class Nodes:
         return self.ids
 
     def push_messages(self, messages: list[Message]) -> list[str]:
+        for message in messages:  # an id, as the SuperLink gives one to every message it takes
+            local_grid_names().stamp(message, f"bench-{id(message)}")
         self.answers = self.send_and_receive(messages)
         return [answer.metadata.reply_to_message_id for answer in self.answers]
 

@@ -12,6 +12,7 @@ One table, each row measured here and now:
 
 Usage: python benchmarks/runtime.py [--heavy] [--populations 1000 5000 10000 | --populations]
        [--deployments 3] [--repeats 3] [--clients 20] [--config "k=v ..."]
+       python benchmarks/runtime.py --deployment-variants 2
 
 ``--populations`` with no sizes and ``--deployments 0`` leave those rows out.
 """
@@ -90,14 +91,26 @@ def population_rows(sizes: list[int]) -> list[tuple[str, str, str, bool | None]]
     return rows
 
 
-def deployed_round_walls(repeats: int) -> list[float]:
+# the deployment test's knobs (tests/test_deployment.py): the ClientApps' SuperExec and the
+# SuperLink's database
+VARIANTS = {
+    "fork-server SuperExec, database file": {},
+    "Flower's SuperExec, database file": {"PLATEAU_FORK_SERVER": "0"},
+    "fork-server SuperExec, in-memory database": {
+        "PLATEAU_SUPERLINK_DATABASE": ":flwr-in-memory:"},
+    "Flower's SuperExec, in-memory database": {
+        "PLATEAU_FORK_SERVER": "0", "PLATEAU_SUPERLINK_DATABASE": ":flwr-in-memory:"},
+}
+
+
+def deployed_round_walls(repeats: int, env: dict[str, str] | None = None) -> list[float]:
     """Round wall times of the real TLS deployment test, ``repeats`` runs of two rounds."""
     walls: list[float] = []
     for _ in range(repeats):
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
              "tests/test_deployment.py", "-k", "tls"], cwd=ROOT, capture_output=True, text=True,
-            timeout=900, check=False)
+            timeout=900, check=False, env={**os.environ, **(env or {})})
         found = ROUND_WALLS.search(proc.stdout)
         if proc.returncode != 0 or found is None:
             raise SystemExit(f"the deployment test failed:\n{proc.stdout[-3000:]}")
@@ -117,6 +130,17 @@ def deployment_rows(repeats: int) -> list[tuple[str, str, str, bool | None]]:
              f"median {statistics.median(simulated):.2f} s)", gap <= 2.0)]
 
 
+def variant_rows(repeats: int) -> list[tuple[str, str, str, bool | None]]:
+    """The deployed round under each variant, runs interleaved (load drifts alike), medians."""
+    walls: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(repeats):
+        for name, env in VARIANTS.items():
+            walls[name] += deployed_round_walls(1, env)
+    return [(f"deployed round: {name}", "-",
+             f"median {statistics.median(w):.2f} s ({', '.join(f'{x:.2f}' for x in w)})", None)
+            for name, w in walls.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
@@ -128,7 +152,15 @@ def main() -> None:
                         help="launches per simulated row (medians, ranges in brackets)")
     parser.add_argument("--deployments", type=int, default=3,
                         help="runs of the two-round deployment test (0: leave the row out)")
+    parser.add_argument("--deployment-variants", type=int, default=0, metavar="RUNS",
+                        help="only the deployed round with and without the fork-server "
+                        "SuperExec, on a database file and in memory, RUNS runs of each")
     args = parser.parse_args()
+    if args.deployment_variants:
+        print("| measure | target | now | met |\n|---|---|---|---|")
+        for measure, target, value, _ in variant_rows(args.deployment_variants):
+            print(f"| {measure} | {target} | {value} | - |")
+        return
     rows = overhead_rows("default", args.clients, args.config, args.repeats)
     if args.heavy:
         rows += overhead_rows("compute-dominated", args.clients, HEAVY, args.repeats,

@@ -100,7 +100,9 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
     with a handful of looks, and a slow one's at most ``poll_interval`` late; the replies and
     the timeout are the same. ``should_stop`` ends the wait early (the replies so far).
     """
-    pending = set(grid.push_messages(messages))
+    # an empty id: a message the SuperLink did not take (Flower 1.43 says so with ""); no
+    # reply will come for it, so it is missing from the replies now, not at the deadline
+    pending = {message_id for message_id in grid.push_messages(messages) if message_id}
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     wait = min(FIRST_LOOK_S, poll_interval)

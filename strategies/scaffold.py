@@ -60,10 +60,20 @@ def controlled(task: LocalTask, gradient: Callable[[torch.Tensor, torch.Tensor],
                ) -> Tensors:
     """SCAFFOLD's loop around any gradient: step along clip(g) - c_i + c, then
     c_i+ = c_i - c + (x_t - y_K)/(K lr); release (Delta_y, Delta_c) and keep c_i+."""
-    control = task.vector("control") or task.zeros()
-    own = task.own_state("control", task.zeros())
+    control, own = control_pair(task)
     correction = combine(control, own, weights=(1.0, -1.0))
     run_steps(task, lambda x, y: combine(task.stability_clip(gradient(x, y)), correction))
+    return control_release(task, control, own)
+
+
+def control_pair(task: LocalTask) -> tuple[Grads, Grads]:
+    """(c, c_i): the broadcast control variate and this node's own (zeros before any)."""
+    return task.vector("control") or task.zeros(), task.own_state("control", task.zeros())
+
+
+def control_release(task: LocalTask, control: Grads, own: Grads) -> Tensors:
+    """After the K steps: c_i+ = c_i - c + (x_t - y_K)/(K lr), kept in the node's state; the
+    release is (Delta_y, Delta_c = c_i+ - c_i)."""
     delta = task.delta()
     per_step = task.config.local_steps * task.lr
     updated = [ci - c - d / per_step

@@ -85,8 +85,13 @@ class LocalGrid(Grid):
         self.flower.stamp(reply, f"reply-{message.metadata.message_id}")
         return reply
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+    def pull_messages(self, reply_to_message_ids: Iterable[str] | None = None, *,
+                      message_ids: Iterable[str] | None = None) -> Iterable[Message]:
+        """The replies to these messages (both of Flower's spellings: ``message_ids`` before
+        1.43, ``reply_to_message_ids`` after); every waiting reply when given neither."""
+        wanted = reply_to_message_ids if reply_to_message_ids is not None else message_ids
+        ids = list(self.replies) if wanted is None else list(wanted)
+        return [self.replies.pop(i) for i in ids if i in self.replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:

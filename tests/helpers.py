@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from plateau.config import RunConfig
+from plateau.flower_compat import local_grid_names
 
 
 def make_config(**overrides: object) -> RunConfig:
@@ -31,7 +32,11 @@ class FakeGrid:
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         """Queue the answers of ``send_and_receive``; an unanswered message counts as timed out
-        at once (the server's exchange does not wait for it)."""
+        at once (the server's exchange does not wait for it). Each message gets an id, as
+        the SuperLink gives one to every message it takes."""
+        messages = list(messages)
+        for message in messages:
+            local_grid_names().stamp(message, f"fake-{id(message)}")
         self.answers = list(self.send_and_receive(messages))
         return [answer.metadata.reply_to_message_id for answer in self.answers]
 

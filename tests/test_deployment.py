@@ -14,6 +14,12 @@ The ClientApp SuperExecs are ``python -m node.superexec``: each ClientApp proces
 fork of a zygote that imported Flower's ClientApp command; no task may start cold, and the
 zygotes must be gone, like every other process, once the federation is stopped.
 
+Two knobs for ``benchmarks/runtime.py --deployment-variants`` (the round with and without the
+fork-server, on a database file or in memory): ``PLATEAU_FORK_SERVER=0`` runs Flower's own
+``flower-superexec`` for the ClientApps; ``PLATEAU_SUPERLINK_DATABASE=:flwr-in-memory:`` keeps
+the SuperLink's state in memory. On a Flower other than the one the fork-server was written
+against, ``node.superexec`` must run as Flower's own SuperExec, with one warning.
+
 The commands are those of README "Deployment" (docker/generate-certs.sh, flower-superlink,
 flwr supernode register, flower-supernode, flower-superexec, flwr run, flwr ls) and
 deploy/README 2b."""
@@ -34,10 +40,14 @@ import pytest
 
 from client_app import wire
 from client_app.wire import exchange
+from plateau.flower_compat import superexec_internals
 from server_app.launcher import _alive, free_port, stage_app
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+FORK_SERVER = os.environ.get("PLATEAU_FORK_SERVER", "1") != "0"
+FORKS = not isinstance(superexec_internals(), str)  # this Flower is the fork-server's
+DATABASE = os.environ.get("PLATEAU_SUPERLINK_DATABASE", "")
 
 
 class Federation:
@@ -123,7 +133,7 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                   f"--ssl-ca-certfile={certs / 'ca.crt'}", f"--ssl-certfile={certs / 'server.pem'}",
                   f"--ssl-keyfile={certs / 'server.key'}", "--enable-supernode-auth",
                   "--isolation=process", "--host=127.0.0.1", f"--port={link_port}",
-                  f"--database={tmp_path / 'state.db'}",
+                  f"--database={DATABASE or tmp_path / 'state.db'}",
                   "--disable-runtime-dependency-installation")
         fed.start("superexec-serverapp", str(BIN / "flower-superexec"),
                   f"--root-certificates={certs / 'ca.crt'}",
@@ -156,7 +166,9 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
                       # out a file of its own, node 2's operator allows it explicitly
                       + (f"eval-data='{silos / 'silo-2.parquet'}'" if i == 1
                          else "allow-evaluation=true"))
-            fed.start(f"superexec-clientapp-{i}", sys.executable, "-m", "node.superexec",
+            fed.start(f"superexec-clientapp-{i}",
+                      *((sys.executable, "-m", "node.superexec") if FORK_SERVER
+                        else (str(BIN / "flower-superexec"),)),
                       "--insecure",
                       f"--runtime-api-address=127.0.0.1:{node_ports[i - 1]}",
                       FLWR_SUPEREXEC_TASK_POLL_INTERVAL="0.1")
@@ -214,13 +226,17 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         assert "ref-exit-codes/305" in fed.log("supernode-unregistered")
         assert "No SuperNode found with the given public key" in fed.log("superlink")
         assert all("looks for work every 0.1 s" in fed.log(f"supernode-{i}") for i in (1, 2))
-        zygotes = [int(re.search(r"warm zygote \(pid (\d+)\)", fed.log(f"superexec-clientapp-{i}"))
-                       [1]) for i in (1, 2)]
-        assert all(_alive(pid) for pid in zygotes)
+        if FORK_SERVER and FORKS:
+            zygotes = [int(re.search(r"warm zygote \(pid (\d+)\)",
+                                     fed.log(f"superexec-clientapp-{i}"))[1]) for i in (1, 2)]
+            assert all(_alive(pid) for pid in zygotes)
         for i in (1, 2):
             log = fed.log(f"superexec-clientapp-{i}")
-            assert "starts cold" not in log and "Flower's way" not in log, log[-3000:]
-            assert "ask for their message's objects every 0.1 s" in log
+            if FORK_SERVER and FORKS:
+                assert "starts cold" not in log and "Flower's way" not in log, log[-3000:]
+                assert "ask for their message's objects every 0.1 s" in log
+            elif FORK_SERVER:  # another Flower: its own SuperExec, with one warning
+                assert "launches ClientApp processes Flower's way" in log, log[-3000:]
         print(f"deployment: setup {setup_s:.1f} s, two rounds {run_s:.1f} s, "
               f"round wall times {[r['wall_s'] for r in rounds]}")
     finally:

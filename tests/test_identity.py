@@ -14,7 +14,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from plateau import messages
-from plateau.flower_compat import simulation_grid_class
+from plateau.flower_compat import local_grid_names, simulation_grid_class
 from plateau.messages import DECLINE_KEY
 from plateau.privacy.mechanism import GaussianClientDP
 from strategies.fedavg import FedAvg
@@ -127,6 +127,13 @@ def test_a_node_identified_after_reconfigure_gets_the_final_run_config() -> None
     assert strategy.screener.privacy is strategy.privacy is strategy.aggregation.mechanism
 
 
+def sent_reply() -> Message:
+    """A reply to a query the SuperLink took (it has an id, as a pushed message does)."""
+    question = Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)
+    local_grid_names().stamp(question, "question-1")
+    return Message(RecordDict(), reply_to=question)
+
+
 def test_the_server_looks_for_replies_soon_then_less_and_less_often(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A fast round is seen within twice its time (first look after 2 ms, waits doubling), a
@@ -134,8 +141,7 @@ def test_the_server_looks_for_replies_soon_then_less_and_less_often(
     waits: list[float] = []
     monkeypatch.setattr(messages.time, "sleep", waits.append)
 
-    answer = Message(RecordDict(), reply_to=Message(RecordDict(), dst_node_id=1,
-                                                    message_type=MessageType.QUERY))
+    answer = sent_reply()
 
     class SlowGrid:
         """The one reply arrives at the ninth look."""
@@ -153,6 +159,42 @@ def test_the_server_looks_for_replies_soon_then_less_and_less_often(
     replies = messages.exchange(grid, [], timeout=60, poll_interval=0.1)
     assert waits == pytest.approx([0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.1, 0.1])
     assert grid.pulls == 9 and len(replies) == 1
+
+
+def test_a_message_the_superlink_did_not_take_is_not_waited_for() -> None:
+    """Flower 1.43's push returns "" for a message it could not push: no reply will come, so
+    the exchange must not wait the round's timeout for it."""
+    answer = sent_reply()
+
+    class LossyGrid:
+        def push_messages(self, sent: list[Message]) -> list[str]:
+            return ["", answer.metadata.reply_to_message_id]
+
+        def pull_messages(self, ids: set[str]) -> list[Message]:
+            assert "" not in ids
+            return [answer] if answer.metadata.reply_to_message_id in ids else []
+
+    started = time.monotonic()
+    replies = messages.exchange(LossyGrid(), [], timeout=30, poll_interval=0.1)
+    assert len(replies) == 1 and time.monotonic() - started < 5
+
+
+def test_the_studies_grid_pulls_replies_by_either_of_flowers_spellings() -> None:
+    """Flower 1.43 renames pull_messages' argument (reply_to_message_ids) and calls it with none
+    (every waiting reply); 1.42 passes message_ids."""
+    from study.grid import LocalGrid
+
+    def echo(message: Message, context: object) -> Message:
+        return Message(RecordDict(), reply_to=message)
+
+    grid = LocalGrid(echo, 2, {})
+    sent = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
+            for node in (1, 2, 1)]
+    first, second, third = grid.push_messages(sent)
+    assert [m.metadata.reply_to_message_id for m in grid.pull_messages([first])] == [first]
+    assert len(grid.pull_messages(message_ids=[second])) == 1
+    assert len(grid.pull_messages(reply_to_message_ids=[second])) == 0  # pulled once
+    assert [m.metadata.reply_to_message_id for m in grid.pull_messages()] == [third]
 
 
 class ArrivingNodes:
