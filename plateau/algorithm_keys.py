@@ -25,4 +25,7 @@ KEYS = {
     'fedspeed-alpha': (1.0, 'fedspeed: weight of the gradient at the perturbed point in the merged gradient (1-alpha)*g(y) + alpha*g(y + rho*g/|g|); 1 = the FL-Simulator step.', {'min': 0, 'max': 1}),
     'fedspeed-rho': (0.05, 'fedspeed: perturbation radius of the merged gradient.', {'min': 0}),
     'fedspeed-lambda': (10.0, 'fedspeed: lambda of the prox-correction term (1/lambda)*(y - x_t + H_i).', {'min': 0, 'min_exclusive': True}),
+    'wmsam-alpha': (0.1, 'FedWMSAM: weight of the local gradient (alpha_0 under the cosine schedule); 1 - alpha goes to the global direction.', {'min': 0, 'max': 1}),
+    'wmsam-rho': (0.01, 'FedWMSAM: SAM radius towards the momentum-predicted global model.', {'min': 0}),
+    'wmsam-schedule': ('cosine', "FedWMSAM: 'cosine' = alpha_{t+1} = 0.99*alpha_t + 0.01*clip(1 + cos(mean update, c_t), 0.1, 0.9), from the released mean; 'fixed' = alpha stays wmsam-alpha.", {'choices': ('cosine', 'fixed')}),
 }
