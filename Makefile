@@ -68,7 +68,8 @@ test-nightly: data
 		print('\n'.join(d for d in p['dependencies'] + p['optional-dependencies']['test'] \
 		if not d.startswith('flwr[')))" > $(NIGHTLY_VENV)/requirements.txt
 	$(NIGHTLY_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)" -r $(NIGHTLY_VENV)/requirements.txt
-	$(NIGHTLY_VENV)/bin/python -m pip install --quiet --pre "$(TORCH_SPEC)" "flwr-nightly[simulation]"
+	$(NIGHTLY_VENV)/bin/python -m pip install --quiet --upgrade "$(TORCH_SPEC)" \
+		"flwr-nightly[simulation]>=1.43.0.dev0"
 	$(NIGHTLY_VENV)/bin/python -m pip install --quiet --no-deps -e .
 	$(NIGHTLY_VENV)/bin/python -c "import flwr; print('Flower', flwr.__version__)"
 	$(NIGHTLY_VENV)/bin/python -m pytest -q -p no:cacheprovider $(NIGHTLY_TESTS) -k "not signal"

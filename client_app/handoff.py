@@ -24,11 +24,18 @@ SOCKET_KEY = "trainer-socket"  # node config: where this node's trainer listens
 
 
 def trainer_socket(node_config: Mapping[str, object]) -> str | None:
-    """The node's ``trainer-socket``, or None when this node trains in the ClientApp process
-    (none set, or a Flower whose serialisation the trainer cannot rely on: one warning)."""
+    """The node's ``trainer-socket``, or None when this node trains in the ClientApp process.
+    A node with a trainer never trains anywhere else: the trainer is where its data and its
+    record ledger are, so where this Flower's serialisation is not the one the trainer speaks
+    the work is refused, with the reason."""
     value = node_config.get(SOCKET_KEY)
-    if not value or serde() is None:
+    if not value:
         return None
+    if serde() is None:
+        raise TrainerError("this node hands its work to a trainer (trainer-socket), but this "
+                           "Flower's RecordDict/Context serialisation is not the one the "
+                           "trainer speaks (plateau.flower_compat): the work is refused, not "
+                           "trained without the trainer's data and record ledger")
     if not os.path.isabs(str(value)):
         raise TrainerError(f"trainer-socket={value} must be an absolute path: the ClientApp "
                            "process and the trainer do not share a working directory")

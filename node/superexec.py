@@ -62,6 +62,8 @@ from plateau.flower_compat import (
 )
 
 COMMAND = "flwr-clientapp"
+# Plateau's packages: imported by the zygote itself, never shared with the ClientApps it forks
+FIRST_PARTY = frozenset({"plateau", "strategies", "client_app", "server_app", "node", "study"})
 GRACE_S = 3.0
 READY_TIMEOUT_S = 10.0
 LAUNCH_TIMEOUT_S = 10.0
@@ -209,6 +211,11 @@ def _reset_child(request: dict[str, Any]) -> None:
     argv[0] = script.removesuffix(".exe")  # as the console script sets it
     sys.argv = argv
     sys.path[0] = os.path.dirname(os.path.realpath(script))  # a script's sys.path[0]
+    # the zygote's own copies of Plateau's packages (this module and the compat module it
+    # imports) must not shadow the app the ClientApp loads from its FAB: forgotten here, so
+    # the fork imports them afresh from the FAB's folder, as a fresh flwr-clientapp would
+    for name in [m for m in sys.modules if m.split(".")[0] in FIRST_PARTY]:
+        del sys.modules[name]
     numpy = sys.modules.get("numpy")  # Python's random reseeds itself after a fork
     if numpy is not None:
         numpy.random.seed()

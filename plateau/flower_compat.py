@@ -11,7 +11,9 @@ back to Flower's own behaviour and this module logs one warning per feature:
   a message (``pace_serverapp_pulls``, ``pace_supernode_loop``, ``pace_clientapp_pulls``):
   otherwise Flower's own backoff (1 s, doubling to 10 s) and the SuperNode's 3 s idle sleep;
 - Flower's protobuf serialisation of a ``RecordDict`` and a ``Context`` (``serde``), which
-  the ClientApp and the node's warm trainer exchange: otherwise the ClientApp trains itself;
+  the ClientApp and the node's warm trainer exchange: otherwise a node with a trainer refuses
+  the work with the reason (training elsewhere would bypass the trainer's data and record
+  ledger), and the trainer does not start;
 - what an in-process Grid needs to look like Flower's (``local_grid_names``): otherwise a
   study cell runs on Flower's own simulation engine; whether a Grid is the simulation's
   (``is_simulation_grid``): otherwise the server waits as long as for real SuperNodes;
@@ -36,6 +38,10 @@ from typing import Any
 
 from flwr.common import log
 
+# how often a SuperExec looks for submitted work: an environment variable Flower reads but does
+# not document (1 s by default); set for the local SuperExec of `make run`, and in the
+# deployments' manifests. Another Flower ignores it: then its own pace
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 FORK_SERVER_FLOWER = "1.42.0"  # the SuperExec internals node.superexec was written against
 _WARNED: set[str] = set()
 
@@ -48,13 +54,13 @@ def warn_once(feature: str, message: str, *args: Any) -> None:
 
 
 def flower_version() -> str:
-    """The installed Flower's version (a release, or a nightly build)."""
-    for distribution in ("flwr", "flwr-nightly"):
-        try:
-            return importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "unknown"
+    """The version of the distribution that provides the ``flwr`` package (a release, or a
+    nightly build); "unknown (...)" where none or several do (a nightly installed over a
+    release: whose files are these?)."""
+    owners = sorted(set(importlib.metadata.packages_distributions().get("flwr", [])))
+    if len(owners) != 1:
+        return f"unknown (flwr provided by {owners or 'no distribution'})"
+    return importlib.metadata.version(owners[0])
 
 
 def _module(name: str) -> ModuleType | None:
@@ -62,6 +68,14 @@ def _module(name: str) -> ModuleType | None:
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+def _source(obj: object) -> str:
+    """Its source text, or "" where there is none (a zipped or compiled install)."""
+    try:
+        return inspect.getsource(obj)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return ""
 
 
 def console_script(name: str) -> tuple[str, str] | None:
@@ -148,7 +162,7 @@ def pace_supernode_loop(interval: float) -> bool:
     ``interval`` s, at most ``4 * interval`` s; False, and one warning, if it is not the loop
     this was written for (then nothing is changed)."""
     loop = _module("flwr.supernode.start_client_internal")
-    source = inspect.getsource(loop) if loop is not None else ""
+    source = _source(loop) if loop is not None else ""
     pull = getattr(loop, "pull_objects", None)
     paced = paced_pulls(pull, interval) if callable(pull) else None
     if ("time.sleep(3)" not in source or "pull_objects(" not in source or paced is None
@@ -173,7 +187,7 @@ def pace_clientapp_pulls(interval: float) -> str | None:
     paced = paced_pulls(pull, interval) if callable(pull) else None
     task_input = getattr(runtime, "pull_task_input", None)
     if paced is None or task_input is None or "pull_and_inflate_object_from_tree(" not in (
-            inspect.getsource(task_input)):
+            _source(task_input)):
         return "this Flower's ClientApp pulls messages another way"
     runtime.pull_and_inflate_object_from_tree = paced  # type: ignore[attr-defined]
     return None
@@ -207,7 +221,7 @@ def serde() -> Serde | None:
         to_context, from_context = flower_serde.context_to_proto, flower_serde.context_from_proto
     except (ImportError, AttributeError) as error:
         warn_once("serde", "this Flower's RecordDict/Context serialisation is not the expected "
-                  "one (%s): no warm trainer, the ClientApp trains itself", error)
+                  "one (%s): a node's warm trainer cannot be used", error)
         return None
 
     def parse(kind: type, data: bytes) -> Any:
@@ -231,7 +245,11 @@ def simulation_grid_class() -> type | None:
     the SuperLink's whole stack, so it is only looked up, never imported); else None."""
     engine = sys.modules.get("flwr.superlink.grid")
     found = getattr(engine, "InMemoryGrid", None)
-    return found if isinstance(found, type) else None
+    if engine is not None and not isinstance(found, type):
+        warn_once("simulation-grid", "this Flower's simulation Grid is not InMemoryGrid: the "
+                  "server waits for nodes to settle as long as on a deployment")
+        return None
+    return found
 
 
 def is_simulation_grid(grid: object) -> bool:

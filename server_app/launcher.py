@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from plateau.config import LOCAL_DATASET, ConfigError, ConfigValue, RunConfig, toml_value
+from plateau.flower_compat import SUPEREXEC_POLL_ENV
 from server_app.stop_request import STOP_FILE_ENV, request_stop
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
@@ -40,7 +41,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)
 PORT_VARIABLE = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
 CONFIG_VARIABLE = "PLATEAU_RUN_CONFIG"  # make run passes CONFIG here: no shell quoting on the way
 # the local SuperLink's SuperExec looks for a submitted run every second by default
-TASK_POLL_VARIABLE = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 TASK_POLL_S = 0.1
 
 
@@ -196,7 +196,7 @@ def flwr_env(home: Path, port: int) -> dict[str, str]:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
-        TASK_POLL_VARIABLE: str(TASK_POLL_S),
+        SUPEREXEC_POLL_ENV: str(TASK_POLL_S),
         "RAY_DEDUP_LOGS": "0",
     }
 

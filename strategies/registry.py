@@ -105,6 +105,24 @@ def load() -> None:
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{ALGORITHMS_PACKAGE}.{module.name}")
     check_rules(_REGISTERED, _RULES)
+    check_key_table(_KEYS)
+
+
+def check_key_table(keys: Mapping[str, tuple[type[Params], dataclasses.Field[Any]]]) -> None:
+    """The run config validates the algorithms' keys against its generated copy of them
+    (``plateau/algorithm_keys.py``): a copy that differs from the registered ``Params`` (an
+    algorithm added or changed without ``make docs``) is refused here, in every process that
+    loads the algorithms, not left to validate with stale defaults or ranges."""
+    from plateau.config import algorithm_fields
+
+    def spec(f: dataclasses.Field[Any]) -> tuple[Any, ...]:
+        return f.default, f.metadata["doc"], f.metadata["check"]
+
+    table = algorithm_fields()
+    stale = sorted(k for k in {*keys, *table}
+                   if k not in keys or k not in table or spec(keys[k][1]) != spec(table[k]))
+    if stale:
+        raise RegistryError(f"plateau/algorithm_keys.py is stale for {stale}: run make docs")
 
 
 def check_rules(registered: Mapping[str, Algorithm], rules: Mapping[str, LocalRule]) -> None:

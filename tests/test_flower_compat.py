@@ -170,20 +170,24 @@ def test_records_and_contexts_round_trip_through_flowers_serialisation() -> None
             ) == (3, 4, {"partition-id": 1}, record, {"lr": 0.1})
 
 
-def test_a_flower_without_the_serialisation_trains_in_the_clientapp(
+def test_a_flower_without_the_serialisation_refuses_work_meant_for_the_trainer(
         monkeypatch: pytest.MonkeyPatch, fresh_warnings: None,
         caplog: pytest.LogCaptureFixture) -> None:
-    """Flower moves its serde module: the node's trainer-socket is ignored (the ClientApp
-    trains itself, Flower's own behaviour) with one warning, and the trainer refuses to start."""
+    """Flower moves its serde module: a node with a trainer refuses the work (training in the
+    ClientApp process would bypass the trainer's data and the silo's record ledger), with one
+    warning; a node without one trains as before; the trainer refuses to start."""
     from client_app.handoff import trainer_socket
+    from client_app.wire import TrainerError
     from node.service import TrainerServer
 
     assert trainer_socket({"trainer-socket": "/run/t.sock"}) == "/run/t.sock"
     flower_compat.serde.cache_clear()
     monkeypatch.setitem(sys.modules, "flwr.common.serde", None)
-    assert trainer_socket({"trainer-socket": "/run/t.sock"}) is None
-    assert trainer_socket({"trainer-socket": "/run/t.sock"}) is None
-    assert sum("trains itself" in r.getMessage() for r in caplog.records) == 1
+    for _ in range(2):
+        with pytest.raises(TrainerError, match="work is refused"):
+            trainer_socket({"trainer-socket": "/run/t.sock"})
+    assert trainer_socket({}) is None
+    assert sum("warm trainer cannot be used" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(SystemExit, match="without trainer-socket"):
         TrainerServer("/nonexistent/t.sock")
 

@@ -30,31 +30,79 @@ def python_files(*folders: str) -> Iterator[Path]:
         yield from sorted((ROOT / folder).rglob("*.py"))
 
 
+def _public(module: str, name: str) -> bool:
+    """Whether ``module.name`` is documented: a public module, or a name it exports."""
+    if f"{module}.{name}" in PUBLIC_FLOWER:
+        return True
+    if module not in PUBLIC_FLOWER:
+        return False
+    exported = set(getattr(importlib.import_module(module), "__all__", ()))
+    return name in exported and not name.startswith("_")
+
+
+def _dotted(node: ast.AST) -> list[str] | None:
+    """``a.b.c`` as ["a", "b", "c"], else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return [node.id, *reversed(parts)] if isinstance(node, ast.Name) else None
+
+
 def private_flower_uses(source: str) -> list[str]:
-    """Every import of a Flower module or name that Flower does not document, and every
-    string naming such a module (``importlib.import_module("flwr.supercore...")``)."""
+    """Every import of a Flower module or name that Flower does not document, every attribute
+    reached through an imported Flower module (``import flwr.common as c; c.serde``), and
+    every string naming such a module (``importlib.import_module("flwr.supercore...")``)."""
     found = []
-    for node in ast.walk(ast.parse(source)):
+    modules: dict[str, str] = {}  # a local name bound to a Flower module -> the module
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            found += [a.name for a in node.names
-                      if a.name.startswith("flwr.") and a.name not in PUBLIC_FLOWER]
+            for alias in node.names:
+                if alias.name == "flwr" or alias.name.startswith("flwr."):
+                    if alias.name != "flwr" and alias.name not in PUBLIC_FLOWER:
+                        found.append(alias.name)
+                    if alias.asname:
+                        modules[alias.asname] = alias.name
+                    else:
+                        modules["flwr"] = "flwr"
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and (
                 node.module == "flwr" or node.module.startswith("flwr.")):
-            if node.module not in PUBLIC_FLOWER:
+            if node.module != "flwr" and node.module not in PUBLIC_FLOWER:
                 found.append(node.module)
                 continue
-            exported = set(getattr(importlib.import_module(node.module), "__all__", ()))
-            found += [f"{node.module}.{a.name}" for a in node.names
-                      if a.name not in exported or a.name.startswith("_")]
+            for alias in node.names:
+                if not _public(node.module, alias.name):
+                    found.append(f"{node.module}.{alias.name}")
+                elif f"{node.module}.{alias.name}" in PUBLIC_FLOWER:
+                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
         elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
               and node.value.startswith("flwr.") and " " not in node.value
               and node.value.split(":")[0] not in PUBLIC_FLOWER):
             found.append(node.value)
-    return found
+    for node in ast.walk(tree):
+        parts = _dotted(node) if isinstance(node, ast.Attribute) else None
+        if not parts or parts[0] not in modules:
+            continue
+        module = modules[parts[0]]
+        for name in parts[1:]:
+            if not _public(module, name):
+                found.append(f"{module}.{name}")
+                break
+            if f"{module}.{name}" not in PUBLIC_FLOWER:
+                break  # an exported name: what it holds is its own API
+            module = f"{module}.{name}"
+    return sorted(set(found))
 
 
 def test_the_scan_sees_private_flower_names() -> None:
     assert private_flower_uses("from flwr.supercore import log") == ["flwr.supercore"]
+    assert private_flower_uses("import flwr.common as c\nc.serde.recorddict_to_proto") == [
+        "flwr.common.serde"]
+    assert private_flower_uses("import flwr\nflwr.supercore.log") == ["flwr.supercore"]
+    assert private_flower_uses("from flwr import common\ncommon.constant.X") == [
+        "flwr.common.constant"]
+    assert private_flower_uses("import flwr.app\nflwr.app.Message\nimport flwr.simulation") == []
     assert private_flower_uses("from flwr.common.serde import x") == ["flwr.common.serde"]
     assert private_flower_uses("from flwr.common import serde") == ["flwr.common.serde"]
     assert private_flower_uses("import flwr.superlink.grid") == ["flwr.superlink.grid"]
@@ -165,6 +213,29 @@ def test_the_scans_see_a_circle_and_an_upward_arrow() -> None:
         "strategies": ("", True)})
     assert circles(graph) == [["plateau.config", "plateau.registry"]]
     assert upward(graph) == ["plateau.registry -> strategies"]
+
+
+def fab_packages() -> set[str]:
+    """The packages the FAB holds (pyproject.toml ``[tool.flwr.app] fab-include``)."""
+    import tomllib
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "fab-include"]
+    return {pattern.split("/")[0] for pattern in patterns}
+
+
+def outside_the_fab(graph: dict[str, set[str]], fab: set[str]) -> list[str]:
+    """Imports from the app (what `flwr run` ships) of code it does not ship."""
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() if m.split(".")[0] in fab
+                  for d in deps if d.split(".")[0] not in fab)
+
+
+def test_the_app_imports_only_what_its_fab_ships() -> None:
+    fab = fab_packages()
+    assert fab == {"plateau", "strategies", "server_app", "client_app"}
+    assert outside_the_fab({"client_app.app": {"node.trainer"}, "node.trainer": set()}, fab) == [
+        "client_app.app -> node.trainer"]
+    assert outside_the_fab(house(), fab) == []
 
 
 def test_imports_point_down_the_floors_without_circles() -> None:

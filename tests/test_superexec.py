@@ -37,6 +37,9 @@ PROBE = textwrap.dedent('''
                 json.dump({"pid": os.getpid(), "ppid": os.getppid(), "argv": sys.argv,
                            "cwd": os.getcwd(), "mark": os.environ.get("PROBE_MARK"),
                            "launches": launches, "fds": fds,
+                           "first_party": sorted(m for m in sys.modules if m.split(".")[0] in
+                                                 ("plateau", "node", "client_app", "strategies",
+                                                  "server_app", "study")),
                            "sigterm": str(signal.getsignal(signal.SIGTERM))}, handle)
         elif kind == "print":
             print("probe says", out, flush=True)
@@ -90,6 +93,9 @@ def test_each_launch_is_a_fresh_fork_with_popens_process_state(server: ForkServe
     assert first["cwd"] == str(tmp_path) and first["mark"] == "m1"
     assert first["sigterm"] == str(signal.SIG_DFL)
     assert len(first["fds"]) == 4  # stdin, stdout, stderr, and the listing itself
+    # the zygote imported node.superexec and plateau.flower_compat; the fork imports the app's
+    # own copies from its FAB, so none of the zygote's may be left in its module table
+    assert first["first_party"] == []
 
 
 @pytest.mark.parametrize(("argv", "code"), [
