@@ -45,9 +45,12 @@ run: install
 	exec $(BIN)/python -m server_app.launcher --clients '$(CLIENTS)' \
 		--gpus-per-client $(GPUS_PER_CLIENT) --timeout $(TIMEOUT)
 
+# two workers, one test file at a time each (module fixtures stay once), costliest files first
+# (tests/conftest.py); TEST_WORKERS=0 runs them in this process, one after another
+TEST_WORKERS ?= 2
 test: install data
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not containers"
+	$(BIN)/python -m pytest -q -m "not containers" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # the edit loop: the quick unit tests (no simulation, flwr run, audit, container or slow test)
 test-fast: install

@@ -353,7 +353,8 @@ def client_round(content: RecordDict, cfg: RunConfig, model: nn.Module, data: Da
 def train(content: RecordDict, context: Context) -> RecordDict:
     """The reply's content to a train message: the local rule the server asked for, run on
     this node's partition, and the released update (or a decline). Writes the node's algorithm
-    state back into ``context.state``."""
+    state back into ``context.state``. Takes and returns the wire form (packed records)."""
+    content = messages.unpack_content(content)
     round_config = content[messages.CONFIG_KEY]
     cfg = RunConfig.from_record(round_config)
     device = resolve_device(cfg.device)
@@ -367,13 +368,15 @@ def train(content: RecordDict, context: Context) -> RecordDict:
     except SiloDataError as err:
         log(WARNING, "declining: this silo's data cannot be used: %s", err)
         return messages.decline("silo-data")
-    return train_on(content, context, data)
+    return messages.pack_content(train_on(content, context, data))
 
 
 @torch.no_grad()
 def evaluate(content: RecordDict, context: Context) -> RecordDict:
     """Federated evaluation: the global model on this silo's held-out records (never trained
-    on), returned as sums (examples, correct, loss) the server weights by examples."""
+    on), returned as sums (examples, correct, loss) the server weights by examples. Takes the
+    wire form (a packed model)."""
+    content = messages.unpack_content(content)
     cfg = RunConfig.from_record(content[messages.CONFIG_KEY])
     device = resolve_device(cfg.device)
     try:

@@ -6,15 +6,28 @@ A train message carries ``arrays`` (the model a client starts from), the algorit
 ``metrics``, and ``buffers`` when BatchNorm statistics travel) or a decline (``decline`` with a
 reason). A partition query is answered with ``identity``. Light on purpose: the ClientApp
 process Flower starts imports this without torch.
+
+On the wire each ArrayRecord travels packed (:func:`pack_content`): one Array holding every
+tensor. Flower moves each Array as its own object (one request and one SuperLink write each,
+per hop); a packed record is one object (plus one per 5 MB chunk) whatever the model's layer
+count. :func:`exchange` packs what the server sends and unpacks its replies; the client's
+``compute.train``/``evaluate`` unpack what they get and pack what they return; everything in
+between sees Flower's usual ArrayRecords.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import os
+import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 if TYPE_CHECKING:  # the ClientApp imports this module: no server package at run time
     from flwr.serverapp import Grid
@@ -30,11 +43,131 @@ SCHEMA_KEY = "schema"  # with it, dataset='local': the silo's schema fingerprint
 EVALUATION_KEY = "evaluation"  # a silo's federated evaluation: sums over its held-out records
 TRAIN_REPLY_KEYS = frozenset({UPDATE_KEY, METRICS_KEY, BUFFERS_KEY})
 FIRST_LOOK_S = 0.002  # the server's first look for replies; each later wait doubles
+PACKED_KEY = "packed"  # a packed record's one Array
+PACKED_STYPE = "plateau.packed.v1"  # its serialisation: header length, JSON layout, raw bytes
+PACKABLE_KINDS = frozenset("biuf")  # bool, signed and unsigned integers, floats: no objects
+# benchmarks only: PLATEAU_PACK_ARRAYS=0 sends Flower's one-Array-per-tensor records (both
+# forms are always read), to measure what packing saves on a deployed round
+PACK_ENV = "PLATEAU_PACK_ARRAYS"
 
 
 def tensors_record(tensors: Mapping[str, Any]) -> ArrayRecord:
     """Tensors (on any device) as the ArrayRecord that carries them: detached, on the CPU."""
     return ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
+
+
+def packing_enabled() -> bool:
+    """Whether this process sends packed records (:data:`PACK_ENV`; on unless set to 0)."""
+    return os.environ.get(PACK_ENV, "1") != "0"
+
+
+def pack_record(record: ArrayRecord) -> ArrayRecord:
+    """The record as one Array: an 8-byte little-endian header length, a JSON header of
+    ``[name, dtype, shape]`` per tensor in order, then each tensor's bytes (C order)."""
+    layout, chunks = [], []
+    for name, array in record.items():
+        values = array.numpy()
+        if values.dtype.kind not in PACKABLE_KINDS:
+            raise ValueError(f"cannot pack array {name!r} of dtype {values.dtype}")
+        layout.append([name, values.dtype.str, list(values.shape)])
+        chunks.append(values.tobytes(order="C"))
+    header = json.dumps(layout, separators=(",", ":")).encode()
+    data = b"".join([struct.pack("<Q", len(header)), header, *chunks])
+    return ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(len(data),),
+                                          stype=PACKED_STYPE, data=data)})
+
+
+def is_packed(record: ArrayRecord) -> bool:
+    """Whether a record is in :func:`pack_record`'s form."""
+    return list(record.keys()) == [PACKED_KEY] and record[PACKED_KEY].stype == PACKED_STYPE
+
+
+def unpack_record(record: ArrayRecord) -> ArrayRecord:
+    """A packed record back as Flower's one Array per tensor; any other record as it is.
+    ``ValueError`` on anything :func:`pack_record` cannot have written (the bytes may come
+    from a client, so each length is checked before it is used)."""
+    if not is_packed(record):
+        return record
+    data = memoryview(record[PACKED_KEY].data)
+    if len(data) < 8:
+        raise ValueError("packed record shorter than its header length")
+    (header_length,) = struct.unpack("<Q", data[:8])
+    if header_length > len(data) - 8:
+        raise ValueError("packed record's header runs past its end")
+    try:
+        layout = json.loads(bytes(data[8:8 + header_length]))
+    except ValueError:
+        raise ValueError("packed record's header is not JSON") from None
+    if not isinstance(layout, list):
+        raise ValueError("packed record's header is not a list")
+    offset, arrays = 8 + header_length, {}
+    for entry in layout:
+        name, dtype, shape = _layout_entry(entry)
+        if name in arrays:
+            raise ValueError(f"packed record names {name!r} twice")
+        size = dtype.itemsize * math.prod(shape)
+        if size > len(data) - offset:
+            raise ValueError(f"packed record ends inside array {name!r}")
+        values = np.frombuffer(data, dtype=dtype, count=size // dtype.itemsize, offset=offset)
+        arrays[name] = Array(values.reshape(shape))
+        offset += size
+    if offset != len(data):
+        raise ValueError(f"packed record has {len(data) - offset} bytes past its arrays")
+    return ArrayRecord(arrays)
+
+
+def _layout_entry(entry: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
+    """One ``[name, dtype, shape]`` of a packed header, checked."""
+    if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+            and isinstance(entry[1], str) and isinstance(entry[2], list)
+            and all(type(n) is int and n >= 0 for n in entry[2])):
+        raise ValueError(f"packed record's header entry is malformed: {str(entry)[:80]}")
+    try:
+        dtype = np.dtype(entry[1])
+    except TypeError:
+        raise ValueError(f"packed record's dtype {entry[1]!r} is not a dtype") from None
+    if dtype.kind not in PACKABLE_KINDS or dtype.fields is not None or dtype.subdtype:
+        raise ValueError(f"packed record's dtype {entry[1]!r} is not a plain number type")
+    return entry[0], dtype, tuple(entry[2])
+
+
+PackMemo = dict[int, tuple[ArrayRecord, ArrayRecord]]
+
+
+def pack_content(content: RecordDict, memo: PackMemo | None = None) -> RecordDict:
+    """The content with each ArrayRecord packed (unless packing is off); ``memo`` packs a
+    record shared by many messages once (one model broadcast to a whole cohort). It keeps the
+    record itself too, so its id cannot be reused by another while the memo lives."""
+    if not packing_enabled() or not content.array_records:
+        return content
+    memo = {} if memo is None else memo
+    out = RecordDict()
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord) and not is_packed(record):
+            if id(record) not in memo:
+                memo[id(record)] = (record, pack_record(record))
+            record = memo[id(record)][1]
+        out[name] = record
+    return out
+
+
+def unpack_content(content: RecordDict) -> RecordDict:
+    """The content with each packed ArrayRecord unpacked (``ValueError`` if one is malformed)."""
+    if not any(is_packed(record) for record in content.array_records.values()):
+        return content
+    out = RecordDict()
+    for name, record in content.items():
+        out[name] = unpack_record(record) if isinstance(record, ArrayRecord) else record
+    return out
+
+
+def _unpacked_reply(reply: Message) -> Message:
+    """A reply with its records unpacked; a malformed packed record is left as it came, for
+    the server's screening to reject as malformed."""
+    if reply.has_content():
+        with contextlib.suppress(ValueError):
+            reply.content = unpack_content(reply.content)
+    return reply
 
 
 def train_reply(update: ArrayRecord, metrics: Mapping[str, int | float],
@@ -102,12 +235,17 @@ def exchange(grid: Grid, messages: Iterable[Message], timeout: float,
     """
     # an empty id: a message the SuperLink did not take (Flower 1.43 says so with ""); no
     # reply will come for it, so it is missing from the replies now, not at the deadline
-    pending = {message_id for message_id in grid.push_messages(messages) if message_id}
+    memo: PackMemo = {}
+    outgoing = []
+    for message in messages:
+        message.content = pack_content(message.content, memo)
+        outgoing.append(message)
+    pending = {message_id for message_id in grid.push_messages(outgoing) if message_id}
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
     wait = min(FIRST_LOOK_S, poll_interval)
     while pending:
-        arrived = list(grid.pull_messages(pending))
+        arrived = [_unpacked_reply(reply) for reply in grid.pull_messages(pending)]
         replies.extend(arrived)
         pending.difference_update(reply.metadata.reply_to_message_id for reply in arrived)
         if not pending or time.monotonic() >= deadline or (should_stop and should_stop()):

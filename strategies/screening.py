@@ -24,6 +24,7 @@ from plateau.messages import (
     UPDATE_KEY,
     array_bytes,
     short_reason,
+    unpack_record,
 )
 from plateau.privacy.mechanism import PrivacyMechanism, Tensors, flat_norm
 from plateau.privacy.sampling import Cohort
@@ -91,7 +92,12 @@ def _numpy_dtype(tensor: torch.Tensor) -> str:
 
 def decode(record: ArrayRecord, template: Tensors, device: torch.device) -> Tensors:
     """Tensors of a record with exactly the template's names, shapes and dtypes, all finite
-    (``RejectedReply`` otherwise)."""
+    (``RejectedReply`` otherwise). A packed record is unpacked first (``exchange`` leaves the
+    ones it could not unpack as they came)."""
+    try:
+        record = unpack_record(record)
+    except ValueError:
+        raise RejectedReply("malformed") from None
     if sorted(record.keys()) != sorted(template):
         raise RejectedReply("wrong-keys")
     tensors = {}

@@ -119,14 +119,17 @@ class RunOutput:
 
 
 def run_local(config: Mapping[str, Any], num_nodes: int, folder: Path,
-              grid: LocalGrid | None = None) -> RunOutput:
+              grid: LocalGrid | None = None, client_app: ClientApp | None = None) -> RunOutput:
     """Run Plateau's ServerApp loop with ``config`` over ``num_nodes`` in-process ClientApps
-    (or over ``grid``, whose nodes keep their state from an earlier run); results go to
-    ``folder`` (``results-dir``/``run-name`` are set here). Where this Flower lacks what the
-    in-process grid needs (``plateau.flower_compat.local_grid_names``), the same run goes
-    through Flower's own simulation engine instead (slower; nodes start fresh)."""
-    from client_app.app import app as client_app
+    (Plateau's, unless ``client_app`` is given; or over ``grid``, whose nodes keep their state
+    from an earlier run); results go to ``folder`` (``results-dir``/``run-name`` are set here).
+    Where this Flower lacks what the in-process grid needs
+    (``plateau.flower_compat.local_grid_names``), the same run goes through Flower's own
+    simulation engine instead (slower; nodes start fresh)."""
     from server_app.build import load_config, prepare_partitions
+
+    if client_app is None:
+        from client_app.app import app as client_app
     from server_app.loop import run
 
     # every node is there from the start: no waiting for simulated SuperNodes to register

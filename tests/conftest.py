@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import defaultdict
 
 import pytest
 
@@ -30,3 +31,19 @@ def settled_population(monkeypatch: pytest.MonkeyPatch) -> None:
     from strategies import population
 
     monkeypatch.setattr(population, "POPULATION_SETTLE_S", population.SIMULATION_SETTLE_S)
+
+
+# a test's rough cost by its marker (seconds): `make test` spreads the files over two workers
+# (pytest-xdist, one file at a time each), so the costliest files go first and no long one
+# starts last while the other worker idles
+MARKER_COST = {"e2e": 60.0, "audit": 10.0, "simulation": 5.0, "slow": 1.0}
+UNMARKED_COST = 0.05
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files in decreasing total cost; the tests of a file keep their order."""
+    cost: dict[object, float] = defaultdict(float)
+    for item in items:
+        cost[item.path] += max((MARKER_COST.get(mark.name, 0.0) for mark in item.iter_markers()),
+                               default=0.0) or UNMARKED_COST
+    items.sort(key=lambda item: -cost[item.path])

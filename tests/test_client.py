@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client_app.app import NodeConfigError
 from client_app.app import app as client_app
+from plateau import messages
 from plateau.config import RunConfig
 from plateau.data import DATASETS
 from plateau.models import build_model
@@ -30,7 +31,14 @@ def context(**node_config: int) -> Context:
 
 
 def released(reply: Message) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(v.numpy()) for k, v in reply.content["update"].items()}
+    """The update a reply carries, read as the server reads it (the ClientApp answers in the
+    wire form: records packed)."""
+    return {k: torch.from_numpy(v.numpy()) for k, v in received(reply)["update"].items()}
+
+
+def received(reply: Message) -> RecordDict:
+    """A reply's content as the server's exchange hands it on: unpacked."""
+    return messages.unpack_content(reply.content)
 
 
 def test_plain_fedavg_releases_the_raw_update_of_every_parameter() -> None:
@@ -75,9 +83,10 @@ def test_local_dp_release_is_noised_and_carries_no_diagnostics() -> None:
 def test_batchnorm_buffers_travel_separately_and_in_the_clear() -> None:
     message = train_message(model="resnet10", norm="batch", model_width=4)
     reply = client_app(message, context())
-    assert "buffers" in reply.content.array_records
-    assert all("running" in k for k in reply.content["buffers"])
-    assert not any("running" in k for k in reply.content["update"])
+    content = received(reply)
+    assert "buffers" in content.array_records
+    assert all("running" in k for k in content["buffers"])
+    assert not any("running" in k for k in content["update"])
 
 
 def test_supernode_without_partition_fails_with_a_clear_reason() -> None:

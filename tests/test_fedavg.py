@@ -19,6 +19,7 @@ from flwr.app import (
 )
 from torch import nn
 
+from plateau import messages as wire
 from plateau.data import Tensors
 from plateau.local import LocalTask
 from plateau.privacy.mechanism import GaussianClientDP
@@ -139,6 +140,10 @@ def test_the_strategy_samples_from_the_population_each_round() -> None:
                                       data=b"")), "malformed"),
         (lambda m: raw_reply(m, Array(np.array([["a", "b"], ["c", "d"]]))), "wrong-dtype"),
         (lambda m: extra_record(reply(m, {"weight": torch.zeros(2, 2)})), "unexpected-record"),
+        (lambda m: packed_reply(m, {"weight": torch.full((2, 2), float("inf"))}), "non-finite"),
+        (lambda m: packed_reply(m, {"weight": torch.zeros(2, 3)}), "wrong-shape"),
+        (lambda m: packed_reply(m, {"weight": torch.zeros(2, 2)}, cut=4), "malformed"),
+        (lambda m: packed_reply(m, {"weight": torch.zeros(2, 2)}, cut=-4), "malformed"),
         (lambda m: reply(Message(RecordDict({}), dst_node_id=99, message_type=MessageType.TRAIN),
                          {"weight": torch.zeros(2, 2)}), "not-sampled"),
     ],
@@ -171,6 +176,28 @@ def test_norm_outliers_are_rejected_without_dp() -> None:
     arrays = result.arrays
     assert result.stats.rejected == {"norm-outlier": 1}
     assert arrays["weight"].numpy() == pytest.approx(0.11)
+
+
+def packed_reply(to: Message, update: dict[str, torch.Tensor], cut: int = 0) -> Message:
+    """A reply in the wire form, as exchange gets it: packed, then unpacked as exchange does
+    (so a malformed one reaches the screening still packed). ``cut`` > 0 drops that many bytes
+    off the end, < 0 appends as many."""
+    record = wire.pack_record(ArrayRecord(update))
+    data = record[wire.PACKED_KEY].data
+    data = data[:-cut] if cut > 0 else data + b"\0" * -cut
+    record = ArrayRecord({wire.PACKED_KEY: Array(
+        dtype="uint8", shape=(len(data),), stype=wire.PACKED_STYPE, data=data)})
+    sent = Message(RecordDict({"update": record, "metrics": MetricRecord({"num-examples": 1})}),
+                   reply_to=to)
+    return wire._unpacked_reply(sent)
+
+
+def test_a_packed_reply_counts_like_flowers_own_form() -> None:
+    strategy, sent = fedavg_strategy(dp="central", noise_multiplier=0.0, clip_norm=1.0)
+    result = strategy.train_round(1, [packed_reply(sent[0], {"weight": torch.full((2, 2), 0.25)}),
+                                      reply(sent[1], {"weight": torch.full((2, 2), 0.25)})])
+    assert result.stats.rejected == {}
+    assert result.arrays["weight"].numpy() == pytest.approx(0.25)
 
 
 def raw_reply(to: Message, array: Array) -> Message:

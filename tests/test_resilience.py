@@ -10,26 +10,19 @@ import pytest
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-from flwr.simulation import run_simulation
 
 from client_app.app import identify, train
 from plateau.config import ConfigError
-from server_app.app import build_server_app
 from server_app.checkpoint import CHECKPOINT, LEDGER, Checkpointer, privacy_settings
+from tests import helpers
 from tests.helpers import make_config
-
-BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": 2}}
 
 
 def simulate(results: Path, run_name: str, client_app: ClientApp | None = None,
              nodes: int = 3, **config: object) -> dict:
-    overrides = {"results-dir": str(results), "run-name": run_name,
-                 **{k.replace("_", "-"): v for k, v in config.items()}}
-    if client_app is None:
-        from client_app.app import app as client_app
-    run_simulation(server_app=build_server_app(overrides), client_app=client_app,
-                   num_supernodes=nodes, backend_config=BACKEND)
-    return json.loads((results / run_name / "summary.json").read_text())
+    """A run on the in-process grid (tests.helpers.simulate); its summary."""
+    summary, _ = helpers.simulate(results, nodes, client_app, run_name=run_name, **config)
+    return summary
 
 
 @pytest.mark.simulation
@@ -201,7 +194,7 @@ def test_a_client_that_raises_does_not_stop_the_run(tmp_path: Path) -> None:
 
 @pytest.mark.simulation
 def test_too_many_failed_rounds_end_the_run_with_a_clear_summary(tmp_path: Path) -> None:
-    with pytest.raises(Exception):  # noqa: B017 - run_simulation re-raises the ServerApp's error
+    with pytest.raises(RuntimeError, match="fewer than min-replies"):
         simulate(tmp_path, "broken", flaky_client(lambda pid, rnd: True), num_server_rounds=5,
                  max_failed_rounds=2, sample_rate=1.0)
     summary = json.loads((tmp_path / "broken" / "summary.json").read_text())

@@ -1,4 +1,6 @@
-"""In-process simulations (Ray backend, no SuperLink): the whole app for two rounds."""
+"""In-process simulations (no SuperLink): the whole app for two rounds, on the studies'
+in-process grid, and on Flower's Ray engine where the claim is about that engine (it trains,
+and a node's state lives across rounds there)."""
 
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ ROUND_KEYS = {"round", "test_accuracy", "test_loss", "train_loss", "num_clients"
 
 @pytest.mark.simulation
 def test_fedavg_two_rounds_learns(tmp_path: Path) -> None:
-    summary, rounds = simulate(tmp_path, nodes=4, sample_rate=1.0, partitioner="iid", lr=0.3,
-                               local_steps=25)
+    summary, rounds = simulate(tmp_path, nodes=4, engine="ray", sample_rate=1.0,
+                               partitioner="iid", lr=0.3, local_steps=25)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(set(r) >= ROUND_KEYS for r in rounds)
@@ -108,8 +110,8 @@ def test_budget_stop_ends_the_run_before_overspending(tmp_path: Path) -> None:
 def test_client_state_survives_rounds(tmp_path: Path) -> None:
     """SCAFFOLD's c_i lives in each node's Context.state: with every client in every round,
     round t's clients carry t-1 rounds of state."""
-    summary, rounds = simulate(tmp_path, nodes=3, sample_rate=1.0, algorithm="scaffold",
-                               num_server_rounds=3, partitioner="iid")
+    summary, rounds = simulate(tmp_path, nodes=3, engine="ray", sample_rate=1.0,
+                               algorithm="scaffold", num_server_rounds=3, partitioner="iid")
     assert summary["status"] == "completed"
     assert [r["mean_state_rounds"] for r in rounds] == [0, 1, 2]
     assert rounds[-1]["test_accuracy"] > rounds[0]["test_accuracy"]

@@ -114,7 +114,7 @@ def test_the_local_grid_runs_the_same_simulation_as_flowers_engine(tmp_path: Pat
     config = {"dataset": "digits", "model": "linear", "num-server-rounds": 2, "seed": 4,
               "sample-rate": 0.6, "local-steps": 3, "checkpoint": False}
     local = run_local(config, 5, tmp_path / "local" / "run")
-    _, engine = simulate(tmp_path / "engine", nodes=5, **{k.replace("-", "_"): v
+    _, engine = simulate(tmp_path / "engine", nodes=5, engine="ray", **{k.replace("-", "_"): v
                                                           for k, v in config.items()})
     for mine, theirs in zip(local.rounds, engine, strict=True):
         assert mine["num_clients"] == theirs["num_clients"]

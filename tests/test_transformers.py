@@ -11,7 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
 
 from client_app.app import app as client_app
 from plateau import config as config_module
-from plateau import hf, hub, offline
+from plateau import hf, hub, messages, offline
 from plateau.config import ConfigError, RunConfig
 from plateau.data import DATASETS, InputSpec, client_partition, held_out_tensors, load_splits
 from plateau.models import (
@@ -233,9 +233,9 @@ def test_only_trainable_tensors_appear_in_the_messages(trainable: str) -> None:
     assert message.content["config"]["frozen-digest"] == frozen_digest(model) != ""
     node = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 4},
                    state=RecordDict(), run_config={})
-    reply = client_app(message, node)
-    assert set(reply.content["update"]) == trained
-    assert "buffers" not in reply.content.array_records
+    reply = messages.unpack_content(client_app(message, node).content)
+    assert set(reply["update"]) == trained
+    assert "buffers" not in reply.array_records
 
 
 @needs_text
