@@ -91,15 +91,18 @@ def population_rows(sizes: list[int]) -> list[tuple[str, str, str, bool | None]]
     return rows
 
 
-# the deployment test's knobs (tests/test_deployment.py): the ClientApps' SuperExec and the
-# SuperLink's database
+# the deployment test's knobs (tests/test_deployment.py): the ClientApps' SuperExec, the pulls'
+# pacing (plateau.flower_compat) and the packed wire form (plateau.messages), each turned off
+# alone and all together, on the deployment's SuperLink database file
 VARIANTS = {
-    "fork-server SuperExec, database file": {},
-    "Flower's SuperExec, database file": {"PLATEAU_FORK_SERVER": "0"},
-    "fork-server SuperExec, in-memory database": {
+    "fork-server, pacing, packing (as shipped)": {},
+    "without packing": {"PLATEAU_PACK_ARRAYS": "0"},
+    "without pacing": {"PLATEAU_PACE_PULLS": "0"},
+    "without the fork-server (Flower's SuperExec)": {"PLATEAU_FORK_SERVER": "0"},
+    "without any of the three": {"PLATEAU_PACK_ARRAYS": "0", "PLATEAU_PACE_PULLS": "0",
+                                 "PLATEAU_FORK_SERVER": "0"},
+    "as shipped, in-memory SuperLink database": {
         "PLATEAU_SUPERLINK_DATABASE": ":flwr-in-memory:"},
-    "Flower's SuperExec, in-memory database": {
-        "PLATEAU_FORK_SERVER": "0", "PLATEAU_SUPERLINK_DATABASE": ":flwr-in-memory:"},
 }
 
 
@@ -154,7 +157,8 @@ def main() -> None:
                         help="runs of the two-round deployment test (0: leave the row out)")
     parser.add_argument("--deployment-variants", type=int, default=0, metavar="RUNS",
                         help="only the deployed round with and without the fork-server "
-                        "SuperExec, on a database file and in memory, RUNS runs of each")
+                        "SuperExec, the pacing and the packing (and in memory), RUNS runs of "
+                        "each")
     args = parser.parse_args()
     if args.deployment_variants:
         print("| measure | target | now | met |\n|---|---|---|---|")

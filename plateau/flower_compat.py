@@ -28,6 +28,7 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +43,9 @@ from flwr.common import log
 # not document (1 s by default); set for the local SuperExec of `make run`, and in the
 # deployments' manifests. Another Flower ignores it: then its own pace
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+# benchmarks only: PLATEAU_PACE_PULLS=0 leaves every pull below at Flower's own pace, to
+# measure what the pacing saves on a deployed round (benchmarks/runtime.py)
+PACE_ENV = "PLATEAU_PACE_PULLS"
 FORK_SERVER_FLOWER = "1.42.0"  # the SuperExec internals node.superexec was written against
 _WARNED: set[str] = set()
 
@@ -134,11 +138,18 @@ def paced_pulls(pull: Callable[..., Any], interval: float) -> Callable[..., Any]
     return paced
 
 
+def pacing_enabled() -> bool:
+    """Whether the pace_* functions change anything (:data:`PACE_ENV`; on unless set to 0)."""
+    return os.environ.get(PACE_ENV, "1") != "0"
+
+
 def pace_serverapp_pulls(interval: float) -> bool:
     """Make a deployed ServerApp fetch the pieces of a reply it is told about after
     ``interval`` s, at most every ``4 * interval`` s, instead of Flower's 1 s doubling to 10 s
     (about a second of every deployed round). False, and one warning, where this Flower has no
-    such pull: then Flower's own pace."""
+    such pull: then Flower's own pace. False without a word when pacing is turned off."""
+    if not pacing_enabled():
+        return False
     grid = _module("flwr.superlink.grid.http_grid")
     pull = getattr(grid, "pull_objects", None)
     if grid is None or not callable(pull):
@@ -160,7 +171,10 @@ def pace_supernode_loop(interval: float) -> bool:
     """Make Flower's SuperNode pull loop wait at most ``interval`` s for work, and retry the
     objects of a message it is pulling (the ServerApp may still be pushing them) after
     ``interval`` s, at most ``4 * interval`` s; False, and one warning, if it is not the loop
-    this was written for (then nothing is changed)."""
+    this was written for (then nothing is changed). False without a word when pacing is
+    turned off."""
+    if not pacing_enabled():
+        return False
     loop = _module("flwr.supernode.start_client_internal")
     source = _source(loop) if loop is not None else ""
     pull = getattr(loop, "pull_objects", None)
@@ -180,6 +194,8 @@ def pace_clientapp_pulls(interval: float) -> str | None:
     """In a ClientApp process: ask the SuperNode again for a message's objects that are not
     there yet after ``interval`` s, at most every ``4 * interval`` s, instead of after 1 s, 2,
     4... s. None if done, else why not (the caller warns)."""
+    if not pacing_enabled():
+        return f"pacing is turned off ({PACE_ENV}=0)"
     runtime = _module("flwr.supernode.runtime.run_clientapp")
     if runtime is None:
         return "this Flower has no flwr.supernode.runtime.run_clientapp"

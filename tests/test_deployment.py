@@ -14,10 +14,11 @@ The ClientApp SuperExecs are ``python -m node.superexec``: each ClientApp proces
 fork of a zygote that imported Flower's ClientApp command; no task may start cold, and the
 zygotes must be gone, like every other process, once the federation is stopped.
 
-Two knobs for ``benchmarks/runtime.py --deployment-variants`` (the round with and without the
-fork-server, on a database file or in memory): ``PLATEAU_FORK_SERVER=0`` runs Flower's own
-``flower-superexec`` for the ClientApps; ``PLATEAU_SUPERLINK_DATABASE=:flwr-in-memory:`` keeps
-the SuperLink's state in memory. On a Flower other than the one the fork-server was written
+Knobs for ``benchmarks/runtime.py --deployment-variants`` (the round with and without each
+speed-up): ``PLATEAU_FORK_SERVER=0`` runs Flower's own ``flower-superexec`` for the ClientApps;
+``PLATEAU_SUPERLINK_DATABASE=:flwr-in-memory:`` keeps the SuperLink's state in memory; and,
+passed on to every process, ``PLATEAU_PACE_PULLS=0`` leaves Flower's pulls at their own pace and
+``PLATEAU_PACK_ARRAYS=0`` sends one Array per tensor. On a Flower other than the one the fork-server was written
 against, ``node.superexec`` must run as Flower's own SuperExec, with one warning.
 
 The commands are those of README "Deployment" (docker/generate-certs.sh, flower-superlink,

@@ -226,3 +226,22 @@ def test_the_zygote_paces_the_clientapps_message_pull(monkeypatch: pytest.Monkey
     assert flower_compat.pace_clientapp_pulls(0.1) is None
     assert run_clientapp.pull_and_inflate_object_from_tree.__wrapped__ is flowers
     assert run_clientapp.pull_and_inflate_object_from_tree.paced_interval == 0.1
+
+
+def test_pacing_turned_off_leaves_every_pull_at_flowers_pace(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks' PLATEAU_PACE_PULLS=0: nothing of Flower's is replaced."""
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal as loop
+    from flwr.supernode.runtime import run_clientapp
+
+    monkeypatch.setenv(flower_compat.PACE_ENV, "0")
+    for module, name in ((http_grid, "pull_objects"), (loop, "pull_objects"), (loop, "time"),
+                         (run_clientapp, "pull_and_inflate_object_from_tree")):
+        monkeypatch.setattr(module, name, getattr(module, name))
+    before = (http_grid.pull_objects, loop.pull_objects, loop.time,
+              run_clientapp.pull_and_inflate_object_from_tree)
+    assert pace_reply_pulls(0.1) is False and pace(0.1) is False
+    assert "PLATEAU_PACE_PULLS=0" in flower_compat.pace_clientapp_pulls(0.1)
+    assert (http_grid.pull_objects, loop.pull_objects, loop.time,
+            run_clientapp.pull_and_inflate_object_from_tree) == before
