@@ -45,7 +45,13 @@ TRAIN_REPLY_KEYS = frozenset({UPDATE_KEY, METRICS_KEY, BUFFERS_KEY})
 FIRST_LOOK_S = 0.002  # the server's first look for replies; each later wait doubles
 PACKED_KEY = "packed"  # a packed record's one Array
 PACKED_STYPE = "plateau.packed.v1"  # its serialisation: header length, JSON layout, raw bytes
-PACKABLE_KINDS = frozenset("biuf")  # bool, signed and unsigned integers, floats: no objects
+# the dtype strings a packed header may name (bool, integers, floats: no objects), exactly as
+# numpy writes them; a header is never handed to numpy's dtype parser (it reads "f4,(" with ast)
+PACKED_DTYPES = {np.dtype(t).newbyteorder(order).str: np.dtype(t).newbyteorder(order)
+                 for t in (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
+                           np.uint16, np.uint32, np.uint64, np.float16, np.float32, np.float64)
+                 for order in "<>"}
+MAX_PACKED_HEADER = 16 * 2**20  # bytes: ~200k tensors' names and shapes
 # benchmarks only: PLATEAU_PACK_ARRAYS=0 sends Flower's one-Array-per-tensor records (both
 # forms are always read), to measure what packing saves on a deployed round
 PACK_ENV = "PLATEAU_PACK_ARRAYS"
@@ -67,7 +73,7 @@ def pack_record(record: ArrayRecord) -> ArrayRecord:
     layout, chunks = [], []
     for name, array in record.items():
         values = array.numpy()
-        if values.dtype.kind not in PACKABLE_KINDS:
+        if values.dtype.str not in PACKED_DTYPES:
             raise ValueError(f"cannot pack array {name!r} of dtype {values.dtype}")
         layout.append([name, values.dtype.str, list(values.shape)])
         chunks.append(values.tobytes(order="C"))
@@ -94,9 +100,11 @@ def unpack_record(record: ArrayRecord) -> ArrayRecord:
     (header_length,) = struct.unpack("<Q", data[:8])
     if header_length > len(data) - 8:
         raise ValueError("packed record's header runs past its end")
+    if header_length > MAX_PACKED_HEADER:
+        raise ValueError(f"packed record's header is over {MAX_PACKED_HEADER} bytes")
     try:
         layout = json.loads(bytes(data[8:8 + header_length]))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError("packed record's header is not JSON") from None
     if not isinstance(layout, list):
         raise ValueError("packed record's header is not a list")
@@ -122,12 +130,9 @@ def _layout_entry(entry: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
             and isinstance(entry[1], str) and isinstance(entry[2], list)
             and all(type(n) is int and n >= 0 for n in entry[2])):
         raise ValueError(f"packed record's header entry is malformed: {str(entry)[:80]}")
-    try:
-        dtype = np.dtype(entry[1])
-    except TypeError:
-        raise ValueError(f"packed record's dtype {entry[1]!r} is not a dtype") from None
-    if dtype.kind not in PACKABLE_KINDS or dtype.fields is not None or dtype.subdtype:
-        raise ValueError(f"packed record's dtype {entry[1]!r} is not a plain number type")
+    dtype = PACKED_DTYPES.get(entry[1])
+    if dtype is None:
+        raise ValueError(f"packed record's dtype {entry[1][:20]!r} is not a plain number type")
     return entry[0], dtype, tuple(entry[2])
 
 
@@ -165,7 +170,7 @@ def _unpacked_reply(reply: Message) -> Message:
     """A reply with its records unpacked; a malformed packed record is left as it came, for
     the server's screening to reject as malformed."""
     if reply.has_content():
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(Exception):  # whatever a client's bytes raise: screened later
             reply.content = unpack_content(reply.content)
     return reply
 

@@ -71,9 +71,14 @@ def packed_with(layout: object, payload: bytes, header: bytes | None = None) -> 
     (packed_with([["w", "<f4", [2.0]]], b"\0" * 8), "header entry is malformed"),
     (packed_with([["w", "|O", [1]]], b"\0" * 8), "not a plain number type"),
     (packed_with([["w", "<U2", [1]]], b"\0" * 8), "not a plain number type"),
+    (packed_with([["w", "<c8", [1]]], b"\0" * 8), "not a plain number type"),
     (packed_with([["w", [["a", "<f4"]], [1]]], b"\0" * 4), "header entry is malformed"),
     (packed_with([["w", "V4", [1]]], b"\0" * 4), "not a plain number type"),
-    (packed_with([["w", "not-a-dtype", [1]]], b"\0" * 4), "is not a dtype"),
+    (packed_with([["w", "not-a-dtype", [1]]], b"\0" * 4), "not a plain number type"),
+    (packed_with([["w", ",1", [1]]], b"\0" * 4), "not a plain number type"),  # numpy: ast
+    (packed_with([["w", "f4,(", [1]]], b"\0" * 4), "not a plain number type"),
+    (packed_with(None, b"", header=b"[" * 100_000), "not JSON"),  # RecursionError in json
+    (packed_with(None, b"", header=b'[["w","<f4",[' + b"9" * 5000 + b"]]]"), "not JSON"),
     (packed_with([["w", "<f4", [1]], ["w", "<f4", [1]]], b"\0" * 8), "names 'w' twice"),
     (packed_with({"w": 1}, b""), "not a list"),
     (packed_with(None, b"", header=b"{not json"), "not JSON"),
@@ -140,3 +145,23 @@ def test_a_client_reads_and_answers_in_the_wire_form(monkeypatch: pytest.MonkeyP
     assert packed[wire.CONFIG_KEY] is content[wire.CONFIG_KEY]
     unpacked = wire.unpack_content(packed)
     assert list(unpacked[wire.MODEL_KEY].keys()) == list(model_record().keys())
+
+
+@pytest.mark.parametrize("header", [b'[["w",",1",[1]]]', b"[" * 100_000])
+def test_a_reply_whose_unpacking_raises_anything_is_screened_not_fatal(header: bytes) -> None:
+    """numpy's dtype parser raises SyntaxError, json a RecursionError: neither may stop the
+    server's exchange; the screening rejects the reply as malformed."""
+    from strategies.screening import RejectedReply, decode
+
+    hostile = packed_with(None, b"\0" * 4, header=header)
+
+    class HostileGrid(FakeGrid):
+        def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+            return [Message(RecordDict({wire.UPDATE_KEY: hostile}), reply_to=m)
+                    for m in messages]
+
+    replies = wire.exchange(HostileGrid([1]), train_messages(model_record(), [1]), timeout=5,
+                            poll_interval=0.01)
+    update = replies[0].content[wire.UPDATE_KEY]
+    with pytest.raises(RejectedReply, match="malformed"):
+        decode(update, {"w": torch.zeros(1)}, torch.device("cpu"))
