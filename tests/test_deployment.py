@@ -18,8 +18,9 @@ Knobs for ``benchmarks/runtime.py --deployment-variants`` (the round with and wi
 speed-up): ``PLATEAU_FORK_SERVER=0`` runs Flower's own ``flower-superexec`` for the ClientApps;
 ``PLATEAU_SUPERLINK_DATABASE=:flwr-in-memory:`` keeps the SuperLink's state in memory; and,
 passed on to every process, ``PLATEAU_PACE_PULLS=0`` leaves Flower's pulls at their own pace and
-``PLATEAU_PACK_ARRAYS=0`` sends one Array per tensor. On a Flower other than the one the fork-server was written
-against, ``node.superexec`` must run as Flower's own SuperExec, with one warning.
+``PLATEAU_PACK_ARRAYS=0`` sends one Array per tensor. On a Flower other than the one the
+fork-server was written against, ``node.superexec`` must run as Flower's own SuperExec, with one
+warning.
 
 The commands are those of README "Deployment" (docker/generate-certs.sh, flower-superlink,
 flwr supernode register, flower-supernode, flower-superexec, flwr run, flwr ls) and
@@ -41,13 +42,14 @@ import pytest
 
 from client_app import wire
 from client_app.wire import exchange
-from plateau.flower_compat import superexec_internals
+from plateau.flower_compat import pacing_enabled, superexec_internals
 from server_app.launcher import _alive, free_port, stage_app
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 FORK_SERVER = os.environ.get("PLATEAU_FORK_SERVER", "1") != "0"
 FORKS = not isinstance(superexec_internals(), str)  # this Flower is the fork-server's
+PACED = pacing_enabled()
 DATABASE = os.environ.get("PLATEAU_SUPERLINK_DATABASE", "")
 
 
@@ -226,7 +228,8 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         assert "Failed to activate SuperNode" in fed.log("supernode-unregistered")
         assert "ref-exit-codes/305" in fed.log("supernode-unregistered")
         assert "No SuperNode found with the given public key" in fed.log("superlink")
-        assert all("looks for work every 0.1 s" in fed.log(f"supernode-{i}") for i in (1, 2))
+        paced = all("looks for work every 0.1 s" in fed.log(f"supernode-{i}") for i in (1, 2))
+        assert paced == PACED
         if FORK_SERVER and FORKS:
             zygotes = [int(re.search(r"warm zygote \(pid (\d+)\)",
                                      fed.log(f"superexec-clientapp-{i}"))[1]) for i in (1, 2)]
@@ -234,8 +237,9 @@ def test_tls_authenticated_deployment_runs_two_dp_rounds(tmp_path: Path) -> None
         for i in (1, 2):
             log = fed.log(f"superexec-clientapp-{i}")
             if FORK_SERVER and FORKS:
-                assert "starts cold" not in log and "Flower's way" not in log, log[-3000:]
-                assert "ask for their message's objects every 0.1 s" in log
+                assert "starts cold" not in log, log[-3000:]
+                assert "launches ClientApp processes Flower's way" not in log, log[-3000:]
+                assert ("ask for their message's objects every 0.1 s" in log) == PACED
             elif FORK_SERVER:  # another Flower: its own SuperExec, with one warning
                 assert "launches ClientApp processes Flower's way" in log, log[-3000:]
         print(f"deployment: setup {setup_s:.1f} s, two rounds {run_s:.1f} s, "
