@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,12 +33,13 @@ def test_overhead_benchmark_plain_loop_runs() -> None:
 
 
 @pytest.mark.e2e
-def test_runtime_table_runs() -> None:
-    """The issue table's script, its default rows only, on a tiny run through `make run`."""
+def test_runtime_table_runs(tmp_path: Path) -> None:
+    """The issue table's script, its default rows only, on a tiny run through `make run` (with
+    a Flower home of its own: other tests' `flwr run`s may run beside it)."""
     proc = subprocess.run(
         [sys.executable, "benchmarks/runtime.py", "--clients", "4", "--config",
          "num-server-rounds=3 local-steps=2", "--populations", "--deployments", "0",
-         "--repeats", "1"], cwd=ROOT,
+         "--repeats", "1"], cwd=ROOT, env={**os.environ, "FLWR_HOME": str(tmp_path / "flwr")},
         capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     measures = [line.split(" | ")[0] for line in proc.stdout.splitlines() if line.startswith("| ")]

@@ -230,7 +230,8 @@ def test_the_population_is_every_node_that_registers_before_the_count_settles(
     population = ClientPopulation(make_config(min_available_clients=1), secret=False)
     assert population.determine(grid) == 6
     waited = time.monotonic() - grid.last_arrival
-    assert settle <= waited < settle + 0.5  # a simulation does not wait a network's second
+    # a simulation does not wait a network's second (0.8 s of slack for a loaded machine)
+    assert settle <= waited < settle + 0.8
 
 
 @pytest.mark.slow

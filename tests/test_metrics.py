@@ -150,7 +150,7 @@ def test_a_real_prometheus_scrapes_a_simulation_to_its_last_round(tmp_path: Path
     try:
         wait_for(f"http://127.0.0.1:{prometheus_port}/-/ready")
         config = {"results-dir": str(tmp_path), "run-name": "scraped", "num-server-rounds": 3,
-                  "metrics-port": metrics_port, "metrics-linger": 4.0, "dp": "central"}
+                  "metrics-port": metrics_port, "metrics-linger": 6.0, "dp": "central"}
         run_simulation(server_app=build_server_app(config), client_app=client_app,
                        num_supernodes=4,
                        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
