@@ -23,6 +23,8 @@ from plateau.privacy.audit import (
     Variant,
     epsilon_from_counts,
     format_table,
+    highest_bound,
+    reported_epsilon,
     run_audit,
 )
 
@@ -39,6 +41,14 @@ def describe(result: AuditResult) -> str:
 def test_the_real_mechanism_stays_below_its_epsilon(setup: AuditSetup, variant: Variant) -> None:
     result = run_audit(setup, variant)
     assert not result.flagged, describe(result)
+
+
+def test_every_real_case_could_be_flagged() -> None:
+    """A case whose reported epsilon is above what its trials can ever show is a check that
+    cannot fail (the antipodal case reported 9.07 against a ceiling of 6.0)."""
+    for setup, variant in REAL_CASES:
+        ceiling = highest_bound(setup.trials, setup.delta, setup.confidence)
+        assert reported_epsilon(setup, variant.claimed_placement) < ceiling - 1.0, variant.name
 
 
 @pytest.mark.parametrize(("setup", "variant"), BROKEN_CASES,
@@ -71,6 +81,8 @@ def test_a_silo_stays_below_the_record_epsilon_it_reports(setup: RecordAuditSetu
     result = run_record_audit(dataclasses.replace(setup, trials=RECORD_TRIALS))
     assert not result.flagged, (result.epsilon_lower_bound, result.reported_epsilon,
                                 result.statistic)
+    # and it could have been: its epsilon is below what its trials can show
+    assert result.reported_epsilon < highest_bound(RECORD_TRIALS, 0.0, setup.confidence) - 1.0
 
 
 @pytest.mark.parametrize("setup", RECORD_BROKEN_CASES, ids=[s.name for s in RECORD_BROKEN_CASES])
