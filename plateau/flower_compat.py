@@ -43,6 +43,22 @@ from flwr.common import log
 # not document (1 s by default); set for the local SuperExec of `make run`, and in the
 # deployments' manifests. Another Flower ignores it: then its own pace
 SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+# the port of the local SuperLink `flwr run` starts (default 39091), read by Flower's CLI but not
+# documented: the launcher picks a free one per run
+LOCAL_SUPERLINK_PORT_ENV = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+# every Flower environment variable Plateau sets (launcher, images, manifests, tests), and what
+# it is to Flower: the documented ones, and those Flower reads without documenting them (an
+# upgrade may drop one: tests/test_layers.py checks this Flower still reads each, and that
+# nothing else named FLWR_* is set anywhere)
+FLOWER_ENVIRONMENT = {
+    "FLWR_HOME": "documented: Flower's configuration and state folder",
+    "FLWR_TELEMETRY_ENABLED": "documented: 0 turns Flower's telemetry off",
+    "FLWR_DISABLE_UPDATE_CHECK": "undocumented: 1 skips the check for a newer Flower",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION":
+        "undocumented (a flag of flower-superlink too): 1 installs no FAB dependencies",
+    LOCAL_SUPERLINK_PORT_ENV: "undocumented: the local SuperLink's HTTP API port",
+    SUPEREXEC_POLL_ENV: "undocumented: a SuperExec's wait between looks for work",
+}
 # benchmarks only: PLATEAU_PACE_PULLS=0 leaves every pull below at Flower's own pace, to
 # measure what the pacing saves on a deployed round (benchmarks/runtime.py)
 PACE_ENV = "PLATEAU_PACE_PULLS"

@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import IO
 
 from plateau.config import LOCAL_DATASET, ConfigError, ConfigValue, RunConfig, toml_value
-from plateau.flower_compat import SUPEREXEC_POLL_ENV
+from plateau.flower_compat import LOCAL_SUPERLINK_PORT_ENV, SUPEREXEC_POLL_ENV
 from server_app.stop_request import STOP_FILE_ENV, request_stop
 
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM)
-PORT_VARIABLE = "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"
+PORT_VARIABLE = LOCAL_SUPERLINK_PORT_ENV
 CONFIG_VARIABLE = "PLATEAU_RUN_CONFIG"  # make run passes CONFIG here: no shell quoting on the way
 # the local SuperLink's SuperExec looks for a submitted run every second by default
 TASK_POLL_S = 0.1

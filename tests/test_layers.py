@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -254,3 +256,38 @@ def test_the_run_config_imports_neither_the_algorithms_nor_torch() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True, timeout=120, cwd=ROOT).stdout.strip()
     assert out == "[]"
+
+
+FLOWER_VARIABLE = re.compile(r"\bFLWR_[A-Z0-9_]+")
+# where Flower's environment is set: code, images, manifests, scripts (prose may name others)
+SETTING_FILES = ("*.py", "*.yml", "*.yaml", "*Dockerfile*", "Makefile", "*.sh", "*.toml")
+
+
+def flower_variables(text: str) -> set[str]:
+    return set(FLOWER_VARIABLE.findall(text))
+
+
+def test_the_variable_scan_sees_a_flower_variable() -> None:
+    assert flower_variables('env = {"FLWR_NEW_KNOB": "1", "PLATEAU_X": 2}\n- FLWR_HOME') == {
+        "FLWR_NEW_KNOB", "FLWR_HOME"}
+
+
+def test_every_flower_variable_set_is_declared_and_read_by_this_flower() -> None:
+    """Flower's environment variables are Flower internals too when undocumented: each one the
+    house sets is declared in the compat module, and this Flower still reads each (the nightly
+    tier runs this against Flower's next release)."""
+    from plateau.flower_compat import FLOWER_ENVIRONMENT
+
+    tracked = subprocess.run(["git", "ls-files", *SETTING_FILES, ".ci/run"], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    used: dict[str, set[str]] = {}
+    for relative in tracked:
+        if relative.startswith("tests/test_layers.py"):
+            continue
+        for name in flower_variables((ROOT / relative).read_text(errors="replace")):
+            used.setdefault(name, set()).add(relative)
+    assert {k: sorted(v) for k, v in used.items() if k not in FLOWER_ENVIRONMENT} == {}
+    flower = Path(importlib.util.find_spec("flwr").origin).parent
+    source = "\n".join(path.read_text() for path in flower.rglob("*.py"))
+    unread = [name for name in FLOWER_ENVIRONMENT if name not in source]
+    assert unread == [], f"this Flower no longer reads {unread}: see plateau/flower_compat.py"
