@@ -4,6 +4,7 @@ ClientApps must run on both nodes, and the results must equal the single-machine
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -64,10 +65,13 @@ def ray_cluster() -> Iterator[str]:
                        env=env, check=True, capture_output=True, timeout=120)
         yield f"127.0.0.1:{port}"
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
+        # some of Ray's daemons outlive SIGTERM (the teardown always waited out a 15 s grace):
+        # 5 s for those that do stop, then SIGKILL
+        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):
             for pid in marked_processes(temp):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + 15
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
             while marked_processes(temp) and time.monotonic() < deadline:
                 time.sleep(0.3)
         shutil.rmtree(temp, ignore_errors=True)
