@@ -127,10 +127,10 @@ def run_local(config: Mapping[str, Any], num_nodes: int, folder: Path,
     (``plateau.flower_compat.local_grid_names``), the same run goes through Flower's own
     simulation engine instead (slower; nodes start fresh)."""
     from server_app.build import load_config, prepare_partitions
+    from server_app.loop import run
 
     if client_app is None:
         from client_app.app import app as client_app
-    from server_app.loop import run
 
     # every node is there from the start: no waiting for simulated SuperNodes to register
     config = {"population-size": num_nodes, **config, "results-dir": str(folder.parent),
